@@ -1,0 +1,121 @@
+"""The `raypar` command line.
+
+    raypar train                                   # default laptop config, built-in corpus
+    raypar train --config jobs/configs/tiny.yaml --set train.steps=50 --run-dir runs/t
+    raypar generate --run-dir runs/t --prompt "def main(" --max-new-tokens 200
+
+User errors print one line `raypar: error: ...` and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from raypar.config import ConfigError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (on a local Ray unless --address / RAY_ADDRESS)")
+    p.add_argument("--config", help="YAML run config (default: the built-in laptop defaults, "
+                   "the same as jobs/configs/laptop.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="a run directory: its latest checkpoint is used")
+    src.add_argument("--checkpoint", help="a checkpoint directory (step_*)")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raypar", description=(
+        "Train GPT-style language models on Ray with data, tensor and pipeline parallelism."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _generate_parser(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raypar.config import load_spec
+    spec = load_spec(args.config, args.overrides)
+    from raypar.train.trainer import run
+    summary = run(spec, Path(args.run_dir) if args.run_dir else None, args.address,
+                  progress=not args.no_progress)
+    val = summary["final_val_loss"]
+    print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
+          + (f", val_loss {summary['first_val_loss']:.4f} -> {val:.4f}" if val is not None else "")
+          + f", {summary['tokens']:,} tokens in {summary['seconds']:.0f} s")
+    print(f"run dir: {summary['run_dir']}")
+    if summary["mlflow_run_id"]:
+        print(f"mlflow run: {summary['mlflow_run_id']}  "
+              f"(mlflow ui --backend-store-uri {summary['mlflow_uri']})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from raypar.data.tokenizer import Tokenizer
+    from raypar.model import GPT, GPTConfig
+    from raypar.train import checkpoint as ckpt
+
+    if args.run_dir:
+        if not Path(args.run_dir).is_dir():
+            raise ConfigError(f"--run-dir: no such directory: {args.run_dir}")
+        path = ckpt.latest(args.run_dir)
+        if path is None:
+            raise ConfigError(f"--run-dir: no checkpoint found under {args.run_dir}")
+    else:
+        path = Path(args.checkpoint)
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"--checkpoint: {path} is not a raypar checkpoint (no meta.json)")
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens: must be >= 1")
+    if args.temperature < 0:
+        raise ConfigError("--temperature: must be >= 0")
+    meta = ckpt.read_meta(path)
+    tok = Tokenizer.from_json(meta["tokenizer"])
+    model = GPT(GPTConfig(**meta["model"]))
+    ckpt.load_model_state(path, model)
+    model.eval()
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k or None, generator=gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "generate": cmd_generate}[args.command](args)
+    except ConfigError as e:
+        print(f"raypar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raypar: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"raypar: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

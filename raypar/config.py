@@ -1,0 +1,336 @@
+"""Typed run configuration: dataclasses, YAML load, `--set` overrides, validation.
+
+Precedence is CLI `--set section.key=value` > YAML file > the defaults below.
+Every user mistake raises ConfigError with one line naming the field and what
+is allowed; the CLI prints that line and exits with code 2.
+
+    from raypar.config import load_spec
+    spec = load_spec("jobs/configs/tiny.yaml", ["train.steps=20"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration: one line, names the field."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; d_model must divide evenly by it."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    d_ff: int = 0
+    """Hidden width of the MLP; 0 means 4 * d_model."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights and residual branches (0 for exact parity)."""
+    bias: bool = False
+    """Whether linear layers and norms carry a bias."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+    pos_encoding: str = "rope"
+    """Position encoding: 'rope' (rotary) or 'learned' (absolute embedding table)."""
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 2
+    """Data-parallel replicas."""
+    tp: int = 1
+    """Tensor-parallel degree (ranks sharing one layer's weights)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    dp_mode: str = "ddp"
+    """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Corpus: a file, directory or glob, local or any URI pyarrow reads (s3://, gs://).
+    Empty means the built-in corpus: the Python standard library's own source files."""
+    format: str = "auto"
+    """'text', 'jsonl', 'parquet', or 'auto' (by file extension)."""
+    text_column: str = "text"
+    """Column (parquet) or key (jsonl) that holds each document's text."""
+    seq_len: int = 128
+    """Tokens per training sequence; packed blocks hold seq_len + 1 tokens."""
+    tokenizer: str = "bpe"
+    """'byte' (256 byte values + end-of-text), 'bpe' (trained on the training corpus and
+    cached), or a path to a HF tokenizer.json file."""
+    vocab_size: int = 4096
+    """Vocabulary size of the trained 'bpe' tokenizer."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (chosen by a hash of the document id)."""
+    cache_dir: str = ""
+    """Where trained tokenizers and packed corpora are cached; empty means ~/.cache/raypar."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    global_batch: int = 16
+    """Sequences per optimizer step, over all data-parallel replicas."""
+    micro_batch: int = 4
+    """Sequences per forward pass on one rank; accumulation = global_batch / (dp * micro_batch)."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1337
+    """Seed for initialisation, data order and dropout."""
+    dtype: str = "fp32"
+    """'fp32', or 'bf16' (autocast; parameters and optimizer state stay fp32)."""
+    eval_every: int = 50
+    """Compute validation loss every N steps (and at the last step); 0 disables it."""
+    eval_batches: int = 4
+    """Global batches of validation data per evaluation."""
+    threads: int = 1
+    """torch threads per worker (keep 1 when several workers share few cores)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every N steps; 0 saves only at the end of training."""
+    keep: int = 3
+    """How many of the most recent checkpoints to keep."""
+    storage_path: str = ""
+    """Where Ray Train stores checkpoints (local path or s3:// / gs://); empty means the run directory."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else a store inside the run directory."""
+    experiment: str = "raypar"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Log the run to MLflow."""
+
+
+@dataclass
+class RunSpec:
+    name: str = "raypar"
+    """Run name: prefix of the run directory and the MLflow run name."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.pp * self.parallel.tp
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """{'section.key': value}: the shape MLflow params take."""
+        out: dict[str, Any] = {"name": self.name}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+        return out
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "tracking": TrackingConfig,
+}
+
+# Allowed values and ranges per field, checked by validate(); the message says what is allowed.
+_CHOICES = {
+    "model.pos_encoding": ("rope", "learned"),
+    "parallel.dp_mode": ("ddp",),
+    "data.format": ("auto", "text", "jsonl", "parquet"),
+    "train.dtype": ("fp32", "bf16"),
+}
+_POSITIVE = {
+    "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
+    "parallel.pp", "data.seq_len", "train.steps", "train.global_batch",
+    "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
+    "checkpoint.keep",
+}
+_NON_NEGATIVE = {
+    "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+    "train.grad_clip", "train.seed", "train.eval_every", "checkpoint.every",
+}
+_UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
+                  "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one value against its field type; ints are accepted for floats."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise AssertionError(f"unhandled config type {typ} for {key}")
+
+
+def from_dict(raw: Any, base: Optional[RunSpec] = None) -> RunSpec:
+    """Build a RunSpec from nested dicts (a parsed YAML file), over `base` or the defaults."""
+    spec = base if base is not None else RunSpec()
+    if raw is None:
+        return spec
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    allowed = ", ".join(["name", *_SECTION_TYPES])
+    for section, values in raw.items():
+        if section == "name":
+            spec.name = _coerce("name", values, str)
+            continue
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{section}: unknown section; allowed: {allowed}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            set_value(spec, f"{section}.{key}", value)
+    return spec
+
+
+def set_value(spec: RunSpec, dotted: str, value: Any) -> None:
+    """Set `section.key` on spec, type-checked; unknown keys are rejected."""
+    if dotted == "name":
+        spec.name = _coerce("name", value, str)
+        return
+    section, _, key = dotted.partition(".")
+    if section not in _SECTION_TYPES or not key:
+        raise ConfigError(f"{dotted}: unknown field; use section.key with section one of "
+                          f"{', '.join(_SECTION_TYPES)}")
+    types = _field_types(_SECTION_TYPES[section])
+    if key not in types:
+        raise ConfigError(f"{dotted}: unknown key; allowed in {section}: {', '.join(types)}")
+    setattr(getattr(spec, section), key, _coerce(dotted, value, types[key]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(spec: RunSpec) -> RunSpec:
+    """Check values and their relations; raise ConfigError naming the first bad field."""
+    if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
+        raise ConfigError(f"name: expected a non-empty name without '/', got {spec.name!r}")
+    flat = spec.flat()
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {flat[key]!r}")
+    for key in _POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    for key, (lo, hi) in _UNIT_INTERVAL.items():
+        if not lo <= flat[key] < hi:
+            raise ConfigError(f"{key}: must be in [{lo}, {hi}), got {flat[key]!r}")
+    m, p, t = spec.model, spec.parallel, spec.train
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model: {m.d_model} must be divisible by model.n_head={m.n_head}")
+    if m.pos_encoding == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.n_head: rope needs an even head size, d_model/n_head = "
+                          f"{m.d_model // m.n_head}")
+    for key in ("tp", "pp"):
+        if getattr(p, key) != 1:
+            raise ConfigError(f"parallel.{key}: only 1 is supported in this version, "
+                              f"got {getattr(p, key)}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} must be <= train.lr={t.lr}")
+    if t.global_batch % (p.dp * t.micro_batch):
+        raise ConfigError(
+            f"train.global_batch: {t.global_batch} must be divisible by parallel.dp * "
+            f"train.micro_batch = {p.dp} * {t.micro_batch} = {p.dp * t.micro_batch}")
+    if spec.data.tokenizer not in ("byte", "bpe") and not spec.data.tokenizer.endswith(".json"):
+        raise ConfigError(f"data.tokenizer: expected byte, bpe or a path to a tokenizer.json, "
+                          f"got {spec.data.tokenizer!r}")
+    if spec.data.tokenizer == "bpe" and not 257 <= spec.data.vocab_size <= 1 << 20:
+        raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
+                          f"got {spec.data.vocab_size}")
+    return spec
+
+
+def load_spec(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunSpec:
+    """Defaults < YAML file < overrides, then validate()."""
+    spec = RunSpec()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"--config {p}: not valid YAML{line}") from None
+        spec = from_dict(raw, spec)
+    for text in overrides or []:
+        set_value(spec, *parse_override(text))
+    return validate(spec)

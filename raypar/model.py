@@ -1,0 +1,292 @@
+"""A GPT decoder in plain PyTorch: no parallel code lives here.
+
+    model = GPT(GPTConfig(vocab_size=256, seq_len=128)); loss = lm_loss(model(x), y)
+
+Parallel files reshape this model by module name: tensor parallelism shards
+`layers.<i>.attn.w{q,k,v,o}` and `layers.<i>.mlp.{fc,proj}`, and a pipeline
+stage deletes entries of `layers` or sets `tok_emb` / `norm` / `lm_head` to
+None. `forward` copes with both, so every layout runs this same code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    """Number of token ids; the LM head predicts one logit per id."""
+    seq_len: int
+    """Maximum context length."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; d_model must divide evenly by it."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    d_ff: int = 0
+    """Hidden width of the MLP; 0 means 4 * d_model."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches."""
+    bias: bool = False
+    """Whether linear layers and norms carry a bias (the LM head never does)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+    pos_encoding: str = "rope"
+    """'rope' (rotary, applied to q and k) or 'learned' (absolute embedding table)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm."""
+
+    def __post_init__(self):
+        if self.pos_encoding not in ("rope", "learned"):
+            raise ValueError(f"pos_encoding must be 'rope' or 'learned', got {self.pos_encoding!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got d_model/n_head = {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        """The MLP hidden width with the `d_ff == 0` default resolved."""
+        return self.d_ff or 4 * self.d_model
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, device=None, base: float = 10000.0):
+    """cos and sin tables of shape (seq_len, head_dim // 2) for positions 0..seq_len-1.
+
+    Computed on the fly (cheap) rather than cached, so a model built on the meta
+    device needs no buffer to be recomputed after it is materialized.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) `x` by position, rotate-half layout, in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # The head count comes from the projection, so a tensor-parallel shard
+        # holding n_head / tp heads runs this code unchanged.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_drop(self.wo(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        # A ModuleDict, not a ModuleList: a pipeline stage deletes the layers it
+        # does not own and the rest keep their global names (checkpoint keys).
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter, GPT-2 style; also re-ties the LM head.
+
+        Run it after `to_empty()` when the model was built on the meta device:
+        materializing unties shared parameters, and meta tensors hold no values.
+        """
+        cfg = self.cfg
+        if cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
+            self.lm_head.weight = self.tok_emb.weight
+        # Residual projections are scaled down so the residual stream's variance
+        # does not grow with depth (GPT-2).
+        residual = set()
+        for block in self.layers.values():
+            residual.update((block.attn.wo, block.mlp.proj))
+        small_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and cfg.tie_embeddings and self.tok_emb is not None:
+                    continue  # its weight is tok_emb's, initialized once there
+                nn.init.normal_(module.weight, 0.0, small_std if module in residual else 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()  # weight 1, bias 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab).
+
+        A pipeline stage without `tok_emb` takes hidden states (B, T, d_model)
+        instead; one without `norm` / `lm_head` returns hidden states.
+        """
+        T = idx.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds seq_len {self.cfg.seq_len}")
+        if self.tok_emb is not None:
+            x = self.tok_emb(idx)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(T, device=idx.device))
+            x = self.drop(x)
+        else:
+            x = idx
+        rope = None
+        if self.cfg.pos_encoding == "rope":
+            rope = rope_cos_sin(T, self.cfg.head_dim, device=x.device)
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters this module holds, a tied weight counted once.
+
+        With `exclude_embeddings`, tok_emb and pos_emb tables are left out (with
+        tied embeddings that also leaves out the LM head, which is the same tensor).
+        """
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for emb in (self.tok_emb, self.pos_emb):
+                if emb is not None:
+                    params.pop(id(emb.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of the whole model (PaLM, appendix B).
+
+        6 * N + 12 * n_layer * d_model * seq_len, where N counts the parameters
+        that take part in matrix multiplies: everything but the embedding
+        lookups, the LM head included even when it is tied. The second term is
+        attention's QK^T and AV. Uses the config, so a pipeline stage reports the
+        full model's figure.
+        """
+        cfg = self.cfg
+        n = param_count(cfg) - cfg.vocab_size * cfg.d_model
+        if cfg.pos_encoding == "learned":
+            n -= cfg.seq_len * cfg.d_model
+        if cfg.tie_embeddings:
+            n += cfg.vocab_size * cfg.d_model
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
+
+        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        No KV cache: each step re-reads the last seq_len tokens.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(idx[:, -self.cfg.seq_len:])[:, -1, :].float()
+                if temperature == 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                idx = torch.cat((idx, nxt), dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position, computed in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def param_count(cfg: GPTConfig) -> int:
+    """Closed-form parameter count; equals `GPT(cfg).num_params()`."""
+    d, f, b = cfg.d_model, cfg.ff_dim, int(cfg.bias)
+    norm = d + b * d
+    attn = 4 * (d * d + b * d)
+    mlp = d * f + b * f + f * d + b * d
+    per_layer = 2 * norm + attn + mlp
+    total = cfg.vocab_size * d + cfg.n_layer * per_layer + norm
+    if cfg.pos_encoding == "learned":
+        total += cfg.seq_len * d
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * d
+    return total
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norm weights and embedding tables do not.
+
+    Embeddings are found by module type, so this works on a wrapped model (DDP)
+    too; a tied LM head weight is the embedding table and is listed once.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a shared tensor once
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,112 @@
+"""MLflow tracking: exactly one MLflow run per training job, written by the driver.
+
+Workers report metrics through ray.train.report; the driver turns each metrics
+row into MLflow metrics, logs the whole resolved config as params, and at the
+end the config and a loss-curve PNG as artifacts. With no tracking.uri and no
+MLFLOW_TRACKING_URI the store is a SQLite file inside the run directory, so a
+laptop needs no server:  mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+from raypar.config import ConfigError, RunSpec
+
+METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens")
+
+
+def resolve_uri(spec: RunSpec, run_dir: Path) -> str:
+    """tracking.uri > $MLFLOW_TRACKING_URI > a SQLite store in the run directory."""
+    return (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+            or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any cluster time is spent if an MLflow server cannot be reached."""
+    field = "tracking.uri"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise ConfigError(f"{field}: MLflow server at {uri} answered HTTP {r.status}")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"{field}: cannot reach MLflow at {uri} ({reason})") from None
+    elif uri.startswith(("file:", "sqlite:")):
+        # sqlite:///rel.db is relative, sqlite:////abs.db absolute; file: URIs carry a path.
+        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:")
+                    else urllib.parse.urlparse(uri).path)
+        probe = path.parent if uri.startswith("sqlite:") else path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"{field}: MLflow store {uri} is not writable")
+    elif "://" not in uri and uri not in ("databricks",):
+        raise ConfigError(f"{field}: expected http(s)://, file:, sqlite:///... or another "
+                          f"MLflow URI, got {uri!r}")
+
+
+class Tracker:
+    """One MLflow run, driven through MlflowClient (no global fluent state)."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(spec, run_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(spec.tracking.experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            local = self.uri.startswith("sqlite:") and not spec.tracking.uri
+            artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
+            exp_id = self.client.create_experiment(spec.tracking.experiment,
+                                                   artifact_location=artifacts)
+        run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
+                                     tags={"raypar.run_dir": str(Path(run_dir).resolve())})
+        self.run_id = run.info.run_id
+        params = [(k, str(v)) for k, v in spec.flat().items()]
+        from mlflow.entities import Param
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params[i:i + 100]])
+
+    def log_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(row[k]), now, int(row["step"]))
+                   for row in rows for k in METRIC_KEYS if k in row]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

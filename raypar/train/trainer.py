@@ -1,0 +1,283 @@
+"""The driver: connect to Ray, prepare the data, build the TorchTrainer, follow the run.
+
+    raypar train --config jobs/configs/tiny.yaml          # what the CLI calls
+    run(load_spec("jobs/configs/tiny.yaml"), run_dir=Path("runs/x"))
+
+Everything that can be wrong with the request (config, data path, MLflow URI,
+cluster size, memory) is checked before the workers start; the run directory
+is created only once the data is ready, and it says "finished" only at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raypar.config import ConfigError, RunSpec
+from raypar.model import param_count
+from raypar.train import tracking
+from raypar.train.loop import model_config, train_loop_per_worker
+
+log = logging.getLogger("raypar")
+
+# A worker process (torch + Ray) costs about this much before the model: measured
+# resident size of an idle Ray Train worker with torch imported on CPU.
+WORKER_BASE_BYTES = 700 * 2**20
+
+
+def default_run_dir(spec: RunSpec) -> Path:
+    return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def worker_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
+    """Rough upper estimate of one worker's memory: params, grads, AdamW state, activations."""
+    n = param_count(model_config(spec, vocab_size)) / (spec.parallel.tp * spec.parallel.pp)
+    m, t = spec.model, spec.train
+    tokens = t.micro_batch * spec.data.seq_len
+    # per token and layer: ~16 activations of d_model plus the attention scores per head
+    acts = 4 * tokens * m.n_layer * (16 * m.d_model + m.n_head * spec.data.seq_len)
+    logits = 4 * 3 * tokens * vocab_size
+    return int(WORKER_BASE_BYTES + 16 * n + acts + logits)
+
+
+def connect(spec: RunSpec, address: Optional[str]) -> bool:
+    """Join the cluster at address / $RAY_ADDRESS, else start a local Ray. Returns is_local."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return False
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                  configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
+        return False
+    # A laptop gets one logical CPU per worker even with fewer cores: workers run one
+    # torch thread each and time-share the cores, which is slower but exact.
+    ray.init(num_cpus=max(os.cpu_count() or 1, spec.world_size), **common)
+    return True
+
+
+def _autoscaler_present() -> bool:
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        return _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception:  # noqa: BLE001 - no GCS key API means no autoscaler we can see
+        return False
+
+
+def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
+    """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
+    need = spec.world_size
+    resource = "GPU" if use_gpu else "CPU"
+    have = int(ray.cluster_resources().get(resource, 0))
+    if have < need and (is_local or not _autoscaler_present()):
+        raise ConfigError(
+            f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
+            f"has {have} and no autoscaler to add more")
+    if is_local:
+        per_worker = worker_memory_bytes(spec, vocab_size)
+        free = available_memory_bytes()
+        if need * per_worker > 0.9 * free:
+            raise ConfigError(
+                f"parallel: {need} workers need about {need * per_worker / 2**30:.1f} GiB "
+                f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
+                f"or the model size")
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Round the tokenizer's vocabulary up: aligned matmuls, and divisible by tp later."""
+    return -(-n // multiple) * multiple
+
+
+class MetricsSink(ray.train.UserCallback):
+    """Runs in the Ray Train controller, which Ray pins to the driver's node: appends
+    rank 0's row of every report to metrics.jsonl, the run's record of truth."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def _follow(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """New complete JSON lines of path from byte offset."""
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return rows, offset + end
+
+
+def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train one model; returns the summary that is also written to summary.json."""
+    from raypar.data import prepare_corpus, resolve_sources
+
+    t_start = time.time()
+    resolve_sources(spec.data.path, spec.data.format)  # a bad path fails before Ray starts
+    run_dir = Path(run_dir) if run_dir else default_run_dir(spec)
+    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"--run-dir: {run_dir} already holds a run; choose another directory")
+    uri = tracking.resolve_uri(spec, run_dir) if spec.tracking.enabled else ""
+    if uri:
+        tracking.check_reachable(uri)
+
+    is_local = connect(spec, address)
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+    cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
+    corpus = prepare_corpus(spec.data, cache)
+    vocab_size = padded_vocab(corpus.tokenizer.vocab_size)
+    use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+    check_capacity(spec, is_local, vocab_size, use_gpu)
+    if len(corpus.val) == 0 and spec.train.eval_every > 0:
+        raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
+                          "train.eval_every=0")
+
+    # From here on the run exists: its directory records what happens.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "run.log")
+    (run_dir / "config.yaml").write_text(spec.to_yaml())
+    corpus.tokenizer.save(run_dir / "tokenizer.json")
+    _write_status(run_dir, "running")
+    log.info("corpus: %s", json.dumps(corpus.stats))
+    if corpus.stats.get("replaced_bytes"):
+        log.warning("data: replaced %d undecodable bytes in %d files",
+                    corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"])
+    tracker = tracking.Tracker(spec, run_dir) if uri else None
+    if tracker:
+        tracker.log_artifact(run_dir / "config.yaml")
+
+    storage = spec.checkpoint.storage_path or str(run_dir.resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.to_dict(), "vocab_size": vocab_size,
+            "tokenizer_json": corpus.tokenizer.to_json(),
+            "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
+        },
+        scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=storage,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            callbacks=[MetricsSink(str((run_dir / "metrics.jsonl").resolve()))],
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = e
+
+    rows = _follow_training(threading.Thread(target=fit, daemon=True), run_dir, spec,
+                            tracker, progress)
+    ok = "error" not in outcome and len(rows) == spec.train.steps
+    summary = _summarize(spec, rows, run_dir, tracker, time.time() - t_start)
+    if tracker:
+        _finish_tracking(tracker, run_dir, rows, ok)
+    if not ok:
+        _write_status(run_dir, "failed", error=str(outcome.get("error", "incomplete")))
+        err = outcome.get("error")
+        raise RuntimeError(f"training failed: {err}") from err
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_status(run_dir, "finished")
+    return summary
+
+
+def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
+                     tracker: Optional[tracking.Tracker], progress: bool) -> list[dict]:
+    """Run fit() on a thread while this one tails metrics.jsonl into tqdm and MLflow."""
+    from tqdm import tqdm
+
+    path, offset, rows = run_dir / "metrics.jsonl", 0, []
+    bar = tqdm(total=spec.train.steps, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        new, offset = _follow(path, offset)
+        if new:
+            rows.extend(new)
+            if tracker:
+                tracker.log_rows(new)
+            last = new[-1]
+            bar.update(len(new))
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if not alive:
+            break
+        thread.join(timeout=0.5)
+    bar.close()
+    return rows
+
+
+def _summarize(spec: RunSpec, rows: list[dict], run_dir: Path,
+               tracker: Optional[tracking.Tracker], seconds: float) -> dict[str, Any]:
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    return {
+        "steps": rows[-1]["step"] if rows else 0,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "final_val_loss": val[-1] if val else None,
+        "first_val_loss": val[0] if val else None,
+        "tokens": rows[-1]["tokens"] if rows else 0,
+        "seconds": round(seconds, 1),
+        "run_dir": str(run_dir),
+        "mlflow_run_id": tracker.run_id if tracker else None,
+        "mlflow_uri": tracker.uri if tracker else None,
+    }
+
+
+def _finish_tracking(tracker: tracking.Tracker, run_dir: Path, rows: list[dict],
+                     ok: bool) -> None:
+    if rows:
+        png = run_dir / "loss.png"
+        tracking.plot_loss(rows, png)
+        tracker.log_artifact(png)
+    tracker.finish(ok)
+
+
+def _write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
+    tmp.replace(run_dir / "status.json")
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("raypar").addHandler(handler)
+    logging.getLogger("raypar").setLevel(logging.INFO)

@@ -1,0 +1,120 @@
+"""Config: defaults, YAML round trip, overrides, and one clear line per mistake."""
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raypar.config import ConfigError, RunSpec, from_dict, load_spec, parse_override, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+REQUIRED = ["model.n_layer", "model.n_head", "model.d_model", "data.path", "data.seq_len",
+            "data.tokenizer", "train.steps", "train.global_batch", "train.micro_batch",
+            "train.lr", "train.seed", "train.dtype", "parallel.dp", "parallel.tp",
+            "parallel.pp", "checkpoint.every", "tracking.uri"]
+
+
+def test_required_field_names_exist():
+    flat = RunSpec().flat()
+    assert [k for k in REQUIRED if k not in flat] == []
+
+
+def test_defaults_are_valid_and_equal_laptop_yaml():
+    spec = validate(RunSpec())
+    assert load_spec(ROOT / "jobs" / "configs" / "laptop.yaml") == spec
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    spec = load_spec(path)
+    out = tmp_path / "c.yaml"
+    out.write_text(spec.to_yaml())
+    assert load_spec(out) == spec
+    assert from_dict(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_overrides_beat_file_beat_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {steps: 7, lr: 0.01}\n")
+    spec = load_spec(f, ["train.lr=3e-4", "model.bias=true", "data.path=/tmp/x"])
+    assert spec.train.steps == 7            # file over default
+    assert spec.train.lr == pytest.approx(3e-4)   # CLI over file
+    assert spec.model.bias is True and spec.data.path == "/tmp/x"
+    assert spec.train.global_batch == RunSpec().train.global_batch  # default kept
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("train.steps=5") == ("train.steps", 5)
+    assert parse_override("data.path=") == ("data.path", "")
+    assert parse_override("model.pos_encoding=learned") == ("model.pos_encoding", "learned")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.stepz=5", "train.stepz"),
+    ("trian.steps=5", "trian.steps"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=yes", "train.lr"),
+    ("data.seq_len=0", "data.seq_len"),
+    ("data.seq_len=-3", "data.seq_len"),
+    ("train.dtype=fp16", "train.dtype"),
+    ("model.pos_encoding=alibi", "model.pos_encoding"),
+    ("model.n_head=3", "model.d_model"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("train.global_batch=10", "train.global_batch"),
+    ("parallel.dp=0", "parallel.dp"),
+    ("parallel.tp=2", "parallel.tp"),
+    ("data.tokenizer=wordpiece", "data.tokenizer"),
+    ("train.min_lr=1.0", "train.min_lr"),
+    ("model.bias=maybe", "model.bias"),
+    ("noequals", "--set 'noequals'"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_spec(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(field) and "\n" not in msg
+
+
+def test_global_batch_must_split_over_dp_and_micro_batch():
+    with pytest.raises(ConfigError, match=r"train.global_batch: 12 must be divisible by "
+                                          r"parallel.dp \* train.micro_batch = 2 \* 4 = 8"):
+        load_spec(None, ["train.global_batch=12", "parallel.dp=2", "train.micro_batch=4"])
+    assert load_spec(None, ["train.global_batch=24"]).grad_accum == 3
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("optimizer: {lr: 1}\n")
+    with pytest.raises(ConfigError, match="^optimizer: unknown section"):
+        load_spec(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="^config: expected a mapping"):
+        load_spec(bad)
+
+
+KEYS = sorted(RunSpec().flat()) + ["train.nope", "nope.steps", "name", "x"]
+VALUES = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans(),
+                   st.text(max_size=12), st.none(), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=6))
+def test_random_overrides_never_raise_anything_but_config_error(pairs):
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in pairs]
+    try:
+        spec = load_spec(None, overrides)
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        assert isinstance(spec, RunSpec) and spec.world_size >= 1
