@@ -53,6 +53,9 @@ class ParallelConfig:
     """Pipeline-parallel stages."""
     dp_mode: str = "ddp"
     """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients)."""
+    autoscale: bool = False
+    """On a cluster too small for dp*pp*tp workers, wait for the Ray autoscaler to add nodes
+    instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""
 
 
 @dataclass

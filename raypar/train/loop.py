@@ -134,6 +134,15 @@ class Worker:
         n_micro = t.eval_batches * t.global_batch // (self.pm.dp * t.micro_batch)
         return self._mean_over_dp(total / n_micro)
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's flag on every rank: ray.train.report is a barrier, so all ranks must
+        report at the same steps even when the decision depends on each rank's clock."""
+        if dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def eval_due(self) -> bool:
         t = self.spec.train
         return len(self.val_blocks) > 0 and t.eval_every > 0 and (
@@ -144,6 +153,12 @@ class Worker:
         return self.step == self.spec.train.steps or (every > 0 and self.step % every == 0)
 
 
+# Ray Train's controller takes one report per worker every health-check interval (2 s by
+# default; the worker's result queue holds one), so a report per step would cap training at
+# half a step per second. Rows are batched instead and sent at most this often.
+REPORT_INTERVAL_S = 2.0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     spec = from_dict(config["spec"])
@@ -151,18 +166,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.get(config["val_ref"]))
     meta = {"model": vars(worker.mcfg), "spec": config["spec"],
             "tokenizer": config["tokenizer_json"]}
-    t0 = time.perf_counter()
+    pending: list[dict[str, Any]] = []
+    last_report = time.perf_counter()
     while worker.step < spec.train.steps:
+        t0 = time.perf_counter()
         row = worker.train_step()
-        now = time.perf_counter()
-        row["tokens_per_s"] = spec.train.global_batch * spec.data.seq_len / (now - t0)
+        row["tokens_per_s"] = spec.train.global_batch * spec.data.seq_len / (
+            time.perf_counter() - t0)
         row["tokens"] = worker.tokens_seen
         if worker.eval_due():
             row["val_loss"] = worker.evaluate()
+        pending.append(row)
         checkpoint = None
         if worker.checkpoint_due():
             checkpoint = ckpt.save(unwrap(worker.model), worker.optimizer,
                                    {"step": worker.step, "tokens": worker.tokens_seen}, meta)
-        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=ckpt.dir_name(worker.step),
-                         delete_local_checkpoint_after_upload=True)
-        t0 = time.perf_counter()
+        due = checkpoint is not None or worker.step == spec.train.steps or \
+            time.perf_counter() - last_report >= REPORT_INTERVAL_S
+        if worker.agree(due):
+            ray.train.report({"rows": pending}, checkpoint=checkpoint,
+                             checkpoint_dir_name=ckpt.dir_name(worker.step),
+                             delete_local_checkpoint_after_upload=True)
+            pending, last_report = [], time.perf_counter()

@@ -80,24 +80,15 @@ def connect(spec: RunSpec, address: Optional[str]) -> bool:
     return True
 
 
-def _autoscaler_present() -> bool:
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray.experimental.internal_kv import _internal_kv_get
-    try:
-        return _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
-    except Exception:  # noqa: BLE001 - no GCS key API means no autoscaler we can see
-        return False
-
-
 def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
     """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
     need = spec.world_size
     resource = "GPU" if use_gpu else "CPU"
     have = int(ray.cluster_resources().get(resource, 0))
-    if have < need and (is_local or not _autoscaler_present()):
+    if have < need and (is_local or not spec.parallel.autoscale):
         raise ConfigError(
             f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
-            f"has {have} and no autoscaler to add more")
+            f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
     if is_local:
         per_worker = worker_memory_bytes(spec, vocab_size)
         free = available_memory_bytes()
@@ -108,6 +99,20 @@ def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool
                 f"or the model size")
 
 
+def _expected_vocab(spec: RunSpec) -> int:
+    """The vocabulary size the tokenizer will have, known before it is built."""
+    tok = spec.data.tokenizer
+    if tok == "byte":
+        return 257
+    if tok == "bpe":
+        return spec.data.vocab_size
+    from raypar.data.tokenizer import Tokenizer
+    path = Path(tok).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer: no such file: {tok}")
+    return Tokenizer.from_file(path).vocab_size
+
+
 def padded_vocab(n: int, multiple: int = 64) -> int:
     """Round the tokenizer's vocabulary up: aligned matmuls, and divisible by tp later."""
     return -(-n // multiple) * multiple
@@ -115,15 +120,15 @@ def padded_vocab(n: int, multiple: int = 64) -> int:
 
 class MetricsSink(ray.train.UserCallback):
     """Runs in the Ray Train controller, which Ray pins to the driver's node: appends
-    rank 0's row of every report to metrics.jsonl, the run's record of truth."""
+    the rows of rank 0's every report to metrics.jsonl, the run's record of truth."""
 
     def __init__(self, path: str):
         self.path = path
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics:
+        if metrics and metrics[0].get("rows"):
             with open(self.path, "a") as f:
-                f.write(json.dumps(metrics[0]) + "\n")
+                f.write("".join(json.dumps(row) + "\n" for row in metrics[0]["rows"]))
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -157,11 +162,11 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
     is_local = connect(spec, address)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
+    use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+    check_capacity(spec, is_local, padded_vocab(_expected_vocab(spec)), use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     corpus = prepare_corpus(spec.data, cache)
     vocab_size = padded_vocab(corpus.tokenizer.vocab_size)
-    use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
-    check_capacity(spec, is_local, vocab_size, use_gpu)
     if len(corpus.val) == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")

@@ -1,0 +1,172 @@
+"""Tokenizers: raw bytes, or a HF `tokenizers` BPE trained on the corpus and cached.
+
+    tok = Tokenizer.byte_level()
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+
+Every tokenizer serialises to one JSON string, so it travels to Ray Data tasks
+as plain data and its hash names the packed-corpus cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from raypar.config import ConfigError, DataConfig
+
+EOT = "<|endoftext|>"
+# Tokenizers from elsewhere name their end-of-text token differently; the first found wins.
+_EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+_BYTE_KIND = "byte"
+
+
+class Tokenizer:
+    """Byte-level (ids 0..255 are bytes, 256 is end-of-text) or a wrapped HF tokenizer."""
+
+    def __init__(self, hf: Optional[HFTokenizer] = None, eot_id: Optional[int] = None):
+        self._hf = hf
+        if hf is None:
+            self.kind, self.eot_id, self.vocab_size = _BYTE_KIND, 256, 257
+        else:
+            self.kind = "hf"
+            self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+            self.eot_id = eot_id if eot_id is not None else _find_eot(hf)
+
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        return cls()
+
+    def encode(self, text: str) -> list[int]:
+        if self._hf is None:
+            return list(text.encode("utf-8"))
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._hf is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated (int32) and the len(texts)+1 offsets into them:
+        the layout of an Arrow list column, built without a Python int per token."""
+        if self._hf is None:
+            encoded = [t.encode("utf-8") for t in texts]
+            values = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int32)
+            lengths = [len(b) for b in encoded]
+        else:
+            ids = self.encode_batch(texts)
+            lengths = [len(i) for i in ids]
+            values = np.fromiter((t for i in ids for t in i), dtype=np.int32,
+                                 count=sum(lengths))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        return values, offsets
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf is None:
+            # The eot id has no byte; it reads back as its name, as in the HF tokenizers.
+            parts, start = [], 0
+            for k, i in enumerate(ids + [self.eot_id]):
+                if i >= 256:
+                    parts.append(bytes(ids[start:k]).decode("utf-8", errors="replace"))
+                    start = k + 1
+            return EOT.join(parts)
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        if self._hf is None:
+            return json.dumps({"raypar_tokenizer": _BYTE_KIND, "vocab_size": 257, "eot_id": 256})
+        return self._hf.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        head = text.lstrip()[:200]
+        if '"raypar_tokenizer"' in head and json.loads(text).get("raypar_tokenizer") == _BYTE_KIND:
+            return cls()
+        return cls(HFTokenizer.from_str(text))
+
+    def save(self, path: str | Path) -> None:
+        _atomic_write(Path(path), self.to_json())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the serialised tokenizer: its identity in cache keys."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+def _find_eot(hf: HFTokenizer) -> int:
+    for name in _EOT_CANDIDATES:
+        tid = hf.token_to_id(name)
+        if tid is not None:
+            return tid
+    raise ConfigError(f"data.tokenizer: the tokenizer has no end-of-text token; "
+                      f"expected one of {', '.join(_EOT_CANDIDATES)}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Write then rename: a run killed mid-write, or two runs racing, never leave
+    # a half-written file where the cache expects a whole one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2 style byte-level BPE: every byte is in the alphabet, so no text is unknown."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return Tokenizer(hf)
+
+
+def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
+                    text_iter_factory: Callable[[], Iterator[str]],
+                    fingerprint: Optional[str] = None) -> Tokenizer:
+    """The tokenizer cfg.tokenizer names: 'byte', 'bpe' (trained once per corpus and
+    cached under cache_dir/tokenizers), or a path to a tokenizer.json.
+
+    text_iter_factory() yields the training documents' text; it is called only when
+    a bpe tokenizer must be trained. `fingerprint` saves re-listing the sources.
+    """
+    if cfg.tokenizer == _BYTE_KIND:
+        return Tokenizer.byte_level()
+    if cfg.tokenizer == "bpe":
+        from raypar.data.corpus import corpus_fingerprint
+
+        fp = fingerprint or corpus_fingerprint(sources, cfg)
+        key = hashlib.sha256(f"{fp}\nbpe vocab_size={cfg.vocab_size}".encode()).hexdigest()
+        path = Path(cache_dir) / "tokenizers" / f"bpe-{key[:24]}.json"
+        if path.is_file():
+            return Tokenizer.from_file(path)
+        tok = train_bpe(text_iter_factory(), cfg.vocab_size)
+        tok.save(path)
+        return tok
+    path = Path(cfg.tokenizer).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer: no such file: {path}")
+    try:
+        return Tokenizer.from_file(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # tokenizers raises its own Exception type for bad JSON
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"data.tokenizer: {path} is not a valid tokenizer.json ({first})") from None
