@@ -66,7 +66,9 @@ def connect(spec: RunSpec, address: Optional[str]) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return False
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    # Ray's own start-up chatter (token auth notice, Ray Data plans) is not for our users;
+    # errors still surface, and worker failures come back as exceptions from fit().
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     if address:
         try:
@@ -160,6 +162,7 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
         tracking.check_reachable(uri)
 
     is_local = connect(spec, address)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
