@@ -3,6 +3,8 @@
     raypar train                                   # default laptop config, built-in corpus
     raypar train --config jobs/configs/tiny.yaml --set train.steps=50 --run-dir runs/t
     raypar generate --run-dir runs/t --prompt "def main(" --max-new-tokens 200
+    raypar export runs/t                           # -> runs/t/export/model.safetensors
+    raypar generate --checkpoint runs/t/export/model.safetensors --prompt "def "
 
 User errors print one line `raypar: error: ...` and exit with code 2.
 """
@@ -31,14 +33,23 @@ def _train_parser(sub) -> None:
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="a run directory: its latest checkpoint is used")
-    src.add_argument("--checkpoint", help="a checkpoint directory (step_*)")
+    p.add_argument("--run-dir", help="a run directory: its newest valid checkpoint is used (else "
+                   "its export/model.safetensors); with --checkpoint, the two must match")
+    p.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported "
+                   ".safetensors file")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint into one model.safetensors")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest valid one "
+                   "under RUN_DIR)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/export/model.safetensors)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -67,32 +79,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from raypar.data.tokenizer import Tokenizer
-    from raypar.model import GPT, GPTConfig
+def _generation_source(args: argparse.Namespace):
+    """(model, meta) from --checkpoint (a folder or a .safetensors file) or --run-dir."""
+    from raypar import export as ex
     from raypar.train import checkpoint as ckpt
 
-    if args.run_dir:
-        if not Path(args.run_dir).is_dir():
-            raise ConfigError(f"--run-dir: no such directory: {args.run_dir}")
-        path = ckpt.latest(args.run_dir)
-        if path is None:
-            raise ConfigError(f"--run-dir: no checkpoint found under {args.run_dir}")
+    run_dir, source = args.run_dir, args.checkpoint
+    if run_dir is None and source is None:
+        raise ConfigError("give --run-dir or --checkpoint")
+    if run_dir is not None and not Path(run_dir).is_dir():
+        raise ConfigError(f"--run-dir: no such directory: {run_dir}")
+    if source is None:
+        source = ckpt.latest_valid(run_dir, ex.log)
+        if source is None:
+            exported = Path(run_dir) / ex.DEFAULT_NAME
+            if not exported.is_file():
+                raise ConfigError(f"--run-dir: no checkpoint that verifies under {run_dir} "
+                                  f"(and no {ex.DEFAULT_NAME})")
+            source = exported
+    elif not Path(source).exists():
+        raise ConfigError(f"--checkpoint: no such file or directory: {source}")
+    if Path(source).is_file():
+        model, meta = ex.load_exported(source)
     else:
-        path = Path(args.checkpoint)
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"--checkpoint: {path} is not a raypar checkpoint (no meta.json)")
+        if not (Path(source) / ckpt.META).is_file():
+            raise ConfigError(f"--checkpoint: {source} is not a raypar checkpoint (no meta.json)")
+        model, meta = ex.consolidate(ex.find_checkpoint(None, source))
+    if run_dir is not None:
+        expected = ex.run_model_config(run_dir)
+        if expected is not None:
+            ckpt.check_compatible(meta, expected)
+    return model, meta
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens: must be >= 1")
     if args.temperature < 0:
         raise ConfigError("--temperature: must be >= 0")
-    meta = ckpt.read_meta(path)
+    import torch
+
+    from raypar.data.tokenizer import Tokenizer
+
+    model, meta = _generation_source(args)
     tok = Tokenizer.from_json(meta["tokenizer"])
-    model = GPT(GPTConfig(**meta["model"]))
-    ckpt.load_model_state(path, model)
-    model.eval()
     ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
@@ -101,11 +131,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from raypar.export import export
+
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"RUN_DIR: no such directory: {args.run_dir}")
+    out = export(args.run_dir, args.checkpoint, args.out)
+    print(f"exported: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "generate": cmd_generate}[args.command](args)
+        return {"train": cmd_train, "generate": cmd_generate,
+                "export": cmd_export}[args.command](args)
     except ConfigError as e:
         print(f"raypar: error: {e}", file=sys.stderr)
         return 2

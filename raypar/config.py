@@ -52,7 +52,16 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages."""
     dp_mode: str = "ddp"
-    """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients)."""
+    """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients) or
+    'fsdp' (FSDP2: parameters, gradients and optimizer state sharded over dp, i.e. ZeRO-3)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved_1f1b' (needs
+    virtual_stages >= 2), the zero-bubble 'interleaved_zb' (virtual_stages >= 2), or the
+    V-shaped zero-bubble 'zbv' and 'dualpipev' (virtual_stages = 2)."""
+    virtual_stages: int = 1
+    """Pipeline stages per rank (interleaved schedules); n_layer must be >= pp * virtual_stages."""
+    sequence_parallel: bool = False
+    """With tp > 1, also shard the norms' activations along the sequence (needs seq_len % tp == 0)."""
     autoscale: bool = False
     """On a cluster too small for dp*pp*tp workers, wait for the Ray autoscaler to add nodes
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""
@@ -112,6 +121,8 @@ class TrainConfig:
     """Global batches of validation data per evaluation."""
     threads: int = 1
     """torch threads per worker (keep 1 when several workers share few cores)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them."""
 
 
 @dataclass
@@ -173,16 +184,23 @@ _SECTION_TYPES = {
     "train": TrainConfig, "checkpoint": CheckpointConfig, "tracking": TrackingConfig,
 }
 
+# Pipeline schedules (raypar/parallel/pipeline.py maps each onto a torch.distributed.pipelining class).
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank, in a V
+ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")  # split backward (input, then weight)
+
 # Allowed values and ranges per field, checked by validate(); the message says what is allowed.
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
-    "parallel.dp_mode": ("ddp",),
+    "parallel.dp_mode": ("ddp", "fsdp"),
+    "parallel.schedule": SCHEDULES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
 }
 _POSITIVE = {
     "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
-    "parallel.pp", "data.seq_len", "train.steps", "train.global_batch",
+    "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
     "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
     "checkpoint.keep",
 }
@@ -301,10 +319,31 @@ def validate(spec: RunSpec) -> RunSpec:
     if m.pos_encoding == "rope" and (m.d_model // m.n_head) % 2:
         raise ConfigError(f"model.n_head: rope needs an even head size, d_model/n_head = "
                           f"{m.d_model // m.n_head}")
-    for key in ("tp", "pp"):
-        if getattr(p, key) != 1:
-            raise ConfigError(f"parallel.{key}: only 1 is supported in this version, "
-                              f"got {getattr(p, key)}")
+    if m.n_head % p.tp:
+        raise ConfigError(f"model.n_head: {m.n_head} must be divisible by parallel.tp={p.tp}")
+    ff = m.d_ff or 4 * m.d_model
+    if ff % p.tp:
+        raise ConfigError(f"model.d_ff: the MLP width {ff} must be divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and spec.data.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be "
+                          f"divisible by parallel.tp={p.tp}")
+    if p.schedule in INTERLEAVED and p.pp > 1 and p.virtual_stages < 2:
+        raise ConfigError(f"parallel.virtual_stages: schedule {p.schedule} needs >= 2 stages "
+                          f"per rank, got {p.virtual_stages}")
+    if p.schedule not in INTERLEAVED and p.virtual_stages != 1:
+        raise ConfigError(f"parallel.virtual_stages: only the interleaved schedules "
+                          f"({', '.join(INTERLEAVED)}) host several stages per rank; "
+                          f"got {p.virtual_stages} with parallel.schedule={p.schedule}")
+    if p.pp > 1 and p.schedule in V_SHAPED and p.virtual_stages != 2:
+        raise ConfigError(f"parallel.virtual_stages: schedule {p.schedule} places exactly 2 "
+                          f"stages per rank, got {p.virtual_stages}")
+    if p.pp > 1 and p.schedule in ZERO_BUBBLE and p.dp > 1 and p.tp == 1 and p.dp_mode == "ddp":
+        raise ConfigError(f"parallel.dp_mode: schedule {p.schedule} computes weight gradients "
+                          f"outside DDP's hooks; use parallel.dp_mode=fsdp with it")
+    n_stages = p.pp * (p.virtual_stages if p.pp > 1 else 1)
+    if m.n_layer < n_stages:
+        raise ConfigError(f"model.n_layer: {m.n_layer} layers cannot fill parallel.pp * "
+                          f"parallel.virtual_stages = {n_stages} pipeline stages")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: {t.min_lr} must be <= train.lr={t.lr}")
     if t.global_batch % (p.dp * t.micro_batch):

@@ -6,6 +6,8 @@ Parallel files reshape this model by module name: tensor parallelism shards
 `layers.<i>.attn.w{q,k,v,o}` and `layers.<i>.mlp.{fc,proj}`, and a pipeline
 stage deletes entries of `layers` or sets `tok_emb` / `norm` / `lm_head` to
 None. `forward` copes with both, so every layout runs this same code.
+
+`generate` decodes with a KV cache (`KVCache`, passed as `forward(idx, kv_cache=...)`).
 """
 from __future__ import annotations
 
@@ -78,6 +80,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, for generation.
+
+        cache = KVCache(max_len=cfg.seq_len)
+        logits = model(prompt, kv_cache=cache)         # prefill: positions 0..T-1
+        logits = model(next_token, kv_cache=cache)     # position T, attends to 0..T
+
+    Buffers of (B, heads, max_len, head_dim) are allocated on a layer's first
+    append, in the dtype and on the device of its keys; `pos` is how many
+    positions they hold, advanced by GPT.forward after all layers ran.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.pos = 0
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def layer(self, name: str) -> "LayerKV":
+        return LayerKV(self, name)
+
+
+class LayerKV:
+    """One layer's view of a KVCache."""
+
+    def __init__(self, cache: KVCache, name: str):
+        self.cache, self.name = cache, name
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys and values at the cache's position; return all so far."""
+        c, T = self.cache, k.shape[2]
+        end = c.pos + T
+        if end > c.max_len:
+            raise ValueError(f"KV cache holds {c.max_len} positions, {end} needed")
+        if self.name not in c.keys:
+            shape = (k.shape[0], k.shape[1], c.max_len, k.shape[3])
+            c.keys[self.name] = k.new_empty(shape)
+            c.values[self.name] = v.new_empty(shape)
+        kbuf, vbuf = c.keys[self.name], c.values[self.name]
+        kbuf[:, :, c.pos:end] = k
+        vbuf[:, :, c.pos:end] = v
+        return kbuf[:, :, :end], vbuf[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -89,7 +135,7 @@ class CausalSelfAttention(nn.Module):
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, kv: "LayerKV | None" = None) -> torch.Tensor:
         B, T, _ = x.shape
         # The head count comes from the projection, so a tensor-parallel shard
         # holding n_head / tp heads runs this code unchanged.
@@ -98,9 +144,18 @@ class CausalSelfAttention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask, causal = None, True
+        if kv is not None:
+            start = kv.cache.pos
+            k, v = kv.append(k, v)  # every position so far, this chunk's last
+            if start > 0:
+                causal = False
+                if T > 1:  # query i (absolute start+i) sees keys 0..start+i
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.wo(y))
 
@@ -125,8 +180,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope=None, kv: "LayerKV | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -172,27 +227,37 @@ class GPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()  # weight 1, bias 0
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab).
 
         A pipeline stage without `tok_emb` takes hidden states (B, T, d_model)
         instead; one without `norm` / `lm_head` returns hidden states.
+
+        With `kv_cache` the T tokens sit at positions kv_cache.pos .. pos+T-1 and
+        attend to the cached positions before them; the cache then advances by T.
         """
         T = idx.shape[1]
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence length {T} exceeds seq_len {self.cfg.seq_len}")
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds seq_len {self.cfg.seq_len}")
         if self.tok_emb is not None:
             x = self.tok_emb(idx)
             if self.pos_emb is not None:
-                x = x + self.pos_emb(torch.arange(T, device=idx.device))
+                x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
             x = self.drop(x)
         else:
             x = idx
         rope = None
         if self.cfg.pos_encoding == "rope":
-            rope = rope_cos_sin(T, self.cfg.head_dim, device=x.device)
-        for layer in self.layers.values():
-            x = layer(x, rope)
+            cos, sin = rope_cos_sin(start + T, self.cfg.head_dim, device=x.device)
+            rope = (cos[start:], sin[start:])
+        for name, layer in self.layers.items():
+            if kv_cache is None:
+                x = layer(x, rope)
+            else:
+                x = layer(x, rope, kv_cache.layer(name))
+        if kv_cache is not None:
+            kv_cache.pos = start + T
         if self.norm is not None:
             x = self.norm(x)
         if self.lm_head is not None:
@@ -231,29 +296,52 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `idx` (B, T); temperature 0 is greedy.
 
         Runs in eval mode (no dropout) and restores the previous mode afterwards.
-        No KV cache: each step re-reads the last seq_len tokens.
+        With the KV cache (default) the prompt is run once (prefill) and each new
+        token costs one position. Once the sequence is longer than seq_len, every
+        further step recomputes over the last seq_len tokens without the cache,
+        as the cacheless path always does: the window slides by one token per step,
+        so every position, and with it every cached key, changes. Results equal
+        `use_cache=False` (up to float rounding in the logits).
         """
         was_training = self.training
         self.eval()
+        seq_len = self.cfg.seq_len
         try:
-            for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.cfg.seq_len:])[:, -1, :].float()
-                if temperature == 0:
-                    nxt = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            cache, logits = None, None
+            if use_cache and idx.shape[1] < seq_len:
+                cache = KVCache(min(seq_len, idx.shape[1] + max_new_tokens))
+                logits = self(idx, kv_cache=cache)[:, -1, :]
+            for i in range(max_new_tokens):
+                if logits is None:
+                    logits = self(idx[:, -seq_len:])[:, -1, :]
+                nxt = self._sample(logits.float(), temperature, top_k, generator)
                 idx = torch.cat((idx, nxt), dim=1)
+                logits = None
+                if cache is not None and i + 1 < max_new_tokens:
+                    if idx.shape[1] <= cache.max_len:
+                        logits = self(nxt, kv_cache=cache)[:, -1, :]
+                    else:
+                        cache = None  # past seq_len: recompute from here on
         finally:
             self.train(was_training)
         return idx
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """One token id per row of (B, vocab) logits: greedy at temperature 0."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def ray_local():
     """A real local Ray with more logical CPUs than cores, so multi-worker layouts schedule."""
     import ray
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              configure_logging=True, logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -70,3 +70,28 @@ def test_layout_larger_than_this_machine(tmp_path):
 
 def test_generate_without_checkpoint(tmp_path):
     assert_user_error(raypar("generate", "--run-dir", str(tmp_path)), "--run-dir", "no checkpoint")
+
+
+def test_plan_shows_every_rank_and_its_memory():
+    proc = raypar("plan", "--config", TINY, "--set", "model.n_layer=4", "--set", "parallel.dp=2",
+                  "--set", "parallel.tp=2", "--set", "parallel.pp=2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("layout: dp=2 x pp=2 x tp=2 = 8 workers")
+    table = [l.split() for l in lines if l.strip() and l.split()[0].isdigit()]
+    assert [int(row[0]) for row in table] == list(range(8))
+    # tp innermost, then pp, then dp; stage 0 holds the first layers, stage 1 the rest
+    assert [(int(r[1]), int(r[2]), int(r[3])) for r in table[:4]] == \
+           [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    assert table[0][5] != table[2][5]
+    assert all(float(r[-2]) > 0 for r in table)       # total MiB per rank
+
+
+@pytest.mark.parametrize("override, fragments", [
+    (["parallel.tp=3"], ["model.n_head", "parallel.tp=3"]),
+    (["parallel.pp=3"], ["model.n_layer", "pipeline stages"]),
+    (["parallel.schedule=zigzag"], ["parallel.schedule", "gpipe"]),
+])
+def test_plan_rejects_impossible_layouts(override, fragments):
+    args = [a for o in override for a in ("--set", o)]
+    assert_user_error(raypar("plan", "--config", TINY, *args), *fragments)

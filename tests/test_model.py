@@ -150,6 +150,50 @@ def test_generate_generator_reproducible():
     assert torch.equal(a, b)
 
 
+def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference decoding: a full forward over the growing sequence (last seq_len tokens)."""
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx[:, -model.cfg.seq_len:])[:, -1, :]
+            idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("prompt_len, n_new", [(1, 10), (5, T - 5), (3, 25), (T, 4), (T + 3, 3)])
+def test_generate_kv_cache_matches_recompute(pos, prompt_len, n_new):
+    # (3, 25) runs past seq_len: the cache is used up to seq_len, then recompute takes over.
+    model = build(seed=3, pos_encoding=pos, bias=True)
+    prompt = torch.randint(0, V, (2, prompt_len), generator=torch.Generator().manual_seed(5))
+    expected = greedy_without_cache(model, prompt, n_new)
+    assert torch.equal(model.generate(prompt, n_new, temperature=0), expected)
+    assert torch.equal(model.generate(prompt, n_new, temperature=0, use_cache=False), expected)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_kv_cache_logits_match_full_forward(pos):
+    from raypar.model import KVCache
+
+    model = build(seed=4, pos_encoding=pos).eval()
+    idx = torch.randint(0, V, (2, T))
+    full = model(idx)
+    cache = KVCache(T)
+    # Prefill 6, then a chunk of 3 (needs an offset causal mask), then one at a time.
+    parts = [model(idx[:, :6], kv_cache=cache), model(idx[:, 6:9], kv_cache=cache)]
+    parts += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(9, T)]
+    assert cache.pos == T
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+def test_generate_keeps_training_mode():
+    model = build().train()
+    model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0)
+    assert model.training
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_param_groups(tied):
     model = build(bias=True, pos_encoding="learned", tie_embeddings=tied)

@@ -58,6 +58,23 @@ class ParallelMesh:
         return self.mesh.get_group("dp")
 
     @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def pp_mesh(self) -> DeviceMesh:
+        return self.mesh["pp"]
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    @property
+    def dp_tp_mesh(self) -> DeviceMesh:
+        """The 2-D (dp, tp) sub-mesh FSDP shards over when tensor parallelism is on."""
+        return self.mesh["dp", "tp"]
+
+    @property
     def is_first_stage(self) -> bool:
         return self.coords.pp == 0
 

@@ -1,55 +1,501 @@
-"""Checkpoints: torch.distributed.checkpoint (DCP) shards, one writer per rank.
+"""Checkpoints: torch.distributed.checkpoint (DCP) shards, one writer per rank, verified.
 
 Each rank writes its shard into a local temporary directory; `ray.train.report`
 uploads every rank's directory into one checkpoint folder in the run's storage
-(Ray merges them), named `step_<N>`. Rank 0 adds `meta.json` (model config,
-tokenizer, run config) and `train_state.json` (step, tokens seen), so a
-checkpoint is self-describing: `raypar generate` needs nothing else.
+(Ray merges them), named `step_<8 digits>`. So that a crash half-way through an
+upload can never be mistaken for a checkpoint, every rank also writes
+`manifest-<rank>.json`: the name, byte size and sha256 of every file it wrote,
+with the step and the world size. A folder is a checkpoint only when the
+manifests of all `world_size` ranks are there and every file they list matches
+(`verify`); `latest_valid` picks the newest such folder and says why it skipped
+any newer one.
+
+Rank 0 adds `meta.json` (model config, run spec, tokenizer JSON) and
+`train_state.json` (step, tokens seen, ...), so a checkpoint is self-describing:
+`raypar generate` and `raypar export` need nothing else. A rank may add files of
+its own through `extra_files`, e.g. its RNG state as `rng-<rank>.pt`
+(`rng_state_bytes` / `read_rng_state`).
+
+Nothing here unpickles: metadata is JSON, tensors come back through DCP or
+`torch.load(weights_only=True)`.
+
+Why our own manifest: DCP's `.metadata` says which tensors exist and where, but
+not whether the bytes behind it arrived whole, and Ray records a checkpoint
+once every worker has reported, not whether the copy into storage completed
+after a node died. A per-rank list with hashes answers both.
+
+Paths: local paths everywhere; `verify`, `candidates`, `latest_valid`, `prune`
+and the readers also take `s3://`, `gs://`, ... URIs through pyarrow's
+filesystems (which Ray Train itself uses). `load` of a URI copies the folder
+to a local temporary directory first.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import os
+import re
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from ray.train import Checkpoint
-from torch.distributed.checkpoint.state_dict import get_state_dict
+
+if TYPE_CHECKING:  # ray.train is slow to import; `raypar generate` does not need it
+    from ray.train import Checkpoint
 
 PREFIX = "step_"
+META = "meta.json"
+TRAIN_STATE = "train_state.json"
+DCP_METADATA = ".metadata"
+MANIFEST_FORMAT = 1
+_STEP_DIR = re.compile(rf"^{PREFIX}(\d+)$")
+_RESERVED = re.compile(r"^(manifest-\d+\.json|meta\.json|train_state\.json|\.metadata|.*\.distcp)$")
+_HASH_CHUNK = 1 << 20
+
+PathLike = Union[str, Path]
 
 
 def dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         train_state: dict[str, Any], meta: dict[str, Any]) -> Checkpoint:
-    """Write this rank's shard of model + optimizer state; returns it for ray.train.report."""
-    local = Path(tempfile.mkdtemp(prefix="raypar-ckpt-"))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (local / "meta.json").write_text(json.dumps(meta))
-        (local / "train_state.json").write_text(json.dumps(train_state))
-    return Checkpoint.from_directory(str(local))
+def manifest_name(rank: int) -> str:
+    return f"manifest-{rank}.json"
 
 
-def latest(root: str | Path) -> Path | None:
-    """The newest `step_*` checkpoint folder under root (searched recursively), or None."""
-    found = sorted(Path(root).rglob(f"{PREFIX}*/meta.json"), key=lambda p: p.parent.name)
-    return found[-1].parent if found else None
+def rng_name(rank: int) -> str:
+    return f"rng-{rank}.pt"
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+# -- filesystem access: local paths directly, URIs through pyarrow ------------------------
+
+def _is_uri(path: PathLike) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
-def load_model_state(path: str | Path, model: torch.nn.Module) -> None:
-    """Load the model part of a checkpoint into a plain (unsharded) module, in one process."""
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+def _local(path: PathLike) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def _join(path: PathLike, name: str) -> PathLike:
+    return f"{str(path).rstrip('/')}/{name}" if _is_uri(path) else _local(path) / name
+
+
+def _basename(path: PathLike) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if _is_uri(path) else _local(path).name
+
+
+def _pa_fs(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
+
+
+def _list(path: PathLike) -> Optional[dict[str, tuple[bool, int]]]:
+    """{name: (is_dir, size)} of the direct children of path; None if path is not a folder."""
+    if not _is_uri(path):
+        p = _local(path)
+        if not p.is_dir():
+            return None
+        out = {}
+        for child in p.iterdir():
+            try:
+                st = child.stat()
+            except FileNotFoundError:  # removed while listing
+                continue
+            out[child.name] = (child.is_dir(), st.st_size)
+        return out
+    import pyarrow.fs as pafs
+
+    fs, root = _pa_fs(str(path))
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        # Object stores have no folders: a prefix with objects under it still lists.
+        if info.type != pafs.FileType.NotFound:
+            return None
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return None
+    if not infos and info.type == pafs.FileType.NotFound:
+        return None
+    return {i.base_name: (i.type == pafs.FileType.Directory, i.size or 0) for i in infos}
+
+
+@contextmanager
+def _open(path: PathLike) -> Iterator[io.RawIOBase]:
+    if not _is_uri(path):
+        with open(_local(path), "rb") as f:
+            yield f
+        return
+    fs, p = _pa_fs(str(path))
+    with fs.open_input_stream(p) as f:
+        yield f
+
+
+def _read_bytes(path: PathLike) -> bytes:
+    with _open(path) as f:
+        return f.read()
+
+
+def _read_json(path: PathLike) -> Any:
+    return json.loads(_read_bytes(path).decode("utf-8"))
+
+
+def _sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with _open(path) as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remove_tree(path: PathLike) -> None:
+    if not _is_uri(path):
+        shutil.rmtree(_local(path), ignore_errors=True)
+        return
+    fs, p = _pa_fs(str(path))
+    try:
+        fs.delete_dir(p)
+    except FileNotFoundError:
+        pass
+
+
+# -- rank and process group ----------------------------------------------------------------
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+
+
+@contextmanager
+def _quiet_single_process():
+    # DCP warns on every call without a process group that it assumes one process:
+    # that is exactly what we mean there, so the warning is noise.
+    with warnings.catch_warnings():
+        if not _dist():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+# -- save ----------------------------------------------------------------------------------
+
+def save(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
+         extra_files: Optional[dict[str, bytes]] = None, *,
+         local_dir: Optional[PathLike] = None) -> "Checkpoint":
+    """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`."""
+    from ray.train import Checkpoint
+
+    return Checkpoint.from_directory(str(write(state, train_state, meta, extra_files,
+                                               local_dir=local_dir)))
+
+
+def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
+          extra_files: Optional[dict[str, bytes]] = None, *,
+          local_dir: Optional[PathLike] = None) -> Path:
+    """Write this rank's part of a checkpoint into a local directory; returns it.
+
+    state: a DCP state dict keyed by global names, e.g. {"model": ..., "optim": ...}
+    from `torch.distributed.checkpoint.state_dict.get_state_dict` (DTensors are
+    fine). Every rank of the process group must call this (DCP is collective);
+    without a process group it saves the whole state from this process.
+    train_state and meta (JSON-serialisable) are written by rank 0 only;
+    extra_files ({name: bytes}, e.g. `{rng_name(rank): rng_state_bytes()}`) by
+    the rank that passes them. local_dir: where to write (default: a fresh
+    temporary directory); it must be empty or missing.
+    """
+    rank, world = _rank_world()
+    step = int(train_state.get("step", -1))
+    for name in extra_files or {}:
+        if "/" in name or "\\" in name or name in ("", ".", "..") or _RESERVED.match(name):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+    local = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="raypar-ckpt-"))
+    local.mkdir(parents=True, exist_ok=True)
+    if any(local.iterdir()):
+        raise ValueError(f"checkpoint directory {local} is not empty")
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
+    if rank == 0:
+        _write_json(local / META, meta)
+        _write_json(local / TRAIN_STATE, train_state)
+    for name, data in (extra_files or {}).items():
+        (local / name).write_bytes(data)
+    # Everything in this rank's directory is this rank's: Ray merges directories,
+    # so the manifest written last lists exactly the files this rank contributes.
+    files = {}
+    for p in sorted(local.iterdir()):
+        if p.is_file():
+            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world, "step": step,
+                "files": files}
+    _write_json(local / manifest_name(rank), manifest)
+    return local
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def rng_state_bytes() -> bytes:
+    """This process's torch RNG states (CPU, and every CUDA device) as torch.save bytes of
+    plain tensors, for `save(..., extra_files={rng_name(rank): rng_state_bytes()})`."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_rng_state(path: PathLike, rank: int) -> Optional[dict[str, torch.Tensor]]:
+    """The RNG states rank `rank` saved, or None if that rank saved none (e.g. after a
+    resize). Loaded with weights_only=True: plain tensors only, no code runs."""
+    target = _join(path, rng_name(rank))
+    listing = _list(path) or {}
+    if rng_name(rank) not in listing:
+        return None
+    state = torch.load(io.BytesIO(_read_bytes(target)), weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{target}: not an RNG state (expected a dict of tensors)")
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Apply what `read_rng_state` returned to this process."""
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted((k for k in state if k.startswith("cuda")),
+                                     key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+# -- verify and find -----------------------------------------------------------------------
+
+def verify(path: PathLike) -> Optional[str]:
+    """None when the checkpoint at path is complete and intact, else a short reason.
+
+    Complete: manifest-0.json present and naming world_size W, manifests 0..W-1
+    present and agreeing on the step, every file they list present with the
+    listed size and sha256, and meta.json, train_state.json and DCP's .metadata
+    among them. Sizes are checked before any hashing, so a short file is cheap
+    to find.
+    """
+    listing = _list(path)
+    if listing is None:
+        return "not a directory"
+    first = manifest_name(0)
+    if first not in listing:
+        return f"{first} missing (incomplete save)"
+    manifests = {}
+    try:
+        m0 = _read_json(_join(path, first))
+        world, step = int(m0["world_size"]), m0["step"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{first} unreadable ({type(e).__name__})"
+    if world < 1:
+        return f"{first}: world_size {world}"
+    manifests[0] = m0
+    for r in range(1, world):
+        name = manifest_name(r)
+        if name not in listing:
+            return f"{name} missing of world_size {world} (incomplete save)"
+        try:
+            manifests[r] = _read_json(_join(path, name))
+        except ValueError:
+            return f"{name} unreadable"
+    expected: dict[str, dict] = {}
+    for r, m in manifests.items():
+        name = manifest_name(r)
+        if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+            return f"{name} malformed"
+        if m.get("rank") != r or m.get("step") != step or m.get("world_size") != world:
+            return (f"{name} is from another save (rank {m.get('rank')}, step {m.get('step')}, "
+                    f"world_size {m.get('world_size')}; expected rank {r}, step {step}, "
+                    f"world_size {world})")
+        for fname, entry in m["files"].items():
+            if fname in expected:
+                return f"{fname} listed by two ranks"
+            expected[fname] = entry
+    for required in (META, TRAIN_STATE, DCP_METADATA):
+        if required not in expected:
+            return f"{required} not in the manifests"
+    for fname, entry in expected.items():
+        if fname not in listing or listing[fname][0]:
+            return f"{fname} missing"
+        size = listing[fname][1]
+        if size != entry.get("size"):
+            return f"{fname} has {size} bytes, manifest says {entry.get('size')}"
+    for fname, entry in expected.items():
+        try:
+            digest = _sha256(_join(path, fname))
+        except OSError as e:
+            return f"{fname} unreadable ({type(e).__name__})"
+        if digest != entry.get("sha256"):
+            return f"{fname} sha256 mismatch (corrupt)"
+    return None
+
+
+def _step_of(path: PathLike) -> Optional[int]:
+    m = _STEP_DIR.match(_basename(path))
+    return int(m.group(1)) if m else None
+
+
+def candidates(root: PathLike) -> list[PathLike]:
+    """Checkpoint folders (`step_<N>`) newest first, unverified.
+
+    root may be a run directory (its `checkpoints/` folder is searched, where
+    Ray Train puts them), the checkpoints folder itself, or one `step_<N>`
+    folder. Local roots give Paths; URIs give URI strings.
+    """
+    if not _is_uri(root):
+        root = _local(root)
+    if _step_of(root) is not None:
+        return [root] if _list(root) is not None else []
+    found: dict[str, tuple[int, PathLike]] = {}
+    for base in (root, _join(root, "checkpoints")):
+        for name, (is_dir, _) in (_list(base) or {}).items():
+            m = _STEP_DIR.match(name)
+            if m and is_dir:
+                found.setdefault(name, (int(m.group(1)), _join(base, name)))
+    return [p for _, p in sorted(found.values(), key=lambda sp: sp[0], reverse=True)]
+
+
+def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar")
+                 ) -> Optional[PathLike]:
+    """The newest checkpoint under root that verifies, or None. Each newer one that
+    fails verification is skipped with one warning naming it and the reason."""
+    for path in candidates(root):
+        reason = verify(path)
+        if reason is None:
+            return path
+        log.warning("checkpoint %s skipped: %s", path, reason)
+    return None
+
+
+def latest(root: PathLike) -> Optional[PathLike]:
+    """Alias of `latest_valid`, kept for older callers."""
+    return latest_valid(root)
+
+
+def prune(root: PathLike, keep: int, log: logging.Logger = logging.getLogger("raypar")
+          ) -> list[PathLike]:
+    """Delete checkpoints older than the `keep` newest valid ones; returns what was deleted.
+
+    Nothing newer than the oldest kept checkpoint is touched, valid or not (a newer
+    invalid one may be a save still being uploaded), so the newest valid checkpoint
+    always survives. Folders already gone (Ray's own num_to_keep may race us) are
+    fine. Call it from one process (the driver, or rank 0).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    kept = 0
+    deleted: list[PathLike] = []
+    for path in candidates(root):
+        if kept < keep:
+            if verify(path) is None:
+                kept += 1
+            continue
+        _remove_tree(path)
+        deleted.append(path)
+        log.info("checkpoint %s pruned", path)
+    return deleted
+
+
+# -- read and load -------------------------------------------------------------------------
+
+def read_meta(path: PathLike) -> dict[str, Any]:
+    return _read_json(_join(path, META))
+
+
+def read_train_state(path: PathLike) -> dict[str, Any]:
+    return _read_json(_join(path, TRAIN_STATE))
+
+
+def read_manifest(path: PathLike, rank: int = 0) -> dict[str, Any]:
+    return _read_json(_join(path, manifest_name(rank)))
+
+
+@contextmanager
+def local_copy(path: PathLike) -> Iterator[Path]:
+    """A local directory holding the checkpoint: path itself when local, else a
+    temporary copy (removed on exit)."""
+    if not _is_uri(path):
+        yield _local(path)
+        return
+    import pyarrow.fs as pafs
+
+    fs, src = _pa_fs(str(path))
+    tmp = Path(tempfile.mkdtemp(prefix="raypar-ckpt-dl-"))
+    try:
+        pafs.copy_files(src, str(tmp), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(state: dict[str, Any], path: PathLike) -> None:
+    """DCP load into `state` in place (same keys as saved, any layout: DCP reshards
+    by global names). Collective when a process group is initialized. Loads only
+    the keys `state` has, so {"model": ...} alone skips the optimizer."""
+    with local_copy(path) as local, _quiet_single_process():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(local)))
+
+
+def load_model_state(path: PathLike, model: torch.nn.Module) -> None:
+    """Load the model part of a checkpoint into a plain (unsharded) module, in one process.
+
+    A tensor shared under two names (tied embeddings: lm_head.weight is tok_emb.weight)
+    is read once, under its first name, so a checkpoint that stored only one works too.
+    """
+    full = model.state_dict()
+    seen: dict[int, str] = {}
+    wanted = {}
+    for name, t in full.items():
+        if t.untyped_storage().data_ptr() in seen and t.numel() > 0:
+            continue
+        seen[t.untyped_storage().data_ptr()] = name
+        wanted[name] = t
+    state = {"model": wanted}
+    load(state, path)
+    # Only the aliases skipped above can be missing; they share the loaded storage.
+    model.load_state_dict(state["model"], strict=False)
+
+
+def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any]) -> None:
+    """Raise ConfigError (a ValueError) naming every model field where the checkpoint's
+    meta.json and this run's model config (GPTConfig fields) differ.
+
+    The fields compared are model_cfg's; one the checkpoint lacks (saved before the
+    field existed) counts as GPTConfig's default.
+    """
+    import dataclasses
+
+    from raypar.config import ConfigError
+    from raypar.model import GPTConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = meta.get("model") or {}
+    diffs = []
+    for key in sorted(model_cfg):
+        a, b = saved.get(key, defaults.get(key, "<unset>")), model_cfg[key]
+        if a != b:
+            diffs.append(f"checkpoint has model.{key}={a}, this run has {b}")
+    if diffs:
+        raise ConfigError("checkpoint does not match this model: " + "; ".join(diffs))

@@ -19,13 +19,24 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from raypar.config import RunSpec, from_dict
 from raypar.data.packing import global_batch_indices, rank_slice
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
-from raypar.parallel.data import apply_data_parallel, unwrap
+from raypar.parallel.data import (apply_data_parallel, finish_gradient_sync, gradient_sync,
+                                  unwrap)
 from raypar.parallel.mesh import ParallelMesh, build_mesh, device_type
+from raypar.parallel.pipeline import Pipeline, build_stage_modules, stage_ids, sync_tied_grads
+from raypar.parallel.tensor import apply_tensor_parallel, grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
+from raypar.train.memory import ActivationMeter, state_bytes
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+# Optimizer state flattened to one key per parameter ('state.<fqn>.exp_avg'): pipeline
+# stages hold disjoint parameters, and nested param_groups lists would collide in DCP.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def lr_at(step: int, spec: RunSpec) -> float:
@@ -46,35 +57,63 @@ def model_config(spec: RunSpec, vocab_size: int) -> GPTConfig:
 
 
 class Worker:
-    """One rank's state: mesh, model, optimizer and its view of the data."""
+    """One rank's state: mesh, its stage modules (tensor-sharded, data-parallel wrapped),
+    one optimizer per stage module, and its view of the data."""
 
     def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: np.ndarray,
                  val_blocks: np.ndarray):
         self.spec = spec
         torch.set_num_threads(spec.train.threads)
-        p = spec.parallel
+        p, t = spec.parallel, spec.train
         self.pm: ParallelMesh = build_mesh(p.dp, p.pp, p.tp)
         self.device = torch.device(device_type(), torch.cuda.current_device()
                                    if torch.cuda.is_available() else None)
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
         self.mcfg = model_config(spec, vocab_size)
-        # Same seed on every rank: identical initial weights without a broadcast.
-        torch.manual_seed(spec.train.seed)
-        model = GPT(self.mcfg).to(self.device)
-        self.model = apply_data_parallel(model, self.pm, p.dp_mode)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, spec.train.weight_decay), lr=spec.train.lr,
-            betas=(spec.train.beta1, spec.train.beta2), foreach=False)
+        self.n_micro = spec.grad_accum
+        # The full model is built from the seed on every rank, then cut down to this
+        # rank's stages and shards: every layout starts from the single-process weights.
+        torch.manual_seed(t.seed)
+        full = GPT(self.mcfg)
+        virtual = p.virtual_stages if p.pp > 1 else 1
+        self.stage_indices = stage_ids(self.pm.coords.pp, p.pp, virtual, p.schedule)
+        self.n_stages = p.pp * virtual
+        stages = build_stage_modules(full, self.pm.coords.pp, p.pp, virtual, p.schedule)
+        del full
+        self.modules: list[torch.nn.Module] = []
+        for stage in stages:
+            stage.to(self.device)
+            apply_tensor_parallel(stage, self.pm.tp_mesh, p.sequence_parallel)
+            if t.activation_checkpointing:
+                for block in stage.layers.values():
+                    activation_checkpoint(block)
+            self.modules.append(apply_data_parallel(stage, self.pm, p.dp_mode))
+        self.plain = [unwrap(m) for m in self.modules]
+        # One optimizer per stage module, so each one's state dict is keyed by the
+        # model's global parameter names (checkpoints load under any layout).
+        self.optimizers = [torch.optim.AdamW(
+            self._param_groups(m), lr=t.lr,
+            betas=(t.beta1, t.beta2), foreach=False) for m in self.plain]
+        self.loss_ctx = lambda: loss_context(self.plain[-1])
+        self.pipeline = None
+        if p.pp > 1:
+            self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
+                                     self.pm.pp_group, self.device, p.schedule, self.n_micro,
+                                     self._loss_fn, loss_context=self.loss_ctx)
         # Dropout draws from the global RNG: reseed it per replica so masks differ.
-        torch.manual_seed(spec.train.seed + 1 + self.pm.coords.dp)
+        torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
         self.tokens_seen = 0
+        self.memory: dict[str, float] | None = None
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
         if self.spec.train.dtype == "bf16":
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, targets)
 
     def _local_batch(self, blocks: np.ndarray, indices: np.ndarray) -> torch.Tensor:
         mine = rank_slice(indices, self.pm.coords.dp, self.pm.dp)
@@ -87,34 +126,89 @@ class Worker:
         dist.all_reduce(t, group=self.pm.dp_group)
         return t.item() / self.pm.dp
 
+    def _forward_backward(self, batch: torch.Tensor) -> float:
+        """Gradients of the mean loss over this rank's micro-batches; returns that loss."""
+        if self.pipeline is not None:
+            with self._autocast():
+                return self.pipeline.step(batch[:, :-1], batch[:, 1:])
+        model = self.modules[0]
+        micro = batch.split(self.spec.train.micro_batch)
+        loss_sum = 0.0
+        for i, mb in enumerate(micro):
+            with gradient_sync(model, enabled=i == len(micro) - 1):
+                with self.loss_ctx():
+                    with self._autocast():
+                        loss = self._loss_fn(model(mb[:, :-1]), mb[:, 1:])
+                    (loss / len(micro)).backward()
+            loss_sum += loss.item()
+        return loss_sum / len(micro)
+
+    def _clip(self) -> float:
+        """Clip by the norm of the whole model's gradient: every shard and stage, the
+        replicated and tied parameters counted once (the same formula in every layout)."""
+        params = []
+        for m in self.plain:
+            params += [p for name, p in m.named_parameters()
+                       if p.grad is not None and not self._tied_copy(m, name)]
+        sq = grad_sq_norm(params).to(torch.float64)
+        if self.pm.pp > 1:
+            dist.all_reduce(sq, group=self.pm.pp_group)
+        norm = sq.sqrt().item()
+        max_norm = self.spec.train.grad_clip
+        if max_norm > 0:
+            coef = min(1.0, max_norm / (norm + 1e-6))
+            with torch.no_grad():
+                for m in self.plain:
+                    for p in m.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+        return norm
+
+    def _param_groups(self, module: torch.nn.Module) -> list[dict]:
+        """model.param_groups, except that a pipeline stage's own copy of a tied embedding
+        stays out of weight decay like the embedding it mirrors."""
+        groups = param_groups(module, self.spec.train.weight_decay)
+        copy = [p for n, p in module.named_parameters() if self._tied_copy(module, n)]
+        if copy:
+            groups[0]["params"] = [p for p in groups[0]["params"] if p is not copy[0]]
+            groups[1]["params"].append(copy[0])
+        return groups
+
+    def _tied_copy(self, module: torch.nn.Module, name: str) -> bool:
+        """The last stage's own copy of a tied embedding (its gradient equals the first stage's)."""
+        return (self.mcfg.tie_embeddings and name == "lm_head.weight"
+                and getattr(module, "tok_emb", None) is None)
+
     def train_step(self) -> dict[str, Any]:
         spec, t = self.spec, self.spec.train
         lr = lr_at(self.step, spec)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
         indices = global_batch_indices(self.step, t.global_batch, len(self.train_blocks), t.seed)
         batch = self._local_batch(self.train_blocks, indices)
-        micro = batch.split(t.micro_batch)
-        self.model.train()
-        loss_sum = 0.0
-        for i, mb in enumerate(micro):
-            last = i == len(micro) - 1
-            # DDP all-reduces gradients only on the last micro-batch of the step.
-            sync = contextlib.nullcontext() if last or self.pm.dp == 1 else self.model.no_sync()
-            with sync:
-                with self._autocast():
-                    loss = lm_loss(self.model(mb[:, :-1]), mb[:, 1:])
-                (loss / len(micro)).backward()
-            loss_sum += loss.item()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        # DDP leaves identical gradients on every replica, so the local norm is the global one.
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for m in self.modules:
+            m.train()
+        measure = self.memory is None
+        meter = ActivationMeter() if measure else contextlib.nullcontext()
+        with meter:
+            loss = self._forward_backward(batch)
+        finish_gradient_sync(self.plain)
+        if self.pipeline is not None:
+            sync_tied_grads(self.plain, self.pm.pp_group)
+        grad_norm = self._clip()
+        for opt in self.optimizers:
+            opt.step()
+        if measure:
+            self.memory = {**state_bytes(self.plain, self.optimizers),
+                           "activation_peak_bytes": meter.peak}
+            if torch.cuda.is_available():
+                self.memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += t.global_batch * spec.data.seq_len
-        return {"step": self.step, "loss": self._mean_over_dp(loss_sum / len(micro)),
+        return {"step": self.step, "loss": self._mean_over_dp(loss),
                 "lr": lr, "grad_norm": grad_norm,
                 "first_block": int(indices[0]), "last_block": int(indices[-1])}
 
@@ -123,16 +217,33 @@ class Worker:
         """Mean loss over a fixed set of validation blocks (the same at every evaluation)."""
         t = self.spec.train
         n_val = len(self.val_blocks)
-        self.model.eval()
-        total = 0.0
+        for m in self.modules:
+            m.eval()
+        total, count = 0.0, 0
         for b in range(t.eval_batches):
             indices = np.arange(b * t.global_batch, (b + 1) * t.global_batch) % n_val
             batch = self._local_batch(self.val_blocks, indices)
-            for mb in batch.split(t.micro_batch):
-                with self._autocast():
-                    total += lm_loss(self.model(mb[:, :-1]), mb[:, 1:]).item()
-        n_micro = t.eval_batches * t.global_batch // (self.pm.dp * t.micro_batch)
-        return self._mean_over_dp(total / n_micro)
+            with self._autocast():
+                if self.pipeline is not None:
+                    total += self.pipeline.eval(batch[:, :-1], batch[:, 1:])
+                    count += 1
+                    continue
+                for mb in batch.split(t.micro_batch):
+                    with self.loss_ctx():
+                        total += self._loss_fn(self.modules[0](mb[:, :-1]), mb[:, 1:]).item()
+                    count += 1
+        return self._mean_over_dp(total / count)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{'model': ..., 'optim': ...} keyed by the model's global parameter names, with
+        this rank's shards as DTensors: what DCP saves, and loads under any other layout."""
+        model_sd: dict[str, Any] = {}
+        optim_sd: dict[str, Any] = {}
+        for m, opt in zip(self.modules, self.optimizers):
+            msd, osd = get_state_dict(m, opt, options=STATE_DICT_OPTIONS)
+            model_sd.update(msd)
+            optim_sd.update(osd)
+        return {"model": model_sd, "optim": optim_sd}
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's flag on every rank: ray.train.report is a barrier, so all ranks must
@@ -159,32 +270,61 @@ class Worker:
 REPORT_INTERVAL_S = 2.0
 
 
+def _rank_info(worker: Worker) -> dict[str, Any]:
+    """What the driver shows and logs per rank: placement, stages and memory."""
+    ctx = ray.train.get_context()
+    c = worker.pm.coords
+    return {"rank": dist.get_rank(), "dp": c.dp, "pp": c.pp, "tp": c.tp,
+            "stages": worker.stage_indices,
+            "layers": [sorted(int(k) for k in m.layers.keys()) for m in worker.plain],
+            "node": ctx.get_node_rank(), "node_ip": ray.util.get_node_ip_address(),
+            "block_param_bytes": sum(
+                (p.to_local() if isinstance(p, DTensor) else p).nbytes
+                for m in worker.plain for n, p in m.named_parameters() if n.startswith("layers.")),
+            **(worker.memory or {})}
+
+
+# The step whose pipeline timeline is recorded: after the first, which pays one-off costs.
+TIMELINE_STEP = 2
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     spec = from_dict(config["spec"])
     worker = Worker(spec, config["vocab_size"], ray.get(config["train_ref"]),
                     ray.get(config["val_ref"]))
     meta = {"model": vars(worker.mcfg), "spec": config["spec"],
-            "tokenizer": config["tokenizer_json"]}
+            "tokenizer": config["tokenizer_json"], "layout": vars(spec.parallel)}
     pending: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
     last_report = time.perf_counter()
     while worker.step < spec.train.steps:
+        timeline = worker.pipeline is not None and worker.step + 1 == TIMELINE_STEP
+        if timeline:
+            worker.pipeline.record_timeline = True
         t0 = time.perf_counter()
         row = worker.train_step()
-        row["tokens_per_s"] = spec.train.global_batch * spec.data.seq_len / (
-            time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        row["tokens_per_s"] = spec.train.global_batch * spec.data.seq_len / (t1 - t0)
         row["tokens"] = worker.tokens_seen
+        if worker.step == 1:
+            extra["rank_info"] = _rank_info(worker)
+        if timeline:
+            worker.pipeline.record_timeline = False
+            pipe = worker.pipeline
+            extra["timeline"] = {"events": pipe.timeline, "start": pipe.step_start,
+                                 "end": pipe.step_end}
         if worker.eval_due():
             row["val_loss"] = worker.evaluate()
         pending.append(row)
         checkpoint = None
         if worker.checkpoint_due():
-            checkpoint = ckpt.save(unwrap(worker.model), worker.optimizer,
+            checkpoint = ckpt.save(worker.state_dict(),
                                    {"step": worker.step, "tokens": worker.tokens_seen}, meta)
         due = checkpoint is not None or worker.step == spec.train.steps or \
             time.perf_counter() - last_report >= REPORT_INTERVAL_S
         if worker.agree(due):
-            ray.train.report({"rows": pending}, checkpoint=checkpoint,
+            ray.train.report({"rows": pending, **extra}, checkpoint=checkpoint,
                              checkpoint_dir_name=ckpt.dir_name(worker.step),
                              delete_local_checkpoint_after_upload=True)
-            pending, last_report = [], time.perf_counter()
+            pending, extra, last_report = [], {}, time.perf_counter()

@@ -85,6 +85,16 @@ class Tracker:
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
 
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+        """One-off metrics (per-rank memory, pipeline bubble), at `step`."""
+        import time
+
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
+
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -50,15 +51,10 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def worker_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
-    """Rough upper estimate of one worker's memory: params, grads, AdamW state, activations."""
-    n = param_count(model_config(spec, vocab_size)) / (spec.parallel.tp * spec.parallel.pp)
-    m, t = spec.model, spec.train
-    tokens = t.micro_batch * spec.data.seq_len
-    # per token and layer: ~16 activations of d_model plus the attention scores per head
-    acts = 4 * tokens * m.n_layer * (16 * m.d_model + m.n_head * spec.data.seq_len)
-    logits = 4 * 3 * tokens * vocab_size
-    return int(WORKER_BASE_BYTES + 16 * n + acts + logits)
+def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
+    """Estimated memory of all the layout's workers together (see raypar/plan.py)."""
+    from raypar.plan import plan
+    return sum(WORKER_BASE_BYTES + r.total_bytes for r in plan(spec, vocab_size))
 
 
 def connect(spec: RunSpec, address: Optional[str]) -> bool:
@@ -78,7 +74,9 @@ def connect(spec: RunSpec, address: Optional[str]) -> bool:
         return False
     # A laptop gets one logical CPU per worker even with fewer cores: workers run one
     # torch thread each and time-share the cores, which is slower but exact.
-    ray.init(num_cpus=max(os.cpu_count() or 1, spec.world_size), **common)
+    # address="local": always a fresh instance, never a `ray start` cluster that happens to
+    # run on this machine (that one is reached with --address / RAY_ADDRESS).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, spec.world_size), **common)
     return True
 
 
@@ -92,11 +90,11 @@ def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool
             f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
             f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
     if is_local:
-        per_worker = worker_memory_bytes(spec, vocab_size)
+        total = layout_memory_bytes(spec, vocab_size)
         free = available_memory_bytes()
-        if need * per_worker > 0.9 * free:
+        if total > 0.9 * free:
             raise ConfigError(
-                f"parallel: {need} workers need about {need * per_worker / 2**30:.1f} GiB "
+                f"parallel: {need} workers need about {total / 2**30:.1f} GiB "
                 f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
                 f"or the model size")
 
@@ -115,21 +113,31 @@ def _expected_vocab(spec: RunSpec) -> int:
     return Tokenizer.from_file(path).vocab_size
 
 
-def padded_vocab(n: int, multiple: int = 64) -> int:
-    """Round the tokenizer's vocabulary up: aligned matmuls, and divisible by tp later."""
+def padded_vocab(n: int, tp: int = 1) -> int:
+    """Round the tokenizer's vocabulary up to a multiple of 64 (aligned matmuls) and of tp
+    (vocab-parallel embedding and loss). The extra ids never occur in the data."""
+    multiple = math.lcm(64, tp)
     return -(-n // multiple) * multiple
 
 
 class MetricsSink(ray.train.UserCallback):
     """Runs in the Ray Train controller, which Ray pins to the driver's node: appends
-    the rows of rank 0's every report to metrics.jsonl, the run's record of truth."""
+    the rows of rank 0's every report to metrics.jsonl, the run's record of truth, and
+    keeps what every rank reports once (placement and memory, the pipeline timeline)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, run_dir: str):
+        self.run_dir = Path(run_dir)
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics and metrics[0].get("rows"):
-            with open(self.path, "a") as f:
+        if not metrics:
+            return
+        for key, name in (("rank_info", "ranks.json"), ("timeline", "timeline.json")):
+            if all(key in m for m in metrics):
+                tmp = self.run_dir / (name + ".tmp")
+                tmp.write_text(json.dumps([m[key] for m in metrics]))
+                tmp.replace(self.run_dir / name)
+        if metrics[0].get("rows"):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write("".join(json.dumps(row) + "\n" for row in metrics[0]["rows"]))
                 f.flush()
                 os.fsync(f.fileno())
@@ -162,14 +170,14 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
         tracking.check_reachable(uri)
 
     is_local = connect(spec, address)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
-    check_capacity(spec, is_local, padded_vocab(_expected_vocab(spec)), use_gpu)
+    check_capacity(spec, is_local, padded_vocab(_expected_vocab(spec), spec.parallel.tp), use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     corpus = prepare_corpus(spec.data, cache)
-    vocab_size = padded_vocab(corpus.tokenizer.vocab_size)
+    vocab_size = padded_vocab(corpus.tokenizer.vocab_size, spec.parallel.tp)
     if len(corpus.val) == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
@@ -201,7 +209,7 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
             name="checkpoints", storage_path=storage,
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=[MetricsSink(str((run_dir / "metrics.jsonl").resolve()))],
+            callbacks=[MetricsSink(str(run_dir.resolve()))],
         ),
     )
     outcome: dict[str, Any] = {}
@@ -216,6 +224,7 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
                             tracker, progress)
     ok = "error" not in outcome and len(rows) == spec.train.steps
     summary = _summarize(spec, rows, run_dir, tracker, time.time() - t_start)
+    summary.update(_layout_report(spec, run_dir, tracker))
     if tracker:
         _finish_tracking(tracker, run_dir, rows, ok)
     if not ok:
@@ -267,6 +276,37 @@ def _summarize(spec: RunSpec, rows: list[dict], run_dir: Path,
         "mlflow_run_id": tracker.run_id if tracker else None,
         "mlflow_uri": tracker.uri if tracker else None,
     }
+
+
+def _layout_report(spec: RunSpec, run_dir: Path,
+                   tracker: Optional[tracking.Tracker]) -> dict[str, Any]:
+    """Per-rank memory and the pipeline timeline: into the summary, MLflow and a PNG."""
+    out: dict[str, Any] = {}
+    ranks_file, timeline_file = run_dir / "ranks.json", run_dir / "timeline.json"
+    if ranks_file.exists():
+        ranks = json.loads(ranks_file.read_text())
+        out["ranks"] = ranks
+        if tracker:
+            tracker.log_artifact(ranks_file)
+            keys = ("param_bytes", "grad_bytes", "optim_bytes", "activation_peak_bytes",
+                    "block_param_bytes")
+            tracker.log_metrics({f"memory.rank{r['rank']}.{k}": float(r[k])
+                                 for r in ranks for k in keys if k in r})
+    if timeline_file.exists():
+        from raypar.parallel.pipeline import measured_bubble, plot_timeline, theoretical_bubble
+        p = spec.parallel
+        timelines = json.loads(timeline_file.read_text())
+        measured = [measured_bubble(t["events"], t["start"], t["end"]) for t in timelines]
+        out["bubble_measured"] = sum(measured) / len(measured)
+        out["bubble_theory"] = theoretical_bubble(p.schedule, p.pp, spec.grad_accum,
+                                                  p.virtual_stages)
+        png = run_dir / "pipeline_timeline.png"
+        plot_timeline({r: t["events"] for r, t in enumerate(timelines)}, png)
+        if tracker:
+            tracker.log_metrics({"bubble_measured": out["bubble_measured"],
+                                 "bubble_theory": out["bubble_theory"]})
+            tracker.log_artifact(png)
+    return out
 
 
 def _finish_tracking(tracker: tracking.Tracker, run_dir: Path, rows: list[dict],

@@ -1,0 +1,189 @@
+"""Export a trained model to one safetensors file, and load it back for generation.
+
+    path = export("runs/t")                       # newest valid checkpoint -> runs/t/export/model.safetensors
+    model, meta = load_exported(path)             # GPT in eval mode; meta["tokenizer"] is its JSON
+
+The checkpoint may have been saved by any layout (dp, tp, pp, FSDP): DCP
+reshards by global parameter names, so loading it into a plain full GPT in one
+process consolidates it. The file is self-contained: its safetensors metadata
+(a str -> str header) holds the model config JSON (`raypar.model`), the
+tokenizer JSON (`raypar.tokenizer`), the train state JSON (`raypar.train_state`)
+and the source checkpoint (`raypar.source`). Nothing is written beside it.
+
+Reading a safetensors file runs no code: the format is a JSON header and raw
+tensor bytes. With tied embeddings the LM head is not stored (it is the token
+embedding); loading re-ties it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from raypar.config import ConfigError
+from raypar.model import GPT, GPTConfig
+from raypar.train import checkpoint as ckpt
+
+log = logging.getLogger("raypar")
+
+KEY_MODEL = "raypar.model"
+KEY_TOKENIZER = "raypar.tokenizer"
+KEY_TRAIN_STATE = "raypar.train_state"
+KEY_SOURCE = "raypar.source"
+DEFAULT_NAME = Path("export") / "model.safetensors"
+
+PathLike = Union[str, Path]
+
+
+def _first_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: one error per rank
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_from_config(model_cfg: dict[str, Any], where: str) -> GPT:
+    """A freshly initialized GPT for a config dict; a bad dict is a ConfigError naming `where`."""
+    try:
+        return GPT(GPTConfig(**model_cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: invalid model config ({_first_line(e)})") from None
+
+
+def run_model_config(run_dir: PathLike) -> Optional[dict[str, Any]]:
+    """The model config a run directory's config.yaml and tokenizer.json describe (what
+    training built), or None when the directory lacks them."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "tokenizer.json").is_file():
+        return None
+    from raypar.config import load_spec
+    from raypar.data.tokenizer import Tokenizer
+    from raypar.train.loop import model_config
+    from raypar.train.trainer import padded_vocab
+
+    spec = load_spec(run_dir / "config.yaml")
+    vocab = padded_vocab(Tokenizer.from_file(run_dir / "tokenizer.json").vocab_size)
+    return dict(vars(model_config(spec, vocab)))
+
+
+def find_checkpoint(run_dir: Optional[PathLike], checkpoint: Optional[PathLike]) -> PathLike:
+    """`checkpoint` if given (it must verify), else the newest valid one under run_dir."""
+    if checkpoint is not None:
+        reason = ckpt.verify(checkpoint)
+        if reason is not None:
+            raise ConfigError(f"--checkpoint: {checkpoint} is not a valid checkpoint ({reason})")
+        return checkpoint
+    if run_dir is None:
+        raise ConfigError("give a run directory or --checkpoint")
+    if not ckpt._is_uri(run_dir) and not Path(run_dir).is_dir():
+        raise ConfigError(f"no such directory: {run_dir}")
+    path = ckpt.latest_valid(run_dir, log)
+    if path is None:
+        raise ConfigError(f"{run_dir}: no checkpoint that verifies there")
+    return path
+
+
+def consolidate(path: PathLike) -> tuple[GPT, dict[str, Any]]:
+    """Load a checkpoint (any layout) into one plain full GPT; returns it and its meta."""
+    try:
+        meta = ckpt.read_meta(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read meta.json ({_first_line(e)})") from None
+    model = model_from_config(meta.get("model") or {}, f"{path}/meta.json")
+    try:
+        ckpt.load_model_state(path, model)
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        raise ConfigError(f"{path}: the saved tensors do not fit the model its meta.json "
+                          f"describes ({_first_line(e)})") from None
+    return model.eval(), meta
+
+
+def save_safetensors(model: GPT, meta: dict[str, Any], out: PathLike,
+                     train_state: Optional[dict[str, Any]] = None, source: str = "") -> Path:
+    """Write model's weights and config + tokenizer metadata to `out` (atomically)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue  # the same tensor as tok_emb.weight; safetensors stores no aliases
+        tensors[name] = t.detach().to("cpu").contiguous()
+    metadata = {"format": "pt", KEY_MODEL: json.dumps(vars(model.cfg), sort_keys=True),
+                KEY_TOKENIZER: meta.get("tokenizer", ""),
+                KEY_TRAIN_STATE: json.dumps(train_state or {}, sort_keys=True),
+                KEY_SOURCE: source}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
+           out: Optional[PathLike] = None) -> Path:
+    """Consolidate a checkpoint into one safetensors file; returns its path.
+
+    The checkpoint is `checkpoint`, else the newest valid one under run_dir. When
+    run_dir holds the run's config.yaml, the checkpoint must match it
+    (ConfigError naming the fields otherwise). out defaults to
+    run_dir/export/model.safetensors.
+    """
+    path = find_checkpoint(run_dir, checkpoint)
+    if out is None:
+        if run_dir is None or ckpt._is_uri(run_dir):
+            raise ConfigError("--out: needed when there is no local run directory")
+        out = Path(run_dir) / DEFAULT_NAME
+    if run_dir is not None and not ckpt._is_uri(run_dir):
+        expected = run_model_config(run_dir)
+        if expected is not None:
+            ckpt.check_compatible(ckpt.read_meta(path), expected)
+    model, meta = consolidate(path)
+    train_state = ckpt.read_train_state(path)
+    return save_safetensors(model, meta, out, train_state, source=str(path))
+
+
+def load_exported(path: PathLike) -> tuple[GPT, dict[str, Any]]:
+    """A GPT (eval mode) from an exported file, and {"model", "tokenizer", "train_state"}.
+
+    Only the safetensors format is read: no pickle, no code. Tensors that do not
+    fit the recorded config are a ConfigError naming them.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError and OSError for unreadable or foreign files
+        raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    if KEY_MODEL not in metadata or KEY_TOKENIZER not in metadata:
+        raise ConfigError(f"{path}: not a raypar export (no {KEY_MODEL} / {KEY_TOKENIZER} metadata)")
+    try:
+        model_cfg = json.loads(metadata[KEY_MODEL])
+        train_state = json.loads(metadata.get(KEY_TRAIN_STATE) or "{}")
+    except ValueError:
+        raise ConfigError(f"{path}: {KEY_MODEL} metadata is not JSON") from None
+    model = model_from_config(model_cfg, str(path))
+    expected = model.state_dict()
+    if model.cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k} has shape {tuple(tensors[k].shape)}, config needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if problems:
+        raise ConfigError(f"{path}: tensors do not match its model config: "
+                          + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+    return model.eval(), {"model": model_cfg, "tokenizer": metadata[KEY_TOKENIZER],
+                          "train_state": train_state}

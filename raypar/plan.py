@@ -1,0 +1,145 @@
+"""`raypar plan`: which rank holds which pipeline stage and tensor shard, on which node,
+and how much memory each rank needs: computed before any worker starts.
+
+    raypar plan --config jobs/configs/laptop.yaml --set parallel.tp=2
+
+The parameter shapes come from the real model built on the meta device (no memory,
+no weights) and cut into stages by the same function the workers use; a tensor-
+parallel shard divides the matrices the tensor plan shards, FSDP divides by dp.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from raypar.config import RunSpec
+from raypar.parallel.mesh import coords_of
+from raypar.parallel.pipeline import build_stage_modules, stage_ids
+
+# Parameters the tensor-parallel plan shards over tp (raypar/parallel/tensor.py).
+_TP_SHARDED = re.compile(r"(attn\.w[qkvo]|mlp\.(fc|proj))\.(weight|bias)$|^(tok_emb|lm_head)\.weight$")
+# Bias of a row-parallel layer stays replicated.
+_TP_REPLICATED_BIAS = re.compile(r"(attn\.wo|mlp\.proj)\.bias$")
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    dp: int
+    pp: int
+    tp: int
+    stages: list[int]
+    layers: list[list[int]]
+    param_bytes: int = 0
+    block_param_bytes: int = 0
+    grad_bytes: int = 0
+    optim_bytes: int = 0
+    activation_bytes: int = 0
+    node: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
+
+
+def _stage_modules(spec: RunSpec, vocab_size: int, pp_rank: int):
+    from raypar.train.loop import model_config
+    from raypar.model import GPT
+    p = spec.parallel
+    virtual = p.virtual_stages if p.pp > 1 else 1
+    with torch.device("meta"):
+        full = GPT(model_config(spec, vocab_size))
+    return (stage_ids(pp_rank, p.pp, virtual, p.schedule),
+            build_stage_modules(full, pp_rank, p.pp, virtual, p.schedule))
+
+
+def activation_bytes(spec: RunSpec, n_layers: int, vocab_size: int, last: bool,
+                     in_flight: int) -> int:
+    """Rough bytes autograd keeps for one rank: per micro-batch in flight, each layer
+    saves ~16 d_model-wide fp32 activations per token plus the attention probabilities
+    (none with a fused attention kernel; counted anyway as an upper bound)."""
+    m, p = spec.model, spec.parallel
+    tokens = spec.train.micro_batch * spec.data.seq_len
+    per_layer = 4 * tokens * (16 * m.d_model // p.tp + 2 * m.d_model)
+    logits = 4 * 3 * tokens * vocab_size // p.tp if last else 0
+    return in_flight * (n_layers * per_layer + logits)
+
+
+def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
+    p = spec.parallel
+    stages_of = {r: _stage_modules(spec, vocab_size, r) for r in range(p.pp)}
+    out = []
+    for rank in range(spec.world_size):
+        c = coords_of(rank, p.dp, p.pp, p.tp)
+        ids, modules = stages_of[c.pp]
+        params = block = 0
+        seen = set()
+        for m in modules:
+            for name, prm in m.named_parameters():
+                if id(prm) in seen:
+                    continue
+                seen.add(id(prm))
+                n = prm.numel()
+                if p.tp > 1 and _TP_SHARDED.search(name) and not _TP_REPLICATED_BIAS.search(name):
+                    n //= p.tp
+                if p.dp_mode == "fsdp":
+                    n = -(-n // p.dp)
+                params += 4 * n
+                if name.startswith("layers."):
+                    block += 4 * n
+        n_layers = sum(len(m.layers) for m in modules)
+        last = any(m.lm_head is not None for m in modules)
+        # 1F1B-style schedules keep up to pp micro-batches in flight; gpipe keeps all.
+        in_flight = spec.grad_accum if p.schedule == "gpipe" or p.pp == 1 else \
+            min(spec.grad_accum, p.pp * (p.virtual_stages if p.pp > 1 else 1))
+        if p.pp == 1:
+            in_flight = 1
+        if spec.train.activation_checkpointing:
+            in_flight_bytes = activation_bytes(spec, 1, vocab_size, last, in_flight)
+        else:
+            in_flight_bytes = activation_bytes(spec, n_layers, vocab_size, last, in_flight)
+        out.append(RankPlan(
+            rank=rank, dp=c.dp, pp=c.pp, tp=c.tp, stages=ids,
+            layers=[sorted(int(k) for k in m.layers.keys()) for m in modules],
+            param_bytes=params, block_param_bytes=block, grad_bytes=params,
+            optim_bytes=2 * params, activation_bytes=in_flight_bytes))
+    return out
+
+
+def place_on_nodes(plans: list[RankPlan], nodes: list[dict[str, Any]], resource: str) -> None:
+    """Ray Train's PACK strategy fills nodes in order: mirror it to say where ranks land
+    (Ray may choose another node order; the grouping of neighbours is what holds)."""
+    slots = []
+    for node in nodes:
+        if node.get("Alive"):
+            slots += [node["NodeManagerAddress"]] * int(node["Resources"].get(resource, 0))
+    for p, node in zip(plans, slots):
+        p.node = node
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:8.1f}"
+
+
+def format_plan(spec: RunSpec, plans: list[RankPlan], vocab_size: int) -> str:
+    p = spec.parallel
+    lines = [f"layout: dp={p.dp} x pp={p.pp} x tp={p.tp} = {spec.world_size} workers"
+             f"  (dp_mode={p.dp_mode}"
+             + (f", schedule={p.schedule}, virtual_stages={p.virtual_stages}" if p.pp > 1 else "")
+             + (", sequence_parallel" if p.sequence_parallel and p.tp > 1 else "") + ")",
+             f"batch: global {spec.train.global_batch} = dp {p.dp} x {spec.grad_accum} "
+             f"micro-batches x {spec.train.micro_batch} sequences; vocab {vocab_size}",
+             "",
+             f"{'rank':>4} {'dp':>3} {'pp':>3} {'tp':>3}  {'stages':<10} {'layers':<18} "
+             f"{'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total MiB':>9}  node"]
+    for r in plans:
+        layers = ";".join(f"{l[0]}-{l[-1]}" if len(l) > 1 else str(l[0]) for l in r.layers)
+        lines.append(
+            f"{r.rank:>4} {r.dp:>3} {r.pp:>3} {r.tp:>3}  {','.join(map(str, r.stages)):<10} "
+            f"{layers:<18} {_mib(r.param_bytes)} {_mib(r.grad_bytes)} {_mib(r.optim_bytes)} "
+            f"{_mib(r.activation_bytes)} {_mib(r.total_bytes):>9}  {r.node or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,425 @@
+"""Checkpoint integrity, resharding and export, without a Ray cluster:
+python -m pytest -q tests/test_checkpoint.py
+
+Checkpoints are written from one process (no process group) or from two processes
+(torch.multiprocessing spawn + gloo), each rank into its own directory, then merged
+into one folder the way Ray Train merges the ranks' uploads.
+"""
+import json
+import logging
+import pickle
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from raypar import cli
+from raypar import export as ex
+from raypar.config import ConfigError, load_spec
+from raypar.data.tokenizer import Tokenizer
+from raypar.model import GPT, GPTConfig, param_groups
+from raypar.train import checkpoint as ckpt
+
+from conftest import ROOT
+
+CFG = dict(vocab_size=257, seq_len=16, n_layer=2, n_head=2, d_model=32)
+
+
+def model_cfg(**kw) -> GPTConfig:
+    return GPTConfig(**{**CFG, **kw})
+
+
+def meta_for(cfg: GPTConfig) -> dict:
+    return {"model": vars(cfg), "spec": {}, "tokenizer": Tokenizer.byte_level().to_json()}
+
+
+def reference_model(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(model_cfg(**kw))
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def trained(seed: int = 0):
+    """A model and an AdamW with state after one step."""
+    model = reference_model(seed)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    x = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(seed))
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def save_single(root: Path, step: int, seed: int = 0) -> Path:
+    """One process, no process group: the whole model + optimizer state."""
+    model, opt = trained(seed)
+    msd, osd = get_state_dict(model, opt)
+    folder = root / "checkpoints" / ckpt.dir_name(step)
+    ckpt.save({"model": msd, "optim": osd}, {"step": step, "tokens": 100 * step},
+              meta_for(model.cfg), {ckpt.rng_name(0): ckpt.rng_state_bytes()}, local_dir=folder)
+    return folder
+
+
+# -- one process ---------------------------------------------------------------------------
+
+def test_save_verify_load_roundtrip(tmp_path):
+    model, opt = trained(seed=1)
+    msd, osd = get_state_dict(model, opt)
+    torch.manual_seed(123)
+    rng = ckpt.rng_state_bytes()
+    result = ckpt.save({"model": msd, "optim": osd}, {"step": 7, "tokens": 70},
+                       meta_for(model.cfg), {ckpt.rng_name(0): rng})
+    path = Path(result.path)
+    try:
+        assert ckpt.verify(path) is None
+        manifest = ckpt.read_manifest(path, 0)
+        assert manifest["world_size"] == 1 and manifest["step"] == 7 and manifest["rank"] == 0
+        assert {".metadata", "__0_0.distcp", "meta.json", "train_state.json",
+                "rng-0.pt"} <= set(manifest["files"])
+        assert ckpt.read_train_state(path) == {"step": 7, "tokens": 70}
+        assert ckpt.read_meta(path)["model"]["d_model"] == 32
+
+        # Model and optimizer back into fresh objects through the same DCP state dicts.
+        model2 = reference_model(seed=99)
+        opt2 = torch.optim.AdamW(param_groups(model2, 0.1), lr=1e-2)
+        msd2, osd2 = get_state_dict(model2, opt2)
+        state = {"model": msd2, "optim": osd2}
+        ckpt.load(state, path)
+        set_state_dict(model2, opt2, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        assert_same_weights(model, model2)
+        for p, q in zip(model.parameters(), model2.parameters()):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+
+        torch.manual_seed(0)
+        ckpt.restore_rng_state(ckpt.read_rng_state(path, 0))
+        expected = torch.Generator().manual_seed(123)
+        assert torch.equal(torch.rand(4), torch.rand(4, generator=expected))
+        assert ckpt.read_rng_state(path, 3) is None
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_truncated_shard_is_skipped_with_one_warning(tmp_path, caplog):
+    for step in (1, 2, 3):
+        save_single(tmp_path, step, seed=step)
+    bad = tmp_path / "checkpoints" / ckpt.dir_name(3)
+    shard = bad / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    reason = ckpt.verify(bad)
+    assert "__0_0.distcp" in reason and "bytes" in reason
+    assert ckpt.candidates(tmp_path) == [tmp_path / "checkpoints" / ckpt.dir_name(s)
+                                         for s in (3, 2, 1)]
+    with caplog.at_level(logging.WARNING, logger="raypar"):
+        assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / ckpt.dir_name(2)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert ckpt.dir_name(3) in warnings[0] and "__0_0.distcp" in warnings[0]
+
+
+def test_flipped_byte_and_missing_files_are_found(tmp_path):
+    folder = save_single(tmp_path, 1)
+    shard = folder / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))  # same size: only the hash finds it
+    assert "sha256" in ckpt.verify(folder)
+
+    folder = save_single(tmp_path, 2)
+    (folder / "train_state.json").unlink()
+    assert "train_state.json missing" in ckpt.verify(folder)
+    assert ckpt.verify(tmp_path / "nowhere") == "not a directory"
+
+
+def test_missing_manifest_is_skipped(tmp_path, caplog):
+    save_single(tmp_path, 4)
+    crashed = save_single(tmp_path, 8)
+    (crashed / "manifest-0.json").unlink()  # the save died before its manifest was written
+    assert "manifest-0.json missing" in ckpt.verify(crashed)
+    with caplog.at_level(logging.WARNING, logger="raypar"):
+        assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / ckpt.dir_name(4)
+    assert len(caplog.records) == 1 and ckpt.dir_name(8) in caplog.records[0].getMessage()
+    # The checkpoints folder itself or one step folder work as roots too.
+    assert ckpt.latest_valid(tmp_path / "checkpoints") == tmp_path / "checkpoints" / ckpt.dir_name(4)
+    assert ckpt.latest_valid(crashed) is None
+    assert ckpt.latest_valid(tmp_path / "empty") is None
+
+
+def test_prune_keeps_newest_valid_and_newer_partial(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_single(tmp_path, step)
+    partial = tmp_path / "checkpoints" / ckpt.dir_name(4)
+    (partial / "manifest-0.json").unlink()  # e.g. still being uploaded
+    invalid_old = tmp_path / "checkpoints" / ckpt.dir_name(1)
+    (invalid_old / "meta.json").unlink()
+    deleted = ckpt.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in deleted) == [ckpt.dir_name(1), ckpt.dir_name(2)]
+    assert [p.name for p in ckpt.candidates(tmp_path)] == [ckpt.dir_name(4), ckpt.dir_name(3)]
+    assert ckpt.prune(tmp_path, keep=1) == []  # idempotent
+    assert ckpt.latest_valid(tmp_path).name == ckpt.dir_name(3)
+    with pytest.raises(ValueError, match="keep"):
+        ckpt.prune(tmp_path, keep=0)
+
+
+def test_pyarrow_filesystem_paths(tmp_path, monkeypatch):
+    # Route plain absolute path strings through the pyarrow code path used for s3:// and gs://
+    # (FileSystem.from_uri maps an absolute path to the local filesystem).
+    save_single(tmp_path, 1)
+    folder = save_single(tmp_path, 2)
+    monkeypatch.setattr(ckpt, "_is_uri", lambda p: isinstance(p, str))
+    root = str(tmp_path)
+    assert ckpt.candidates(root) == [f"{root}/checkpoints/{ckpt.dir_name(s)}" for s in (2, 1)]
+    assert ckpt.verify(str(folder)) is None
+    (folder / "__0_0.distcp").write_bytes(b"short")
+    assert "__0_0.distcp" in ckpt.verify(str(folder))
+    good = ckpt.latest_valid(root)
+    assert good == f"{root}/checkpoints/{ckpt.dir_name(1)}"
+    assert ckpt.read_train_state(good)["step"] == 1
+    assert ckpt.read_rng_state(good, 0) is not None
+    model = reference_model(seed=5)
+    ckpt.load_model_state(good, model)  # through a local copy
+    assert_same_weights(model, trained(seed=0)[0])
+    assert [Path(p).name for p in ckpt.prune(root, keep=1)] == []  # newer invalid one, newest valid
+    assert ckpt.verify(str(tmp_path / "nowhere")) == "not a directory"
+
+
+def test_check_compatible_names_every_field():
+    meta = {"model": vars(model_cfg(d_model=64, n_layer=4))}
+    with pytest.raises(ValueError) as e:
+        ckpt.check_compatible(meta, vars(model_cfg()))
+    msg = str(e.value)
+    assert "checkpoint has model.d_model=64, this run has 32" in msg
+    assert "checkpoint has model.n_layer=4, this run has 2" in msg
+    assert "vocab_size" not in msg
+    ckpt.check_compatible(meta, vars(model_cfg(d_model=64, n_layer=4)))
+    # A field the checkpoint predates counts as its default.
+    old = {"model": {k: v for k, v in vars(model_cfg()).items() if k != "norm_eps"}}
+    ckpt.check_compatible(old, vars(model_cfg()))
+    with pytest.raises(ValueError, match="checkpoint has model.norm_eps=1e-05, this run has 0.001"):
+        ckpt.check_compatible(old, vars(model_cfg(norm_eps=1e-3)))
+
+
+class _Marker:
+    """Unpickling this would create a file: the test checks that it never does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_rng_files_load_weights_only(tmp_path):
+    folder = save_single(tmp_path, 1)
+    marker = tmp_path / "pwned"
+    torch.save({"cpu": torch.get_rng_state(), "x": _Marker(marker)}, folder / "rng-0.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.read_rng_state(folder, 0)
+    assert not marker.exists()
+
+
+def test_tied_weight_stored_once_still_loads(tmp_path):
+    ref = reference_model(seed=2)
+    state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    folder = tmp_path / ckpt.dir_name(1)
+    ckpt.write({"model": state}, {"step": 1}, meta_for(ref.cfg), local_dir=folder)
+    assert ckpt.verify(folder) is None
+    model = reference_model(seed=3)
+    ckpt.load_model_state(folder, model)
+    assert_same_weights(model, ref)
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_save_rejects_reserved_names_and_used_dirs(tmp_path):
+    model = reference_model()
+    with pytest.raises(ValueError, match="reserved"):
+        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, {"meta.json": b"{}"},
+                  local_dir=tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, local_dir=tmp_path / "b")
+
+
+# -- two processes: DTensor shards, merged like Ray merges the ranks' uploads --------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _placement(name: str, t: torch.Tensor, layout: int):
+    """Layout 0 and 1 shard the same tensors along different dims (or not at all)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if t.ndim == 2:
+        return [Shard(layout)] if (sum(map(ord, name)) % 2 == 0) == (layout == 0) else [Shard(1 - layout)]
+    return [Shard(0)] if layout == 1 and t.shape[0] % 2 == 0 else [Replicate()]
+
+
+def _two_rank_worker(rank: int, port: int, base: str) -> None:
+    from torch.distributed.tensor import distribute_tensor, init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        ref = reference_model(seed=0)
+        full = ref.state_dict()
+        # src_data_rank=None: every rank holds the full tensor already; split locally.
+        state = {"model": {k: distribute_tensor(v, mesh, _placement(k, v, 0), src_data_rank=None)
+                           for k, v in full.items()}}
+        base_dir = Path(base)
+        # write() is save() without wrapping the folder in a ray.train.Checkpoint (whose
+        # import would cost each spawned process seconds).
+        ckpt.write(state, {"step": 5, "tokens": 500}, meta_for(ref.cfg),
+                  {ckpt.rng_name(rank): ckpt.rng_state_bytes()},
+                  local_dir=base_dir / f"rank{rank}")
+        dist.barrier()
+        merged = base_dir / "run" / "checkpoints" / ckpt.dir_name(5)
+        if rank == 0:  # what Ray Train does with every rank's upload
+            merged.mkdir(parents=True)
+            for r in (0, 1):
+                for f in (base_dir / f"rank{r}").iterdir():
+                    shutil.copy(f, merged / f.name)
+        dist.barrier()
+        # Load back into the other layout: DCP reshards by global names.
+        target = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, _placement(k, v, 1),
+                                                 src_data_rank=None)
+                            for k, v in full.items()}}
+        ckpt.load(target, merged)
+        for k, v in target["model"].items():
+            assert v.placements == tuple(_placement(k, full[k], 1))
+            assert torch.equal(v.full_tensor(), full[k]), k
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    """A run directory holding one checkpoint saved by 2 ranks with DTensor-sharded weights."""
+    base = tmp_path_factory.mktemp("two_rank")
+    mp.spawn(_two_rank_worker, args=(_free_port(), str(base)), nprocs=2, join=True)
+    return base / "run"
+
+
+def test_two_rank_checkpoint_verifies_and_reshards_to_one_process(two_rank_run, tmp_path):
+    folder = ckpt.latest_valid(two_rank_run)
+    assert folder == two_rank_run / "checkpoints" / ckpt.dir_name(5)
+    m0, m1 = ckpt.read_manifest(folder, 0), ckpt.read_manifest(folder, 1)
+    assert m0["world_size"] == 2 and m0["step"] == 5 and m1["rank"] == 1
+    assert "__1_0.distcp" in m1["files"] and ".metadata" in m0["files"]
+    assert ckpt.read_rng_state(folder, 1)["cpu"].dtype == torch.uint8
+
+    plain = reference_model(seed=42)
+    ckpt.load_model_state(folder, plain)
+    assert_same_weights(plain, reference_model(seed=0))
+
+    # A rank's manifest lost in the upload: the checkpoint is incomplete.
+    broken = tmp_path / ckpt.dir_name(5)
+    shutil.copytree(folder, broken)
+    (broken / "manifest-1.json").unlink()
+    assert "manifest-1.json missing" in ckpt.verify(broken)
+    shutil.copy(folder / "manifest-1.json", broken / "manifest-1.json")
+    (broken / "__1_0.distcp").unlink()
+    assert "__1_0.distcp missing" in ckpt.verify(broken)
+
+
+def test_export_then_generate(two_rank_run, tmp_path, capsys):
+    out = ex.export(two_rank_run)
+    assert out == two_rank_run / "export" / "model.safetensors"
+    model, meta = ex.load_exported(out)
+    reference = reference_model(seed=0)
+    assert_same_weights(model, reference)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert meta["model"] == vars(reference.cfg) and meta["train_state"]["step"] == 5
+
+    tok = Tokenizer.from_json(meta["tokenizer"])
+    prompt = tok.encode("ab")
+    ids = reference.generate(torch.tensor([prompt]), 20, temperature=0)[0].tolist()
+    assert len(ids) == len(prompt) + 20
+    for source in (["--checkpoint", str(out)], ["--run-dir", str(two_rank_run)],
+                   ["--checkpoint", str(ckpt.latest_valid(two_rank_run))]):
+        assert cli.main(["generate", *source, "--prompt", "ab", "--max-new-tokens", "20",
+                         "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == tok.decode(ids) + "\n"
+
+    # Through the CLI, with --out.
+    other = tmp_path / "m.safetensors"
+    assert cli.main(["export", str(two_rank_run), "--out", str(other)]) == 0
+    assert str(other) in capsys.readouterr().out
+    assert_same_weights(ex.load_exported(other)[0], reference)
+
+
+def _one_line_error(capsys, *fragments) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raypar: error: "), err
+    for f in fragments:
+        assert f in err[0], err[0]
+    return err[0]
+
+
+def test_mismatched_config_is_one_line_exit_2(two_rank_run, tmp_path, capsys):
+    # A run directory whose config describes another model (tiny.yaml: seq_len 32, vocab 320).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_spec(ROOT / "jobs" / "configs" / "tiny.yaml").to_yaml())
+    Tokenizer.byte_level().save(run / "tokenizer.json")
+    folder = ckpt.latest_valid(two_rank_run)
+    assert cli.main(["generate", "--run-dir", str(run), "--checkpoint", str(folder),
+                     "--max-new-tokens", "2"]) == 2
+    _one_line_error(capsys, "checkpoint has model.seq_len=16, this run has 32",
+                    "model.vocab_size=257")
+    assert cli.main(["export", str(run), "--checkpoint", str(folder)]) == 2
+    _one_line_error(capsys, "model.seq_len")
+
+    # An exported file whose tensors do not fit its recorded config.
+    model = reference_model(seed=0)
+    bad = tmp_path / "bad.safetensors"
+    lying = meta_for(model.cfg)
+    ex.save_safetensors(model, lying, bad)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(bad))
+    from safetensors import safe_open
+    with safe_open(str(bad), framework="pt") as f:
+        metadata = f.metadata()
+    metadata[ex.KEY_MODEL] = json.dumps(vars(model_cfg(d_model=64)))
+    save_file(tensors, str(bad), metadata=metadata)
+    assert cli.main(["generate", "--checkpoint", str(bad), "--max-new-tokens", "2"]) == 2
+    _one_line_error(capsys, "tok_emb.weight has shape (257, 32), config needs (257, 64)")
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "junk.safetensors")]) == 2
+    _one_line_error(capsys, "not a readable safetensors file")
+
+    # A checkpoint folder that fails verification.
+    broken = tmp_path / ckpt.dir_name(5)
+    shutil.copytree(folder, broken)
+    (broken / "manifest-0.json").unlink()
+    assert cli.main(["generate", "--checkpoint", str(broken)]) == 2
+    _one_line_error(capsys, "not a valid checkpoint", "manifest-0.json missing")
+    assert cli.main(["generate"]) == 2
+    _one_line_error(capsys, "--run-dir or --checkpoint")
+
+
+def test_consolidate_rejects_meta_that_does_not_fit(tmp_path):
+    folder = save_single(tmp_path, 1)
+    meta = ckpt.read_meta(folder)
+    meta["model"]["d_model"] = 64
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="do not fit"):
+        ex.consolidate(folder)
