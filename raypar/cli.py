@@ -52,6 +52,16 @@ def _export_parser(sub) -> None:
     p.add_argument("--out", help="output file (default: RUN_DIR/export/model.safetensors)")
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="show which rank holds which stage and shard, and the "
+                       "memory each needs; reject impossible layouts (starts no workers)")
+    p.add_argument("--config", help="YAML run config (default: the built-in laptop defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field (repeatable)")
+    p.add_argument("--address", help="Ray cluster to place the ranks on (default: "
+                   "$RAY_ADDRESS; without one, no node placement is shown)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypar", description=(
         "Train GPT-style language models on Ray with data, tensor and pipeline parallelism."))
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _generate_parser(sub)
     _export_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -112,6 +123,32 @@ def _generation_source(args: argparse.Namespace):
     return model, meta
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raypar.config import load_spec
+    from raypar.plan import format_plan, place_on_nodes, plan
+    from raypar.train.trainer import (WORKER_BASE_BYTES, _expected_vocab, available_memory_bytes,
+                                      check_capacity, padded_vocab)
+    spec = load_spec(args.config, args.overrides)
+    vocab = padded_vocab(_expected_vocab(spec), spec.parallel.tp)
+    plans = plan(spec, vocab)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        import ray
+        from raypar.train.trainer import connect
+        connect(spec, address)
+        use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+        check_capacity(spec, False, vocab, use_gpu)
+        place_on_nodes(plans, ray.nodes(), "GPU" if use_gpu else "CPU")
+    else:
+        total = sum(WORKER_BASE_BYTES + r.total_bytes for r in plans)
+        if total > 0.9 * available_memory_bytes():
+            raise ConfigError(f"parallel: {spec.world_size} workers need about "
+                              f"{total / 2**30:.1f} GiB but this machine has "
+                              f"{available_memory_bytes() / 2**30:.1f} GiB available")
+    print(format_plan(spec, plans, vocab))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens: must be >= 1")
@@ -145,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "generate": cmd_generate,
+        return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
                 "export": cmd_export}[args.command](args)
     except ConfigError as e:
         print(f"raypar: error: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ class ParallelConfig:
     """Data-parallel replicas."""
     tp: int = 1
     """Tensor-parallel degree (ranks sharing one layer's weights)."""
-    pp: int = 1
+    pp: int = 2
     """Pipeline-parallel stages."""
     dp_mode: str = "ddp"
     """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients) or
@@ -95,7 +95,7 @@ class TrainConfig:
     """Optimizer steps."""
     global_batch: int = 16
     """Sequences per optimizer step, over all data-parallel replicas."""
-    micro_batch: int = 4
+    micro_batch: int = 2
     """Sequences per forward pass on one rank; accumulation = global_batch / (dp * micro_batch)."""
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""

@@ -69,7 +69,8 @@ def run_model_config(run_dir: PathLike) -> Optional[dict[str, Any]]:
     from raypar.train.trainer import padded_vocab
 
     spec = load_spec(run_dir / "config.yaml")
-    vocab = padded_vocab(Tokenizer.from_file(run_dir / "tokenizer.json").vocab_size)
+    vocab = padded_vocab(Tokenizer.from_file(run_dir / "tokenizer.json").vocab_size,
+                         spec.parallel.tp)
     return dict(vars(model_config(spec, vocab)))
 
 

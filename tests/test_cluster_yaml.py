@@ -138,13 +138,15 @@ def test_setup_commands_install_torch_then_the_project(prepared):
             assert f"--index-url {TORCH_CPU_INDEX}" in torch_cmd, node_type
         # The cluster runs the laptop's Ray: `ray up` expects the same version on both sides.
         assert pinned("ray", project_cmd) == ray.__version__
+        # Ray's `default` extra runs the dashboard and so the job server.
+        assert re.search(r"ray\[[^\]]*\bdefault\b", project_cmd), project_cmd
     assert any("boto3" in c for c in prepared["head_setup_commands"]), "the autoscaler needs boto3"
 
 
 def test_start_commands_parse_and_keep_the_dashboard_local(prepared):
     from ray.scripts.scripts import start
 
-    parsed = {}
+    parsed, auth_modes = {}, {}
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for command in prepared[key]:
             assert "0.0.0.0" not in command
@@ -152,6 +154,10 @@ def test_start_commands_parse_and_keep_the_dashboard_local(prepared):
                 words = shlex.split(part)
                 if words[:2] == ["ray", "start"]:
                     parsed[key] = start.make_context("start", words[2:]).params  # click validates
+                    auth_modes[key] = re.findall(r"RAY_AUTH_MODE=(\w+)", command)
+    # Head and workers agree on token auth, else workers cannot join (see cluster.yaml).
+    assert auth_modes["head_start_ray_commands"] == auth_modes["worker_start_ray_commands"]
+    assert len(auth_modes["head_start_ray_commands"]) == 1
     head, worker = parsed["head_start_ray_commands"], parsed["worker_start_ray_commands"]
     assert head["head"] and head["include_dashboard"]
     assert head["dashboard_host"] in ("127.0.0.1", "localhost")
@@ -205,6 +211,7 @@ def test_header_documents_usage_and_a_valid_job(raw):
     assert words[words.index("--address") + 1].startswith("http://127.0.0.1:")
     args = words[words.index("jobs/train.py") + 1:]
     assert (ROOT / "jobs" / "train.py").is_file()
+    assert "--run-dir" in args, "a job's own working directory is temporary"
     config = args[args.index("--config") + 1]
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     spec = load_spec(ROOT / config, sets)

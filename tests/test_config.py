@@ -85,7 +85,7 @@ def test_global_batch_must_split_over_dp_and_micro_batch():
     with pytest.raises(ConfigError, match=r"train.global_batch: 12 must be divisible by "
                                           r"parallel.dp \* train.micro_batch = 2 \* 4 = 8"):
         load_spec(None, ["train.global_batch=12", "parallel.dp=2", "train.micro_batch=4"])
-    assert load_spec(None, ["train.global_batch=24"]).grad_accum == 3
+    assert load_spec(None, ["train.global_batch=24", "train.micro_batch=4"]).grad_accum == 3
 
 
 def test_bad_yaml_files(tmp_path):

@@ -206,7 +206,10 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
         },
         scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu),
         run_config=RunConfig(
-            name="checkpoints", storage_path=storage,
+            # A shared storage path gets one folder per run: the same name would make Ray
+            # Train resume one run from another's checkpoints.
+            name="checkpoints" if not spec.checkpoint.storage_path else run_dir.name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             callbacks=[MetricsSink(str(run_dir.resolve()))],
