@@ -32,7 +32,8 @@ LAYOUTS = {
                         "parallel.virtual_stages=2"],
     "dp2-fsdp": ["parallel.dp=2", "parallel.dp_mode=fsdp"],
     "dp2-tp2": ["parallel.dp=2", "parallel.tp=2"],
-    "tp2-pp2": ["parallel.dp=1", "parallel.tp=2", "parallel.pp=2"],
+    "tp2-pp2-ac": ["parallel.dp=1", "parallel.tp=2", "parallel.pp=2",
+                   "train.activation_checkpointing=true"],
     "dp2-pp2": ["parallel.dp=2", "parallel.pp=2"],
     "dp2-tp2-pp2": ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
 }
