@@ -8,6 +8,8 @@ laptop needs no server:  mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.
 """
 from __future__ import annotations
 
+import logging
+
 import os
 import urllib.error
 import urllib.parse
@@ -57,6 +59,8 @@ class Tracker:
     def __init__(self, spec: RunSpec, run_dir: Path):
         from mlflow.tracking import MlflowClient
 
+        # MLflow announces its schema migrations at INFO on a fresh store: not our user's news.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = resolve_uri(spec, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(spec.tracking.experiment)
