@@ -126,8 +126,8 @@ def _generation_source(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     from raypar.config import load_spec
     from raypar.plan import format_plan, place_on_nodes, plan
-    from raypar.train.trainer import (WORKER_BASE_BYTES, _expected_vocab, available_memory_bytes,
-                                      check_capacity, padded_vocab)
+    from raypar.train.trainer import (_expected_vocab, check_capacity, check_local_memory,
+                                      padded_vocab)
     spec = load_spec(args.config, args.overrides)
     vocab = padded_vocab(_expected_vocab(spec), spec.parallel.tp)
     plans = plan(spec, vocab)
@@ -140,11 +140,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_capacity(spec, False, vocab, use_gpu)
         place_on_nodes(plans, ray.nodes(), "GPU" if use_gpu else "CPU")
     else:
-        total = sum(WORKER_BASE_BYTES + r.total_bytes for r in plans)
-        if total > 0.9 * available_memory_bytes():
-            raise ConfigError(f"parallel: {spec.world_size} workers need about "
-                              f"{total / 2**30:.1f} GiB but this machine has "
-                              f"{available_memory_bytes() / 2**30:.1f} GiB available")
+        check_local_memory(spec, vocab)
     print(format_plan(spec, plans, vocab))
     return 0
 

@@ -93,15 +93,17 @@ def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
                     block += 4 * n
         n_layers = sum(len(m.layers) for m in modules)
         last = any(m.lm_head is not None for m in modules)
-        # 1F1B-style schedules keep up to pp micro-batches in flight; gpipe keeps all.
-        in_flight = spec.grad_accum if p.schedule == "gpipe" or p.pp == 1 else \
-            min(spec.grad_accum, p.pp * (p.virtual_stages if p.pp > 1 else 1))
+        # Micro-batches whose activations are alive at once: one without a pipeline, all
+        # of them under gpipe, up to one per stage in flight under the 1F1B family.
         if p.pp == 1:
             in_flight = 1
-        if spec.train.activation_checkpointing:
-            in_flight_bytes = activation_bytes(spec, 1, vocab_size, last, in_flight)
+        elif p.schedule == "gpipe":
+            in_flight = spec.grad_accum
         else:
-            in_flight_bytes = activation_bytes(spec, n_layers, vocab_size, last, in_flight)
+            in_flight = min(spec.grad_accum, p.pp * p.virtual_stages)
+        # With activation checkpointing only one block's activations are held at a time.
+        saved_layers = 1 if spec.train.activation_checkpointing else n_layers
+        in_flight_bytes = activation_bytes(spec, saved_layers, vocab_size, last, in_flight)
         out.append(RankPlan(
             rank=rank, dp=c.dp, pp=c.pp, tp=c.tp, stages=ids,
             layers=[sorted(int(k) for k in m.layers.keys()) for m in modules],

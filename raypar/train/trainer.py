@@ -90,13 +90,18 @@ def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool
             f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
             f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
     if is_local:
-        total = layout_memory_bytes(spec, vocab_size)
-        free = available_memory_bytes()
-        if total > 0.9 * free:
-            raise ConfigError(
-                f"parallel: {need} workers need about {total / 2**30:.1f} GiB "
-                f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
-                f"or the model size")
+        check_local_memory(spec, vocab_size)
+
+
+def check_local_memory(spec: RunSpec, vocab_size: int) -> None:
+    """Refuse a layout whose workers together would not fit this machine's free memory."""
+    total = layout_memory_bytes(spec, vocab_size)
+    free = available_memory_bytes()
+    if total > 0.9 * free:
+        raise ConfigError(
+            f"parallel: {spec.world_size} workers need about {total / 2**30:.1f} GiB "
+            f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
+            f"or the model size")
 
 
 def _expected_vocab(spec: RunSpec) -> int:
