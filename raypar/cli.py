@@ -3,6 +3,7 @@
     raypar train                                   # default laptop config, built-in corpus
     raypar train --config jobs/configs/tiny.yaml --set train.steps=50 --run-dir runs/t
     raypar generate --run-dir runs/t --prompt "def main(" --max-new-tokens 200
+    raypar train --resume runs/t --set train.steps=100  # continue (any layout) from its checkpoint
     raypar export runs/t                           # -> runs/t/export/model.safetensors
     raypar generate --checkpoint runs/t/export/model.safetensors --prompt "def "
 
@@ -27,6 +28,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
+                   "latest valid checkpoint, with its config.yaml plus any --set (the layout "
+                   "may change: parallel.dp/tp/pp/dp_mode...)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -75,10 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raypar.config import load_spec
-    spec = load_spec(args.config, args.overrides)
+    if args.resume:
+        if args.config or args.run_dir:
+            raise ConfigError("--resume: the run's own config.yaml and directory are used; "
+                              "drop --config/--run-dir and change fields with --set")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a raypar run directory "
+                              f"(no config.yaml)")
+        spec = load_spec(run_dir / "config.yaml", args.overrides)
+    else:
+        spec = load_spec(args.config, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else None
     from raypar.train.trainer import run
-    summary = run(spec, Path(args.run_dir) if args.run_dir else None, args.address,
-                  progress=not args.no_progress)
+    summary = run(spec, run_dir, args.address, progress=not args.no_progress,
+                  resume=bool(args.resume))
     val = summary["final_val_loss"]
     print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
           + (f", val_loss {summary['first_val_loss']:.4f} -> {val:.4f}" if val is not None else "")

@@ -123,6 +123,8 @@ class TrainConfig:
     """torch threads per worker (keep 1 when several workers share few cores)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them."""
+    log_blocks: bool = False
+    """Record every step's global block indices in metrics.jsonl (an audit of the data order)."""
 
 
 @dataclass
@@ -133,6 +135,9 @@ class CheckpointConfig:
     """How many of the most recent checkpoints to keep."""
     storage_path: str = ""
     """Where Ray Train stores checkpoints (local path or s3:// / gs://); empty means the run directory."""
+    max_failures: int = 3
+    """Worker or node failures to recover from by restarting the workers from the latest
+    checkpoint; -1 means no limit, 0 fails the run at the first one."""
 
 
 @dataclass
@@ -310,6 +315,9 @@ def validate(spec: RunSpec) -> RunSpec:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if spec.checkpoint.max_failures < -1:
+        raise ConfigError(f"checkpoint.max_failures: must be >= -1 (-1: no limit), "
+                          f"got {spec.checkpoint.max_failures}")
     for key, (lo, hi) in _UNIT_INTERVAL.items():
         if not lo <= flat[key] < hi:
             raise ConfigError(f"{key}: must be in [{lo}, {hi}), got {flat[key]!r}")

@@ -350,9 +350,11 @@ def verify(path: PathLike) -> Optional[str]:
     return None
 
 
-def _step_of(path: PathLike) -> Optional[int]:
+def step_of(path: PathLike) -> Optional[int]:
+    """N of a `step_<N>` checkpoint folder's path, else None."""
     m = _STEP_DIR.match(_basename(path))
     return int(m.group(1)) if m else None
+
 
 
 def candidates(root: PathLike) -> list[PathLike]:
@@ -364,7 +366,7 @@ def candidates(root: PathLike) -> list[PathLike]:
     """
     if not _is_uri(root):
         root = _local(root)
-    if _step_of(root) is not None:
+    if step_of(root) is not None:
         return [root] if _list(root) is not None else []
     found: dict[str, tuple[int, PathLike]] = {}
     for base in (root, _join(root, "checkpoints")):

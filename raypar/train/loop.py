@@ -10,9 +10,12 @@ one metrics row through `ray.train.report`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+import signal
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from raypar.config import RunSpec, from_dict
-from raypar.data.packing import global_batch_indices, rank_slice
+from raypar.data.packing import rank_slice, stream_indices
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
 from raypar.parallel.data import (apply_data_parallel, finish_gradient_sync, gradient_sync,
                                   unwrap)
@@ -32,11 +35,16 @@ from raypar.parallel.tensor import apply_tensor_parallel, grad_sq_norm, loss_con
 from raypar.train import checkpoint as ckpt
 from raypar.train.memory import ActivationMeter, state_bytes
 from torch.distributed._composable import checkpoint as activation_checkpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+log = logging.getLogger("raypar")
 
 # Optimizer state flattened to one key per parameter ('state.<fqn>.exp_avg'): pipeline
 # stages hold disjoint parameters, and nested param_groups lists would collide in DCP.
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# Loading: a tied head is filled through its embedding, so its own name may be absent.
+LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
 
 
 def lr_at(step: int, spec: RunSpec) -> float:
@@ -104,6 +112,9 @@ class Worker:
         torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
         self.tokens_seen = 0
+        # Global stream position: blocks consumed so far by all replicas together. The next
+        # step takes positions [position, position + global_batch) (raypar/data/packing.py).
+        self.position = 0
         self.memory: dict[str, float] | None = None
 
     # -- one optimizer step ------------------------------------------------------------
@@ -185,7 +196,7 @@ class Worker:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        indices = global_batch_indices(self.step, t.global_batch, len(self.train_blocks), t.seed)
+        indices = stream_indices(self.position, t.global_batch, len(self.train_blocks), t.seed)
         batch = self._local_batch(self.train_blocks, indices)
         for m in self.modules:
             m.train()
@@ -207,10 +218,14 @@ class Worker:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        self.position += t.global_batch
         self.tokens_seen += t.global_batch * spec.data.seq_len
-        return {"step": self.step, "loss": self._mean_over_dp(loss),
-                "lr": lr, "grad_norm": grad_norm,
-                "first_block": int(indices[0]), "last_block": int(indices[-1])}
+        row = {"step": self.step, "loss": self._mean_over_dp(loss),
+               "lr": lr, "grad_norm": grad_norm, "time": time.time(),
+               "first_block": int(indices[0]), "last_block": int(indices[-1])}
+        if t.log_blocks:
+            row["blocks"] = indices.tolist()
+        return row
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -234,16 +249,79 @@ class Worker:
                     count += 1
         return self._mean_over_dp(total / count)
 
+    # -- checkpoints -------------------------------------------------------------------
+    def _holds_tied_copy(self, module: torch.nn.Module) -> bool:
+        return any(self._tied_copy(unwrap(module), n) for n, _ in unwrap(module).named_parameters())
+
+    def _module_state(self, module: torch.nn.Module, opt: torch.optim.Optimizer
+                      ) -> dict[str, dict[str, Any]]:
+        """One stage module's {'model', 'optim'} under checkpoint names: the model's global
+        parameter names, except that a last stage's copy of a tied embedding goes by the
+        embedding's name (the two are equal, and so are their optimizer states), so that a
+        checkpoint looks the same whatever pp it was saved under."""
+        msd, osd = get_state_dict(module, opt, options=STATE_DICT_OPTIONS)
+        if self.mcfg.tie_embeddings and "tok_emb.weight" in msd:
+            msd.pop("lm_head.weight", None)  # the same tensor under its second name
+        if self._holds_tied_copy(module):
+            rename = {"lm_head.weight": "tok_emb.weight"}
+            msd = {rename.get(k, k): v for k, v in msd.items()}
+            osd = {k.replace(".lm_head.weight.", ".tok_emb.weight."): v for k, v in osd.items()}
+        return {"model": msd, "optim": osd}
+
     def state_dict(self) -> dict[str, Any]:
         """{'model': ..., 'optim': ...} keyed by the model's global parameter names, with
-        this rank's shards as DTensors: what DCP saves, and loads under any other layout."""
+        this rank's shards as DTensors: what DCP saves, and loads under any other layout.
+        The tied copy is left out: the first stage saves the same tensor and state."""
         model_sd: dict[str, Any] = {}
         optim_sd: dict[str, Any] = {}
         for m, opt in zip(self.modules, self.optimizers):
-            msd, osd = get_state_dict(m, opt, options=STATE_DICT_OPTIONS)
-            model_sd.update(msd)
-            optim_sd.update(osd)
+            state = self._module_state(m, opt)
+            copy = self._holds_tied_copy(m)
+            model_sd.update({k: v for k, v in state["model"].items()
+                             if not (copy and k == "tok_emb.weight")})
+            optim_sd.update({k: v for k, v in state["optim"].items()
+                             if not (copy and ".tok_emb.weight." in k)})
         return {"model": model_sd, "optim": optim_sd}
+
+    def train_state(self) -> dict[str, Any]:
+        p = self.spec.parallel
+        return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
+                "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
+                "time": time.time(),
+                "layout": {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
+                           "schedule": p.schedule, "virtual_stages": p.virtual_stages}}
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Load model, optimizer, step, data position and (same layout) RNG state from the
+        checkpoint at path, under this run's layout: DCP reshards by global names.
+        Collective: every rank calls it with the same path. Returns the saved train state."""
+        # One DCP load per stage module (every rank hosts the same number of them): a rank
+        # of a V-shaped schedule hosts both the embedding and its tied copy, whose requests
+        # would collide in one dict.
+        for m, opt in zip(self.modules, self.optimizers):
+            state = self._module_state(m, opt)
+            ckpt.load(state, path)
+            msd, osd = state["model"], state["optim"]
+            if self._holds_tied_copy(m):
+                msd = {("lm_head.weight" if k == "tok_emb.weight" else k): v for k, v in msd.items()}
+                osd = {k.replace(".tok_emb.weight.", ".lm_head.weight."): v for k, v in osd.items()}
+            set_state_dict(m, opt, model_state_dict=msd, optim_state_dict=osd,
+                           options=LOAD_OPTIONS)
+        saved = ckpt.read_train_state(path)
+        self.step = int(saved["step"])
+        self.tokens_seen = int(saved["tokens"])
+        # Checkpoints from before the position was recorded consumed step * global_batch.
+        self.position = int(saved.get("position", self.step * int(saved.get(
+            "global_batch", self.spec.train.global_batch))))
+        same_layout = saved.get("layout") == self.train_state()["layout"]
+        rng = ckpt.read_rng_state(path, dist.get_rank()) if same_layout else None
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
+        else:
+            # A new layout has other ranks: dropout masks restart from a seed derived from
+            # the step (the weights and data continue exactly; with dropout 0 nothing differs).
+            torch.manual_seed(self.spec.train.seed + 1 + self.pm.coords.dp + 7919 * self.step)
+        return saved
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's flag on every rank: ray.train.report is a barrier, so all ranks must
@@ -288,8 +366,56 @@ def _rank_info(worker: Worker) -> dict[str, Any]:
 TIMELINE_STEP = 2
 
 
+def _choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
+    """The newest checkpoint under root that verifies; each newer one that does not is
+    skipped with a warning. Returns (path or None, [[skipped path, reason], ...]).
+
+    Why the storage listing and not only `ray.train.get_checkpoint()`: Ray Train
+    registers a checkpoint when its controller collects the report, up to one health
+    check after the upload; a worker that dies in between takes a complete, uploaded
+    checkpoint out of Ray's list. Such a checkpoint verifies, and it carries the
+    metrics rows of its own report (train_state.json "rows"), so nothing is lost."""
+    skipped = []
+    for path in ckpt.candidates(root):
+        reason = ckpt.verify(path)
+        if reason is None:
+            return str(path), skipped
+        log.warning("checkpoint %s skipped: %s", path, reason)
+        skipped.append([str(path), reason])
+    return None, skipped
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (pickled between our own processes, never from storage)."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _fault(config: dict[str, Any], step: int, phase: str) -> None:
+    """Fault injection for the recovery tests (RAYPAR_FAULT, read by the driver): the named
+    rank SIGKILLs its own process at the named step and phase ('step': after the step,
+    'save': after writing its checkpoint shard, before reporting it), once per run (a
+    marker file in the run directory remembers that it fired)."""
+    fault = config.get("fault")
+    if not fault or fault["step"] != step or fault["phase"] != phase \
+            or fault["rank"] != dist.get_rank():
+        return
+    marker = fault["marker"]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{phase} {step}\n".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point Ray Train runs on every worker."""
+    """Entry point Ray Train runs on every worker (again after every restart)."""
+    started = time.time()
     spec = from_dict(config["spec"])
     worker = Worker(spec, config["vocab_size"], ray.get(config["train_ref"]),
                     ray.get(config["val_ref"]))
@@ -297,7 +423,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "tokenizer": config["tokenizer_json"], "layout": vars(spec.parallel)}
     pending: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    choice = _choose_checkpoint(config["checkpoint_root"]) if dist.get_rank() == 0 else None
+    path, skipped = _broadcast(choice)
+    saved = worker.load(path) if path is not None else {}
+    # Where this worker group starts: the driver tells a restart from a fresh start and
+    # counts the steps redone. The checkpoint's own report rows go out again: that report
+    # may have died with a worker before Ray collected it (the driver skips known steps).
+    extra["start"] = {"checkpoint": path, "from_step": worker.step, "skipped": skipped,
+                      "started": started, "loaded": time.time(),
+                      "saved_layout": saved.get("layout")}
+    pending.extend(saved.get("rows", []))
     last_report = time.perf_counter()
+    placed = False
     while worker.step < spec.train.steps:
         timeline = worker.pipeline is not None and worker.step + 1 == TIMELINE_STEP
         if timeline:
@@ -307,8 +444,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t1 = time.perf_counter()
         row["tokens_per_s"] = spec.train.global_batch * spec.data.seq_len / (t1 - t0)
         row["tokens"] = worker.tokens_seen
-        if worker.step == 1:
+        if not placed:  # after this worker group's first step, which measures memory
             extra["rank_info"] = _rank_info(worker)
+            placed = True
         if timeline:
             worker.pipeline.record_timeline = False
             pipe = worker.pipeline
@@ -317,10 +455,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if worker.eval_due():
             row["val_loss"] = worker.evaluate()
         pending.append(row)
+        _fault(config, worker.step, "step")
         checkpoint = None
         if worker.checkpoint_due():
-            checkpoint = ckpt.save(worker.state_dict(),
-                                   {"step": worker.step, "tokens": worker.tokens_seen}, meta)
+            rank = dist.get_rank()
+            checkpoint = ckpt.save(worker.state_dict(), {**worker.train_state(), "rows": pending},
+                                   meta,
+                                   {ckpt.rng_name(rank): ckpt.rng_state_bytes()})
+            _fault(config, worker.step, "save")
         due = checkpoint is not None or worker.step == spec.train.steps or \
             time.perf_counter() - last_report >= REPORT_INTERVAL_S
         if worker.agree(due):

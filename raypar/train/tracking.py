@@ -8,8 +8,8 @@ laptop needs no server:  mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.
 """
 from __future__ import annotations
 
+import json
 import logging
-
 import os
 import urllib.error
 import urllib.parse
@@ -54,33 +54,73 @@ def check_reachable(uri: str) -> None:
 
 
 class Tracker:
-    """One MLflow run, driven through MlflowClient (no global fluent state)."""
+    """One MLflow run, driven through MlflowClient (no global fluent state).
 
-    def __init__(self, spec: RunSpec, run_dir: Path):
+    The run id is kept in RUN_DIR/mlflow.json, so `raypar train --resume` continues the
+    same MLflow run: params it already has stay, a changed one is recorded as a tag
+    `resumed.<key>` ('old -> new'; MLflow params cannot change), and rows missing
+    from MLflow (the driver died between writing and logging them) are backfilled."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, resume: bool = False):
+        from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
 
         # MLflow announces its schema migrations at INFO on a fresh store: not our user's news.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = resolve_uri(spec, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(spec.tracking.experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
+        record = Path(run_dir) / "mlflow.json"
+        previous = json.loads(record.read_text()) if resume and record.exists() else None
+        run = None
+        if previous is not None:
+            # The run id, looked up in this store (a moved run directory has moved its store).
+            from mlflow.exceptions import MlflowException
+            try:
+                run = self.client.get_run(previous["run_id"])
+            except MlflowException:
+                logging.getLogger("raypar").warning(
+                    "MLflow run %s not found at %s: starting a new MLflow run",
+                    previous["run_id"], self.uri)
+        if run is not None:
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            have = run.data.params
         else:
-            local = self.uri.startswith("sqlite:") and not spec.tracking.uri
-            artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
-            exp_id = self.client.create_experiment(spec.tracking.experiment,
-                                                   artifact_location=artifacts)
-        run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
-                                     tags={"raypar.run_dir": str(Path(run_dir).resolve())})
-        self.run_id = run.info.run_id
-        params = [(k, str(v)) for k, v in spec.flat().items()]
-        from mlflow.entities import Param
+            exp = self.client.get_experiment_by_name(spec.tracking.experiment)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                local = self.uri.startswith("sqlite:") and not spec.tracking.uri
+                artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
+                exp_id = self.client.create_experiment(spec.tracking.experiment,
+                                                       artifact_location=artifacts)
+            run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
+                                         tags={"raypar.run_dir": str(Path(run_dir).resolve())})
+            self.run_id = run.info.run_id
+            have = {}
+        tmp = record.with_name(".mlflow.json.tmp")
+        tmp.write_text(json.dumps({"uri": self.uri, "run_id": self.run_id}))
+        tmp.replace(record)
+        params = [(k, str(v)) for k, v in spec.flat().items() if k not in have]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params[i:i + 100]])
+        for k, v in spec.flat().items():
+            if k in have and have[k] != str(v):
+                self.client.set_tag(self.run_id, f"resumed.{k}", f"{have[k]} -> {v}")
+
+    def backfill(self, rows: list[dict[str, Any]]) -> None:
+        """Log the rows of metrics.jsonl that this MLflow run does not have yet."""
+        if not rows:
+            return
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        self.log_rows([r for r in rows if int(r["step"]) not in logged])
 
     def log_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         import time
+
+        rows = list(rows)
+        if not rows:
+            return
 
         from mlflow.entities import Metric
         now = int(time.time() * 1000)

@@ -125,25 +125,107 @@ def padded_vocab(n: int, tp: int = 1) -> int:
     return -(-n // multiple) * multiple
 
 
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step rows, event rows) of a run's metrics.jsonl; a torn last line is ignored."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return [], []
+    data = path.read_bytes()
+    lines = data[:data.rfind(b"\n") + 1].splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if "event" not in r], [r for r in rows if "event" in r]
+
+
 class MetricsSink(ray.train.UserCallback):
     """Runs in the Ray Train controller, which Ray pins to the driver's node: appends
     the rows of rank 0's every report to metrics.jsonl, the run's record of truth, and
-    keeps what every rank reports once (placement and memory, the pipeline timeline)."""
+    keeps what every rank reports once (placement and memory, the pipeline timeline).
 
-    def __init__(self, run_dir: str):
+    After a restart the workers redo the steps since their checkpoint. Those rows are
+    already recorded, so they are not written again (each step has exactly one row);
+    instead one {"event": "recovery"} row says where training resumed from, how many
+    steps were redone, how long recovery took (from the failure, or from the start of
+    a `--resume` driver, to the first step finished after it), and whether every
+    redone step reproduced its recorded loss."""
+
+    def __init__(self, run_dir: str, started: float):
         self.run_dir = Path(run_dir)
+        self.started = started
+        self.losses: Optional[dict[int, float]] = None
+        self.failed_at: Optional[float] = None
+        self.failure = ""
+        self.recovery: Optional[dict[str, Any]] = None
+        self.reported = False
+
+    def _load(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            data = path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # a line torn by a crash: drop it, its step is redone
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+        rows, _ = read_metrics(self.run_dir)
+        self.losses = {int(r["step"]): r["loss"] for r in rows}
+
+    def after_exception(self, run_context, worker_exceptions):
+        if self.failed_at is None:
+            self.failed_at = time.time()
+            first = next(iter(worker_exceptions.values()), None)
+            self.failure = (str(first).strip().splitlines() or [type(first).__name__])[0][:300]
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
+        if self.losses is None:
+            self._load()
         for key, name in (("rank_info", "ranks.json"), ("timeline", "timeline.json")):
             if all(key in m for m in metrics):
                 tmp = self.run_dir / (name + ".tmp")
                 tmp.write_text(json.dumps([m[key] for m in metrics]))
                 tmp.replace(self.run_dir / name)
-        if metrics[0].get("rows"):
+        out: list[dict[str, Any]] = []
+        start = metrics[0].get("start")
+        first = not self.reported
+        self.reported = True
+        resume = start if start is not None and (
+            self.failed_at is not None or (first and self.losses)) else None
+        if resume is not None:
+            if self.recovery is not None:  # failed again before any new step
+                self.recovery.pop("since", None)
+                out.append(self.recovery)
+            self.recovery = {
+                "event": "recovery", "step": resume["from_step"],
+                "cause": "failure" if self.failed_at is not None else "resume",
+                "error": self.failure, "checkpoint": resume["checkpoint"],
+                "skipped": resume["skipped"],
+                "steps_redone": 0,
+                "since": self.failed_at if self.failed_at is not None else self.started,
+                "mismatched_steps": []}
+            self.failed_at, self.failure = None, ""
+        for row in metrics[0].get("rows") or []:
+            step = int(row["step"])
+            rec = self.recovery
+            # Rows from before the failure (a checkpoint's own report, sent again) are not
+            # "fresh"; the first fresh one is the first step finished after recovery.
+            fresh = rec is not None and row["time"] >= rec["since"]
+            if fresh and "recovery_s" not in rec:
+                rec["recovery_s"] = row["time"] - rec["since"]
+            if step in self.losses:  # redone after a restart: recorded already
+                if fresh:
+                    rec["steps_redone"] += 1
+                    if row["loss"] != self.losses[step]:
+                        rec["mismatched_steps"].append(step)
+                continue
+            if fresh:
+                rec.pop("since")
+                out.append(rec)
+                self.recovery = None
+            self.losses[step] = row["loss"]
+            out.append(row)
+        if out:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write("".join(json.dumps(row) + "\n" for row in metrics[0]["rows"]))
+                f.write("".join(json.dumps(row) + "\n" for row in out))
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -160,19 +242,111 @@ def _follow(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     return rows, offset + end
 
 
+def checkpoint_root(spec: RunSpec, run_dir: Path) -> tuple[str, str, str]:
+    """(storage_path, name, root) of a run's checkpoints: Ray Train writes them to
+    <storage_path>/<name>/step_<N>. Without checkpoint.storage_path that is
+    RUN_DIR/checkpoints; with one, <storage_path>/<run dir name> (a shared store gets one
+    folder per run: the same name would make Ray Train resume one run from another's)."""
+    if spec.checkpoint.storage_path:
+        storage, name = spec.checkpoint.storage_path.rstrip("/"), run_dir.name
+    else:
+        storage, name = str(run_dir.resolve()), "checkpoints"
+    return storage, name, f"{storage}/{name}"
+
+
+def check_storage(spec: RunSpec, run_dir: Path) -> None:
+    """Fail before training starts if checkpoints could not be written."""
+    if not spec.checkpoint.storage_path:
+        probe = run_dir.resolve()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"--run-dir: {run_dir} is not writable (checkpoints and "
+                              f"metrics go there)")
+        return
+    storage = spec.checkpoint.storage_path
+    field = "checkpoint.storage_path"
+    try:
+        if "://" in storage and not storage.startswith("file://"):
+            import pyarrow.fs as pafs
+            fs, root = pafs.FileSystem.from_uri(storage)
+            fs.create_dir(root, recursive=True)
+            probe = f"{root.rstrip('/')}/.raypar-write-test-{os.getpid()}"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
+        else:
+            local = Path(storage[len("file://"):] if storage.startswith("file://") else storage)
+            local.mkdir(parents=True, exist_ok=True)
+            probe = local / f".raypar-write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+    except Exception as e:  # noqa: BLE001 - any failure to write means the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field}: cannot write checkpoints to {storage} ({reason})") from None
+
+
+def _fault_injection(run_dir: Path) -> Optional[dict[str, Any]]:
+    """RAYPAR_FAULT='rank=R,step=S[,phase=step|save]': the recovery tests' way to SIGKILL
+    one worker once (see raypar.train.loop._fault). Unset in normal use."""
+    text = os.environ.get("RAYPAR_FAULT", "").strip()
+    if not text:
+        return None
+    try:
+        fields = dict(part.split("=", 1) for part in text.split(","))
+        fault = {"rank": int(fields["rank"]), "step": int(fields["step"]),
+                 "phase": fields.get("phase", "step")}
+    except (ValueError, KeyError):
+        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save], "
+                          f"got {text!r}") from None
+    if fault["phase"] not in ("step", "save"):
+        raise ConfigError(f"RAYPAR_FAULT: phase must be step or save, got {fault['phase']!r}")
+    fault["marker"] = str((run_dir / ".fault-fired").resolve())
+    return fault
+
+
+def _check_resumable(spec: RunSpec, run_dir: Path, root: str, vocab_size: int,
+                     tokenizer_json: str) -> None:
+    """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
+    from raypar.train import checkpoint as ckpt
+    saved_tok = run_dir / "tokenizer.json"
+    if saved_tok.exists() and json.loads(saved_tok.read_text()) != json.loads(tokenizer_json):
+        raise ConfigError("data: this config builds a different tokenizer than the run's "
+                          f"{saved_tok}; resume with the run's data settings")
+    latest = ckpt.latest_valid(root, log)
+    if latest is not None:
+        ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
+    rows, _ = read_metrics(run_dir)
+    if rows and rows[-1]["step"] >= spec.train.steps:
+        raise ConfigError(f"--resume: {run_dir} already trained train.steps={spec.train.steps} "
+                          f"steps; raise it with --set train.steps=N to train further")
+
+
 def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Train one model; returns the summary that is also written to summary.json."""
+        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train one model; returns the summary that is also written to summary.json.
+
+    resume=True continues the run in run_dir (the driver died, or it failed, or it
+    should train for more steps): workers load its latest valid checkpoint, under this
+    spec's layout, and metrics.jsonl and the MLflow run go on where they stopped."""
     from raypar.data import prepare_corpus, resolve_sources
 
     t_start = time.time()
     resolve_sources(spec.data.path, spec.data.format)  # a bad path fails before Ray starts
     run_dir = Path(run_dir) if run_dir else default_run_dir(spec)
-    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"--run-dir: {run_dir} already holds a run; choose another directory")
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a raypar run directory "
+                              f"(no config.yaml)")
+    elif (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"--run-dir: {run_dir} already holds a run; choose another "
+                          f"directory, or continue it with --resume {run_dir}")
+    check_storage(spec, run_dir)
+    storage, name, root = checkpoint_root(spec, run_dir)
     uri = tracking.resolve_uri(spec, run_dir) if spec.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
+    fault = _fault_injection(run_dir)
 
     is_local = connect(spec, address)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -186,10 +360,14 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
     if len(corpus.val) == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
+    if resume:
+        _check_resumable(spec, run_dir, root, vocab_size, corpus.tokenizer.to_json())
 
     # From here on the run exists: its directory records what happens.
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "run.log")
+    if resume:
+        log.info("resuming %s with config: %s", run_dir, json.dumps(spec.to_dict()))
     (run_dir / "config.yaml").write_text(spec.to_yaml())
     corpus.tokenizer.save(run_dir / "tokenizer.json")
     _write_status(run_dir, "running")
@@ -197,27 +375,28 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
     if corpus.stats.get("replaced_bytes"):
         log.warning("data: replaced %d undecodable bytes in %d files",
                     corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"])
-    tracker = tracking.Tracker(spec, run_dir) if uri else None
+    earlier, _ = read_metrics(run_dir)
+    tracker = tracking.Tracker(spec, run_dir, resume=resume) if uri else None
     if tracker:
         tracker.log_artifact(run_dir / "config.yaml")
+        tracker.backfill(earlier)
 
-    storage = spec.checkpoint.storage_path or str(run_dir.resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.to_dict(), "vocab_size": vocab_size,
             "tokenizer_json": corpus.tokenizer.to_json(),
             "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
+            "checkpoint_root": root, "fault": fault,
         },
         scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu),
         run_config=RunConfig(
-            # A shared storage path gets one folder per run: the same name would make Ray
-            # Train resume one run from another's checkpoints.
-            name="checkpoints" if not spec.checkpoint.storage_path else run_dir.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=0),
+            # The same storage_path and name as before make Ray Train pick up the run's
+            # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=[MetricsSink(str(run_dir.resolve()))],
+            callbacks=[MetricsSink(str(run_dir.resolve()), t_start)],
         ),
     )
     outcome: dict[str, Any] = {}
@@ -228,10 +407,12 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             outcome["error"] = e
 
-    rows = _follow_training(threading.Thread(target=fit, daemon=True), run_dir, spec,
-                            tracker, progress)
-    ok = "error" not in outcome and len(rows) == spec.train.steps
+    new_rows, events = _follow_training(threading.Thread(target=fit, daemon=True), run_dir,
+                                        spec, tracker, progress, len(earlier))
+    rows = earlier + new_rows
+    ok = "error" not in outcome and bool(rows) and rows[-1]["step"] == spec.train.steps
     summary = _summarize(spec, rows, run_dir, tracker, time.time() - t_start)
+    summary["recoveries"] = events
     summary.update(_layout_report(spec, run_dir, tracker))
     if tracker:
         _finish_tracking(tracker, run_dir, rows, ok)
@@ -245,17 +426,29 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
 
 
 def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
-                     tracker: Optional[tracking.Tracker], progress: bool) -> list[dict]:
-    """Run fit() on a thread while this one tails metrics.jsonl into tqdm and MLflow."""
+                     tracker: Optional[tracking.Tracker], progress: bool, done: int
+                     ) -> tuple[list[dict], list[dict]]:
+    """Run fit() on a thread while this one tails metrics.jsonl into tqdm and MLflow.
+    Returns the new (step rows, recovery events)."""
     from tqdm import tqdm
 
-    path, offset, rows = run_dir / "metrics.jsonl", 0, []
-    bar = tqdm(total=spec.train.steps, desc="train", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    path = run_dir / "metrics.jsonl"
+    offset = path.stat().st_size if path.exists() else 0
+    rows: list[dict] = []
+    events: list[dict] = []
+    bar = tqdm(total=spec.train.steps, initial=done, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
     thread.start()
     while True:
         alive = thread.is_alive()
         new, offset = _follow(path, offset)
+        for event in (r for r in new if "event" in r):
+            events.append(event)
+            _log_event(event)
+            if tracker:
+                tracker.log_metrics({"recovery_s": event.get("recovery_s", float("nan")),
+                                     "steps_redone": event["steps_redone"]}, step=event["step"])
+        new = [r for r in new if "event" not in r]
         if new:
             rows.extend(new)
             if tracker:
@@ -267,7 +460,20 @@ def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
             break
         thread.join(timeout=0.5)
     bar.close()
-    return rows
+    return rows, events
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    for path, reason in event.get("skipped") or []:
+        log.warning("checkpoint %s skipped: %s", path, reason)
+    where = (f"checkpoint {event['checkpoint']}" if event.get("checkpoint")
+             else "the start (no valid checkpoint)")
+    cause = f"failure ({event['error']})" if event["cause"] == "failure" else "--resume"
+    log.warning("recovered from %s: resumed at step %d from %s, %d steps redone, %.1f s",
+                cause, event["step"], where, event["steps_redone"], event.get("recovery_s", -1))
+    if event.get("mismatched_steps"):
+        log.warning("redone steps %s did not reproduce their recorded loss",
+                    event["mismatched_steps"])
 
 
 def _summarize(spec: RunSpec, rows: list[dict], run_dir: Path,
