@@ -135,6 +135,9 @@ class CheckpointConfig:
     """How many of the most recent checkpoints to keep."""
     storage_path: str = ""
     """Where Ray Train stores checkpoints (local path or s3:// / gs://); empty means the run directory."""
+    async_save: bool = False
+    """Write checkpoints in the background: the step loop stalls only while the state is
+    copied to host memory, and the checkpoint is reported once its files are written."""
     max_failures: int = 3
     """Worker or node failures to recover from by restarting the workers from the latest
     checkpoint; -1 means no limit, 0 fails the run at the first one."""

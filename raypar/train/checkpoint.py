@@ -216,8 +216,46 @@ def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, An
     the rank that passes them. local_dir: where to write (default: a fresh
     temporary directory); it must be empty or missing.
     """
-    rank, world = _rank_world()
-    step = int(train_state.get("step", -1))
+    local = _new_dir(extra_files, local_dir)
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
+    return _complete(local, train_state, meta, extra_files)
+
+
+class PendingSave:
+    """A checkpoint being written in the background (`write_async`): `done()` polls,
+    `finish()` waits for the shard, adds the JSON files and the manifest, and returns
+    the local directory (collective: every rank calls it at the same point)."""
+
+    def __init__(self, future, local: Path, train_state: dict[str, Any], meta: dict[str, Any],
+                 extra_files: Optional[dict[str, bytes]]):
+        self.future, self.local = future, local
+        self.train_state, self.meta, self.extra_files = train_state, meta, extra_files
+        self.step = int(train_state.get("step", -1))
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> Path:
+        self.future.result()
+        return _complete(self.local, self.train_state, self.meta, self.extra_files)
+
+
+def write_async(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
+                extra_files: Optional[dict[str, bytes]] = None, *,
+                process_group: Optional[dist.ProcessGroup] = None) -> PendingSave:
+    """Like `write`, but returns once DCP has staged the state into host memory; the
+    files are written by a background thread. process_group: a group of its own for
+    DCP's collectives (they run on that thread, concurrently with training's)."""
+    local = _new_dir(extra_files, None)
+    with _quiet_single_process():
+        future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(local)),
+                                process_group=process_group)
+    future = getattr(future, "upload_completion", future)  # AsyncSaveResponse or Future
+    return PendingSave(future, local, train_state, meta, extra_files)
+
+
+def _new_dir(extra_files: Optional[dict[str, bytes]], local_dir: Optional[PathLike]) -> Path:
     for name in extra_files or {}:
         if "/" in name or "\\" in name or name in ("", ".", "..") or _RESERVED.match(name):
             raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
@@ -225,8 +263,13 @@ def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, An
     local.mkdir(parents=True, exist_ok=True)
     if any(local.iterdir()):
         raise ValueError(f"checkpoint directory {local} is not empty")
-    with _quiet_single_process():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
+    return local
+
+
+def _complete(local: Path, train_state: dict[str, Any], meta: dict[str, Any],
+              extra_files: Optional[dict[str, bytes]]) -> Path:
+    rank, world = _rank_world()
+    step = int(train_state.get("step", -1))
     if rank == 0:
         _write_json(local / META, meta)
         _write_json(local / TRAIN_STATE, train_state)

@@ -116,6 +116,10 @@ class Worker:
         # step takes positions [position, position + global_batch) (raypar/data/packing.py).
         self.position = 0
         self.memory: dict[str, float] | None = None
+        # Asynchronous saves run DCP's collectives on a thread while training runs its own:
+        # they get a process group of their own so the two never interleave on one.
+        self.save_group = (dist.new_group(backend="gloo") if spec.checkpoint.async_save
+                           and dist.get_world_size() > 1 else None)
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
@@ -373,8 +377,8 @@ def _choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
     Why the storage listing and not only `ray.train.get_checkpoint()`: Ray Train
     registers a checkpoint when its controller collects the report, up to one health
     check after the upload; a worker that dies in between takes a complete, uploaded
-    checkpoint out of Ray's list. Such a checkpoint verifies, and it carries the
-    metrics rows of its own report (train_state.json "rows"), so nothing is lost."""
+    checkpoint out of Ray's list. Such a checkpoint verifies, and it carries every
+    metrics row the driver may not have had (train_state.json "rows"), so no row is lost."""
     skipped = []
     for path in ckpt.candidates(root):
         reason = ckpt.verify(path)
@@ -435,6 +439,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pending.extend(saved.get("rows", []))
     last_report = time.perf_counter()
     placed = False
+    inflight: Optional[ckpt.PendingSave] = None
+    rank = dist.get_rank()
+
+    # The rows of the last report sent: Ray's worker-side queue holds one report, so every
+    # earlier one has reached the driver, but this one may still die with the worker.
+    unconfirmed: list[dict[str, Any]] = []
+
+    def report(checkpoint: Optional[Any], step: int) -> None:
+        nonlocal pending, extra, last_report, unconfirmed
+        ray.train.report({"rows": pending, **extra}, checkpoint=checkpoint,
+                         checkpoint_dir_name=ckpt.dir_name(step),
+                         delete_local_checkpoint_after_upload=True)
+        unconfirmed = pending
+        pending, extra, last_report = [], {}, time.perf_counter()
+
     while worker.step < spec.train.steps:
         timeline = worker.pipeline is not None and worker.step + 1 == TIMELINE_STEP
         if timeline:
@@ -456,17 +475,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row["val_loss"] = worker.evaluate()
         pending.append(row)
         _fault(config, worker.step, "step")
+        last = worker.step == spec.train.steps
+        due_ckpt = worker.checkpoint_due()
+        # A background save is reported as soon as rank 0 has written it (or before the
+        # next save starts, or at the end).
+        if inflight is not None and (due_ckpt or last or worker.agree(inflight.done())):
+            report(ray.train.Checkpoint.from_directory(str(inflight.finish())), inflight.step)
+            inflight = None
         checkpoint = None
-        if worker.checkpoint_due():
-            rank = dist.get_rank()
-            checkpoint = ckpt.save(worker.state_dict(), {**worker.train_state(), "rows": pending},
-                                   meta,
-                                   {ckpt.rng_name(rank): ckpt.rng_state_bytes()})
-            _fault(config, worker.step, "save")
-        due = checkpoint is not None or worker.step == spec.train.steps or \
+        if due_ckpt:
+            # Every row the driver may not have yet travels with the checkpoint.
+            state = {**worker.train_state(), "rows": unconfirmed + pending}
+            rng = {ckpt.rng_name(rank): ckpt.rng_state_bytes()}
+            if spec.checkpoint.async_save and not last:
+                inflight = ckpt.write_async(worker.state_dict(), state, meta, rng,
+                                            process_group=worker.save_group)
+            else:
+                checkpoint = ckpt.save(worker.state_dict(), state, meta, rng)
+                _fault(config, worker.step, "save")
+        due = checkpoint is not None or last or \
             time.perf_counter() - last_report >= REPORT_INTERVAL_S
         if worker.agree(due):
-            ray.train.report({"rows": pending, **extra}, checkpoint=checkpoint,
-                             checkpoint_dir_name=ckpt.dir_name(worker.step),
-                             delete_local_checkpoint_after_upload=True)
-            pending, extra, last_report = [], {}, time.perf_counter()
+            report(checkpoint, worker.step)
