@@ -435,7 +435,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # may have died with a worker before Ray collected it (the driver skips known steps).
     extra["start"] = {"checkpoint": path, "from_step": worker.step, "skipped": skipped,
                       "started": started, "loaded": time.time(),
-                      "saved_layout": saved.get("layout")}
+                      "saved_layout": saved.get("layout"),
+                      "layout": worker.train_state()["layout"]}
     pending.extend(saved.get("rows", []))
     last_report = time.perf_counter()
     placed = False
