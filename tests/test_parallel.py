@@ -24,11 +24,11 @@ COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", "train.steps=
           "train.global_batch=8", "train.micro_batch=2", "train.eval_every=5",
           "tracking.enabled=false"]
 
-# dp2 x pp2 and plain tp2 are checked against a single-process curve in test_resume.py
-# (the run that is resumed there, and the resume at tp2), so they are not repeated here.
+# dp2 x pp2 (schedule 1f1b) and plain tp2 are checked in test_resume.py against a dp2
+# curve that test_train checks against dp1 (the run resumed there, and the resume at
+# tp2), so they are not repeated here.
 LAYOUTS = {
     "pp2-gpipe": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=gpipe"],
-    "pp2-1f1b": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=1f1b"],
     "pp2-interleaved": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=interleaved_1f1b",
                         "parallel.virtual_stages=2"],
     "dp2-fsdp": ["parallel.dp=2", "parallel.dp_mode=fsdp"],

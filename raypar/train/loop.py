@@ -498,3 +498,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             time.perf_counter() - last_report >= REPORT_INTERVAL_S
         if worker.agree(due):
             report(checkpoint, worker.step)
+    if pending or extra:
+        # Resumed from the final checkpoint: nothing left to train, but its rows and the
+        # start record still go to the driver (every rank holds the same, so all report).
+        report(None, worker.step)

@@ -188,8 +188,11 @@ class MetricsSink(ray.train.UserCallback):
         start = metrics[0].get("start")
         first = not self.reported
         self.reported = True
-        resume = start if start is not None and (
-            self.failed_at is not None or (first and self.losses)) else None
+        # A restart after a failure, or the first start of a --resume driver: it had
+        # recorded steps, or there was a checkpoint to resume from (even if a driver killed
+        # before writing its rows left none).
+        resume = start if start is not None and (self.failed_at is not None or first and (
+            self.losses or start["checkpoint"] is not None or start["skipped"])) else None
         if resume is not None:
             if self.recovery is not None:  # failed again before any new step
                 self.recovery.pop("since", None)
@@ -331,6 +334,18 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
     resume=True continues the run in run_dir (the driver died, or it failed, or it
     should train for more steps): workers load its latest valid checkpoint, under this
     spec's layout, and metrics.jsonl and the MLflow run go on where they stopped."""
+    logger = logging.getLogger("raypar")
+    before = list(logger.handlers)
+    try:
+        return _run(spec, run_dir, address, progress, resume)
+    finally:  # this run's run.log handler: a later run in this process logs elsewhere
+        for handler in [h for h in logger.handlers if h not in before]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progress: bool,
+         resume: bool) -> dict[str, Any]:
     from raypar.data import prepare_corpus, resolve_sources
 
     t_start = time.time()
