@@ -399,7 +399,6 @@ def step_of(path: PathLike) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-
 def candidates(root: PathLike) -> list[PathLike]:
     """Checkpoint folders (`step_<N>`) newest first, unverified.
 
@@ -420,21 +419,19 @@ def candidates(root: PathLike) -> list[PathLike]:
     return [p for _, p in sorted(found.values(), key=lambda sp: sp[0], reverse=True)]
 
 
-def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar")
-                 ) -> Optional[PathLike]:
+def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar"),
+                 skipped: Optional[list[list[str]]] = None) -> Optional[PathLike]:
     """The newest checkpoint under root that verifies, or None. Each newer one that
-    fails verification is skipped with one warning naming it and the reason."""
+    fails verification is skipped with one warning naming it and the reason, and
+    appended to `skipped` (if given) as [path, reason]."""
     for path in candidates(root):
         reason = verify(path)
         if reason is None:
             return path
         log.warning("checkpoint %s skipped: %s", path, reason)
+        if skipped is not None:
+            skipped.append([str(path), reason])
     return None
-
-
-def latest(root: PathLike) -> Optional[PathLike]:
-    """Alias of `latest_valid`, kept for older callers."""
-    return latest_valid(root)
 
 
 def prune(root: PathLike, keep: int, log: logging.Logger = logging.getLogger("raypar")

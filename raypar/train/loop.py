@@ -97,6 +97,9 @@ class Worker:
                     activation_checkpoint(block)
             self.modules.append(apply_data_parallel(stage, self.pm, p.dp_mode))
         self.plain = [unwrap(m) for m in self.modules]
+        # Which stage modules hold the last stage's own copy of a tied embedding.
+        self.tied_copy = [any(self._tied_copy(m, n) for n, _ in m.named_parameters())
+                          for m in self.plain]
         # One optimizer per stage module, so each one's state dict is keyed by the
         # model's global parameter names (checkpoints load under any layout).
         self.optimizers = [torch.optim.AdamW(
@@ -254,23 +257,16 @@ class Worker:
         return self._mean_over_dp(total / count)
 
     # -- checkpoints -------------------------------------------------------------------
-    def _holds_tied_copy(self, module: torch.nn.Module) -> bool:
-        return any(self._tied_copy(unwrap(module), n) for n, _ in unwrap(module).named_parameters())
-
-    def _module_state(self, module: torch.nn.Module, opt: torch.optim.Optimizer
-                      ) -> dict[str, dict[str, Any]]:
-        """One stage module's {'model', 'optim'} under checkpoint names: the model's global
+    def _module_state(self, i: int) -> dict[str, dict[str, Any]]:
+        """Stage module i's {'model', 'optim'} under checkpoint names: the model's global
         parameter names, except that a last stage's copy of a tied embedding goes by the
         embedding's name (the two are equal, and so are their optimizer states), so that a
         checkpoint looks the same whatever pp it was saved under."""
-        msd, osd = get_state_dict(module, opt, options=STATE_DICT_OPTIONS)
+        msd, osd = get_state_dict(self.modules[i], self.optimizers[i], options=STATE_DICT_OPTIONS)
         if self.mcfg.tie_embeddings and "tok_emb.weight" in msd:
             msd.pop("lm_head.weight", None)  # the same tensor under its second name
-        if self._holds_tied_copy(module):
-            rename = {"lm_head.weight": "tok_emb.weight"}
-            msd = {rename.get(k, k): v for k, v in msd.items()}
-            osd = {k.replace(".lm_head.weight.", ".tok_emb.weight."): v for k, v in osd.items()}
-        return {"model": msd, "optim": osd}
+        state = {"model": msd, "optim": osd}
+        return _rename(state, "lm_head.weight", "tok_emb.weight") if self.tied_copy[i] else state
 
     def state_dict(self) -> dict[str, Any]:
         """{'model': ..., 'optim': ...} keyed by the model's global parameter names, with
@@ -278,9 +274,8 @@ class Worker:
         The tied copy is left out: the first stage saves the same tensor and state."""
         model_sd: dict[str, Any] = {}
         optim_sd: dict[str, Any] = {}
-        for m, opt in zip(self.modules, self.optimizers):
-            state = self._module_state(m, opt)
-            copy = self._holds_tied_copy(m)
+        for i, copy in enumerate(self.tied_copy):
+            state = self._module_state(i)
             model_sd.update({k: v for k, v in state["model"].items()
                              if not (copy and k == "tok_emb.weight")})
             optim_sd.update({k: v for k, v in state["optim"].items()
@@ -302,15 +297,13 @@ class Worker:
         # One DCP load per stage module (every rank hosts the same number of them): a rank
         # of a V-shaped schedule hosts both the embedding and its tied copy, whose requests
         # would collide in one dict.
-        for m, opt in zip(self.modules, self.optimizers):
-            state = self._module_state(m, opt)
+        for i, (m, opt) in enumerate(zip(self.modules, self.optimizers)):
+            state = self._module_state(i)
             ckpt.load(state, path)
-            msd, osd = state["model"], state["optim"]
-            if self._holds_tied_copy(m):
-                msd = {("lm_head.weight" if k == "tok_emb.weight" else k): v for k, v in msd.items()}
-                osd = {k.replace(".tok_emb.weight.", ".lm_head.weight."): v for k, v in osd.items()}
-            set_state_dict(m, opt, model_state_dict=msd, optim_state_dict=osd,
-                           options=LOAD_OPTIONS)
+            if self.tied_copy[i]:
+                state = _rename(state, "tok_emb.weight", "lm_head.weight")
+            set_state_dict(m, opt, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=LOAD_OPTIONS)
         saved = ckpt.read_train_state(path)
         self.step = int(saved["step"])
         self.tokens_seen = int(saved["tokens"])
@@ -370,6 +363,12 @@ def _rank_info(worker: Worker) -> dict[str, Any]:
 TIMELINE_STEP = 2
 
 
+def _rename(state: dict[str, dict[str, Any]], src: str, dst: str) -> dict[str, dict[str, Any]]:
+    """{'model', 'optim'} with parameter src called dst (flattened optimizer keys too)."""
+    return {"model": {(dst if k == src else k): v for k, v in state["model"].items()},
+            "optim": {k.replace(f".{src}.", f".{dst}."): v for k, v in state["optim"].items()}}
+
+
 def _choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
     """The newest checkpoint under root that verifies; each newer one that does not is
     skipped with a warning. Returns (path or None, [[skipped path, reason], ...]).
@@ -379,14 +378,9 @@ def _choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
     check after the upload; a worker that dies in between takes a complete, uploaded
     checkpoint out of Ray's list. Such a checkpoint verifies, and it carries every
     metrics row the driver may not have had (train_state.json "rows"), so no row is lost."""
-    skipped = []
-    for path in ckpt.candidates(root):
-        reason = ckpt.verify(path)
-        if reason is None:
-            return str(path), skipped
-        log.warning("checkpoint %s skipped: %s", path, reason)
-        skipped.append([str(path), reason])
-    return None, skipped
+    skipped: list[list[str]] = []
+    path = ckpt.latest_valid(root, log, skipped)
+    return (str(path) if path is not None else None), skipped
 
 
 def _broadcast(obj: Any) -> Any:

@@ -155,7 +155,6 @@ class MetricsSink(ray.train.UserCallback):
         self.failed_at: Optional[float] = None
         self.failure = ""
         self.recovery: Optional[dict[str, Any]] = None
-        self.reported = False
 
     def _load(self) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -177,7 +176,8 @@ class MetricsSink(ray.train.UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
-        if self.losses is None:
+        first = self.losses is None  # the first report this driver sees
+        if first:
             self._load()
         for key, name in (("rank_info", "ranks.json"), ("timeline", "timeline.json")):
             if all(key in m for m in metrics):
@@ -186,8 +186,6 @@ class MetricsSink(ray.train.UserCallback):
                 tmp.replace(self.run_dir / name)
         out: list[dict[str, Any]] = []
         start = metrics[0].get("start")
-        first = not self.reported
-        self.reported = True
         # A restart after a failure, or the first start of a --resume driver: it had
         # recorded steps, or there was a checkpoint to resume from (even if a driver killed
         # before writing its rows left none).
