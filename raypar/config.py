@@ -9,6 +9,7 @@ is allowed; the CLI prints that line and exits with code 2.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -44,6 +45,23 @@ class ModelConfig:
 
 
 @dataclass
+class ElasticConfig:
+    min_replicas: int = 1
+    """Fewest data-parallel replicas (a replica is pp*tp workers) an elastic run trains on."""
+    max_replicas: int = 0
+    """Most replicas; 0 turns elasticity off (parallel.dp is then fixed). Ray Train starts as
+    many as the cluster holds between the two, shrinks when a node is lost and grows when one
+    joins; parallel.dp is chosen at run time and parallel.dp itself is not used."""
+    resize_interval_s: float = 60.0
+    """How often a healthy run checks whether more workers fit (it then restarts from the
+    latest checkpoint with more replicas)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_replicas > 0
+
+
+@dataclass
 class ParallelConfig:
     dp: int = 2
     """Data-parallel replicas."""
@@ -65,6 +83,8 @@ class ParallelConfig:
     autoscale: bool = False
     """On a cluster too small for dp*pp*tp workers, wait for the Ray autoscaler to add nodes
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    """Elastic data parallelism: {min_replicas, max_replicas, resize_interval_s}."""
 
 
 @dataclass
@@ -166,7 +186,23 @@ class RunSpec:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.pp * self.parallel.tp
+        """Workers of the layout; an elastic run's largest one."""
+        return self.replica_size * self.max_dp
+
+    @property
+    def replica_size(self) -> int:
+        """Workers per data-parallel replica: one model copy over pp stages and tp shards."""
+        return self.parallel.pp * self.parallel.tp
+
+    @property
+    def min_dp(self) -> int:
+        e = self.parallel.elastic
+        return e.min_replicas if e.enabled else self.parallel.dp
+
+    @property
+    def max_dp(self) -> int:
+        e = self.parallel.elastic
+        return e.max_replicas if e.enabled else self.parallel.dp
 
     @property
     def grad_accum(self) -> int:
@@ -179,12 +215,38 @@ class RunSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
-        """{'section.key': value}: the shape MLflow params take."""
-        out: dict[str, Any] = {"name": self.name}
-        for section, values in self.to_dict().items():
+        """{'section.key': value} ('parallel.elastic.min_replicas' for nested ones): the
+        shape MLflow params take."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, values: Any) -> None:
             if isinstance(values, dict):
-                out.update({f"{section}.{k}": v for k, v in values.items()})
+                for k, v in values.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = values
+        walk("", self.to_dict())
         return out
+
+    def with_dp(self, dp: int) -> "RunSpec":
+        """A copy with parallel.dp = dp and elasticity resolved: the layout of one worker group."""
+        spec = copy.deepcopy(self)
+        spec.parallel.dp = dp
+        spec.parallel.elastic = ElasticConfig()
+        return spec
+
+
+def choose_dp(spec: RunSpec, workers: int) -> int:
+    """The data-parallel degree a worker group of this many workers trains with: the most
+    whole replicas, within the elastic range, for which the layout is valid (train.global_batch
+    divides into dp * micro_batch). Workers beyond it sit out. 0 when none fits."""
+    for dp in range(min(spec.max_dp, workers // spec.replica_size), spec.min_dp - 1, -1):
+        try:
+            validate(spec.with_dp(dp))
+        except ConfigError:
+            continue
+        return dp
+    return 0
 
 
 _SECTION_TYPES = {
@@ -286,10 +348,30 @@ def set_value(spec: RunSpec, dotted: str, value: Any) -> None:
     if section not in _SECTION_TYPES or not key:
         raise ConfigError(f"{dotted}: unknown field; use section.key with section one of "
                           f"{', '.join(_SECTION_TYPES)}")
-    types = _field_types(_SECTION_TYPES[section])
+    _set_field(getattr(spec, section), section, key, value)
+
+
+def _set_field(obj: Any, where: str, key: str, value: Any) -> None:
+    """Set obj.<key> (key may be dotted into a nested section, 'elastic.min_replicas');
+    a nested section also takes a mapping of its keys."""
+    key, _, rest = key.partition(".")
+    types = _field_types(type(obj))
     if key not in types:
-        raise ConfigError(f"{dotted}: unknown key; allowed in {section}: {', '.join(types)}")
-    setattr(getattr(spec, section), key, _coerce(dotted, value, types[key]))
+        raise ConfigError(f"{where}.{key}: unknown key; allowed in {where}: {', '.join(types)}")
+    typ = types[key]
+    if dataclasses.is_dataclass(typ):
+        if rest:
+            _set_field(getattr(obj, key), f"{where}.{key}", rest, value)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}.{key}: expected a mapping of "
+                              f"{', '.join(_field_types(typ))}, got {value!r}")
+        for k, v in value.items():
+            _set_field(getattr(obj, key), f"{where}.{key}", str(k), v)
+        return
+    if rest:
+        raise ConfigError(f"{where}.{key}.{rest}: unknown field; {where}.{key} has no keys")
+    setattr(obj, key, _coerce(f"{where}.{key}", value, typ))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -318,6 +400,26 @@ def validate(spec: RunSpec) -> RunSpec:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    e = spec.parallel.elastic
+    if e.min_replicas < 1:
+        raise ConfigError(f"parallel.elastic.min_replicas: must be >= 1, got {e.min_replicas}")
+    if e.max_replicas < 0:
+        raise ConfigError(f"parallel.elastic.max_replicas: must be >= 0 (0: not elastic), "
+                          f"got {e.max_replicas}")
+    if (e.enabled or e.min_replicas != 1) and e.max_replicas < e.min_replicas:
+        raise ConfigError(f"parallel.elastic.max_replicas: must be >= "
+                          f"parallel.elastic.min_replicas={e.min_replicas}, got "
+                          f"{e.max_replicas}" + ("" if e.max_replicas else " (0: not elastic)"))
+    if e.enabled:
+        if e.resize_interval_s < 0:
+            raise ConfigError(f"parallel.elastic.resize_interval_s: must be >= 0, got "
+                              f"{e.resize_interval_s}")
+        # Every group starts with at least min_replicas: that layout must be valid.
+        try:
+            validate(spec.with_dp(e.min_replicas))
+        except ConfigError as err:
+            raise ConfigError(f"parallel.elastic.min_replicas={e.min_replicas}: {err}") from None
+        return spec
     if spec.checkpoint.max_failures < -1:
         raise ConfigError(f"checkpoint.max_failures: must be >= -1 (-1: no limit), "
                           f"got {spec.checkpoint.max_failures}")

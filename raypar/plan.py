@@ -70,6 +70,8 @@ def activation_bytes(spec: RunSpec, n_layers: int, vocab_size: int, last: bool,
 
 
 def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
+    """Every rank's stages, layers and memory; an elastic run's at its largest layout."""
+    spec = spec.with_dp(spec.max_dp)
     p = spec.parallel
     stages_of = {r: _stage_modules(spec, vocab_size, r) for r in range(p.pp)}
     out = []
@@ -128,8 +130,12 @@ def _mib(n: int) -> str:
 
 
 def format_plan(spec: RunSpec, plans: list[RankPlan], vocab_size: int) -> str:
+    e = spec.parallel.elastic
+    elastic = ([f"elastic: {e.min_replicas}..{e.max_replicas} replicas of "
+                f"{spec.replica_size} workers; shown at {e.max_replicas}"] if e.enabled else [])
+    spec = spec.with_dp(spec.max_dp)
     p = spec.parallel
-    lines = [f"layout: dp={p.dp} x pp={p.pp} x tp={p.tp} = {spec.world_size} workers"
+    lines = elastic + [f"layout: dp={p.dp} x pp={p.pp} x tp={p.tp} = {spec.world_size} workers"
              f"  (dp_mode={p.dp_mode}"
              + (f", schedule={p.schedule}, virtual_stages={p.virtual_stages}" if p.pp > 1 else "")
              + (", sequence_parallel" if p.sequence_parallel and p.tp > 1 else "") + ")",

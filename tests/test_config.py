@@ -6,7 +6,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raypar.config import ConfigError, RunSpec, from_dict, load_spec, parse_override, validate
+from raypar.config import (ConfigError, RunSpec, choose_dp, from_dict, load_spec,
+                           parse_override, validate)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -73,6 +74,11 @@ def test_parse_override_reads_yaml_values():
     ("train.min_lr=1.0", "train.min_lr"),
     ("model.bias=maybe", "model.bias"),
     ("noequals", "--set 'noequals'"),
+    ("parallel.elastic.min_replicas=0", "parallel.elastic.min_replicas"),
+    ("parallel.elastic.max_replicas=-1", "parallel.elastic.max_replicas"),
+    ("parallel.elastic.replicas=2", "parallel.elastic.replicas"),
+    ("parallel.elastic=4", "parallel.elastic"),
+    ("parallel.dp.x=1", "parallel.dp.x"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -86,6 +92,50 @@ def test_global_batch_must_split_over_dp_and_micro_batch():
                                           r"parallel.dp \* train.micro_batch = 2 \* 4 = 8"):
         load_spec(None, ["train.global_batch=12", "parallel.dp=2", "train.micro_batch=4"])
     assert load_spec(None, ["train.global_batch=24", "train.micro_batch=4"]).grad_accum == 3
+
+
+def test_elastic_range_as_yaml_mapping_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("parallel: {pp: 1, elastic: {min_replicas: 1, max_replicas: 4}}\n"
+                 "train: {global_batch: 24, micro_batch: 2}\n")
+    spec = load_spec(f, ["parallel.elastic.resize_interval_s=5"])
+    e = spec.parallel.elastic
+    assert (e.min_replicas, e.max_replicas, e.resize_interval_s) == (1, 4, 5.0)
+    assert spec.flat()["parallel.elastic.max_replicas"] == 4  # MLflow params: flat keys
+    assert (spec.min_dp, spec.max_dp, spec.world_size) == (1, 4, 4)
+    assert from_dict(yaml.safe_load(spec.to_yaml())) == spec
+    fixed = spec.with_dp(3)
+    assert fixed.parallel.dp == 3 and not fixed.parallel.elastic.enabled
+    assert spec.parallel.elastic.enabled  # with_dp copies
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["parallel.elastic={min_replicas: 3, max_replicas: 2}"],
+     "parallel.elastic.max_replicas: must be >= parallel.elastic.min_replicas=3, got 2"),
+    (["parallel.elastic={min_replicas: 0, max_replicas: 2}"],
+     "parallel.elastic.min_replicas: must be >= 1"),
+    (["parallel.elastic.min_replicas=3"],  # no max_replicas: still fixed at parallel.dp=2
+     "parallel.elastic.max_replicas: must be >= parallel.elastic.min_replicas=3, got 0"),
+    # The smallest group must be a valid layout: 16 sequences do not split over 3 replicas.
+    (["parallel.elastic={min_replicas: 3, max_replicas: 4}"],
+     "parallel.elastic.min_replicas=3: train.global_batch: 16 must be divisible"),
+])
+def test_elastic_range_mistakes(overrides, error):
+    with pytest.raises(ConfigError) as e:
+        load_spec(None, overrides)
+    assert str(e.value).startswith(error)
+
+
+def test_choose_dp_takes_the_most_whole_replicas_that_split_the_batch():
+    # pp=2: a replica is 2 workers; global_batch 16 / micro_batch 2 splits over 1, 2, 4, 8.
+    spec = load_spec(None, ["parallel.elastic={min_replicas: 1, max_replicas: 4}"])
+    assert [choose_dp(spec, n) for n in range(10)] == [0, 0, 1, 1, 2, 2, 2, 2, 4, 4]
+    # 24 / 2 splits over 1, 2, 3, 4 (not 5): the sixth replica's workers sit out.
+    spec = load_spec(None, ["parallel.pp=1", "train.global_batch=24",
+                            "parallel.elastic={min_replicas: 2, max_replicas: 6}"])
+    assert [choose_dp(spec, n) for n in range(1, 8)] == [0, 2, 3, 4, 4, 6, 6]
+    # Not elastic: dp is what the config says, given enough workers.
+    assert choose_dp(load_spec(None, []), 4) == 2
 
 
 def test_bad_yaml_files(tmp_path):

@@ -8,6 +8,7 @@ then pipeline stages, then data-parallel replicas outermost.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -83,11 +84,21 @@ class ParallelMesh:
         return self.coords.pp == self.pp - 1
 
 
-def build_mesh(dp: int, pp: int, tp: int) -> ParallelMesh:
-    """Lay the (dp, pp, tp) mesh over the already-initialised default process group."""
-    world = dist.get_world_size()
-    if world != dp * pp * tp:
-        raise ValueError(f"world size {world} != dp*pp*tp = {dp}*{pp}*{tp}")
-    mesh = init_device_mesh(device_type(), (dp, pp, tp), mesh_dim_names=DIMS)
-    return ParallelMesh(mesh=mesh, coords=coords_of(dist.get_rank(), dp, pp, tp),
-                        dp=dp, pp=pp, tp=tp)
+def build_mesh(dp: int, pp: int, tp: int) -> Optional[ParallelMesh]:
+    """Lay the (dp, pp, tp) mesh over the already-initialised default process group.
+
+    The world may be larger than the layout (an elastic run whose workers do not make a
+    whole number of usable replicas): the mesh then covers the first dp*pp*tp ranks, every
+    rank still takes part in creating its process groups (a collective), and the ranks
+    beyond it get None: they sit out."""
+    world, n = dist.get_world_size(), dp * pp * tp
+    if world < n:
+        raise ValueError(f"world size {world} < dp*pp*tp = {dp}*{pp}*{tp}")
+    if world == n:
+        mesh = init_device_mesh(device_type(), (dp, pp, tp), mesh_dim_names=DIMS)
+    else:
+        mesh = DeviceMesh(device_type(), torch.arange(n).view(dp, pp, tp), mesh_dim_names=DIMS)
+    rank = dist.get_rank()
+    if rank >= n:
+        return None
+    return ParallelMesh(mesh=mesh, coords=coords_of(rank, dp, pp, tp), dp=dp, pp=pp, tp=tp)

@@ -176,8 +176,8 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+def _rank_world(group: Optional[dist.ProcessGroup] = None) -> tuple[int, int]:
+    return (dist.get_rank(group), dist.get_world_size(group)) if _dist() else (0, 1)
 
 
 @contextmanager
@@ -194,17 +194,20 @@ def _quiet_single_process():
 
 def save(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
          extra_files: Optional[dict[str, bytes]] = None, *,
-         local_dir: Optional[PathLike] = None) -> "Checkpoint":
+         local_dir: Optional[PathLike] = None,
+         process_group: Optional[dist.ProcessGroup] = None) -> "Checkpoint":
     """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`."""
     from ray.train import Checkpoint
 
     return Checkpoint.from_directory(str(write(state, train_state, meta, extra_files,
-                                               local_dir=local_dir)))
+                                               local_dir=local_dir,
+                                               process_group=process_group)))
 
 
 def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
           extra_files: Optional[dict[str, bytes]] = None, *,
-          local_dir: Optional[PathLike] = None) -> Path:
+          local_dir: Optional[PathLike] = None,
+          process_group: Optional[dist.ProcessGroup] = None) -> Path:
     """Write this rank's part of a checkpoint into a local directory; returns it.
 
     state: a DCP state dict keyed by global names, e.g. {"model": ..., "optim": ...}
@@ -214,12 +217,14 @@ def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, An
     train_state and meta (JSON-serialisable) are written by rank 0 only;
     extra_files ({name: bytes}, e.g. `{rng_name(rank): rng_state_bytes()}`) by
     the rank that passes them. local_dir: where to write (default: a fresh
-    temporary directory); it must be empty or missing.
+    temporary directory); it must be empty or missing. process_group: the ranks that
+    save (default: all); a rank's number in it names its manifest.
     """
     local = _new_dir(extra_files, local_dir)
     with _quiet_single_process():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)))
-    return _complete(local, train_state, meta, extra_files)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)),
+                 process_group=process_group)
+    return _complete(local, train_state, meta, extra_files, process_group)
 
 
 class PendingSave:
@@ -228,8 +233,9 @@ class PendingSave:
     the local directory (collective: every rank calls it at the same point)."""
 
     def __init__(self, future, local: Path, train_state: dict[str, Any], meta: dict[str, Any],
-                 extra_files: Optional[dict[str, bytes]]):
-        self.future, self.local = future, local
+                 extra_files: Optional[dict[str, bytes]],
+                 ranks: Optional[dist.ProcessGroup] = None):
+        self.future, self.local, self.ranks = future, local, ranks
         self.train_state, self.meta, self.extra_files = train_state, meta, extra_files
         self.step = int(train_state.get("step", -1))
 
@@ -238,7 +244,7 @@ class PendingSave:
 
     def finish(self) -> Path:
         self.future.result()
-        return _complete(self.local, self.train_state, self.meta, self.extra_files)
+        return _complete(self.local, self.train_state, self.meta, self.extra_files, self.ranks)
 
 
 def write_async(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
@@ -246,13 +252,14 @@ def write_async(state: dict[str, Any], train_state: dict[str, Any], meta: dict[s
                 process_group: Optional[dist.ProcessGroup] = None) -> PendingSave:
     """Like `write`, but returns once DCP has staged the state into host memory; the
     files are written by a background thread. process_group: a group of its own for
-    DCP's collectives (they run on that thread, concurrently with training's)."""
+    DCP's collectives (they run on that thread, concurrently with training's), over the
+    ranks that save."""
     local = _new_dir(extra_files, None)
     with _quiet_single_process():
         future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(local)),
                                 process_group=process_group)
     future = getattr(future, "upload_completion", future)  # AsyncSaveResponse or Future
-    return PendingSave(future, local, train_state, meta, extra_files)
+    return PendingSave(future, local, train_state, meta, extra_files, process_group)
 
 
 def _new_dir(extra_files: Optional[dict[str, bytes]], local_dir: Optional[PathLike]) -> Path:
@@ -267,8 +274,9 @@ def _new_dir(extra_files: Optional[dict[str, bytes]], local_dir: Optional[PathLi
 
 
 def _complete(local: Path, train_state: dict[str, Any], meta: dict[str, Any],
-              extra_files: Optional[dict[str, bytes]]) -> Path:
-    rank, world = _rank_world()
+              extra_files: Optional[dict[str, bytes]],
+              group: Optional[dist.ProcessGroup] = None) -> Path:
+    rank, world = _rank_world(group)
     step = int(train_state.get("step", -1))
     if rank == 0:
         _write_json(local / META, meta)
@@ -491,12 +499,15 @@ def local_copy(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(state: dict[str, Any], path: PathLike) -> None:
+def load(state: dict[str, Any], path: PathLike,
+         process_group: Optional[dist.ProcessGroup] = None) -> None:
     """DCP load into `state` in place (same keys as saved, any layout: DCP reshards
-    by global names). Collective when a process group is initialized. Loads only
-    the keys `state` has, so {"model": ...} alone skips the optimizer."""
+    by global names). Collective over process_group (default: all ranks) when a process
+    group is initialized. Loads only the keys `state` has, so {"model": ...} alone skips
+    the optimizer."""
     with local_copy(path) as local, _quiet_single_process():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(local)))
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(local)),
+                 process_group=process_group)
 
 
 def load_model_state(path: PathLike, model: torch.nn.Module) -> None:

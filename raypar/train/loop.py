@@ -10,10 +10,12 @@ one metrics row through `ray.train.report`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from raypar.config import RunSpec, from_dict
+from raypar.config import RunSpec, choose_dp, from_dict
 from raypar.data.packing import rank_slice, stream_indices
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
 from raypar.parallel.data import (apply_data_parallel, finish_gradient_sync, gradient_sync,
@@ -69,11 +71,12 @@ class Worker:
     one optimizer per stage module, and its view of the data."""
 
     def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: np.ndarray,
-                 val_blocks: np.ndarray):
+                 val_blocks: np.ndarray, groups: Optional["Groups"] = None):
         self.spec = spec
         torch.set_num_threads(spec.train.threads)
         p, t = spec.parallel, spec.train
-        self.pm: ParallelMesh = build_mesh(p.dp, p.pp, p.tp)
+        self.groups = groups or Groups.build(spec)
+        self.pm: ParallelMesh = self.groups.mesh
         self.device = torch.device(device_type(), torch.cuda.current_device()
                                    if torch.cuda.is_available() else None)
         self.train_blocks, self.val_blocks = train_blocks, val_blocks
@@ -119,10 +122,6 @@ class Worker:
         # step takes positions [position, position + global_batch) (raypar/data/packing.py).
         self.position = 0
         self.memory: dict[str, float] | None = None
-        # Asynchronous saves run DCP's collectives on a thread while training runs its own:
-        # they get a process group of their own so the two never interleave on one.
-        self.save_group = (dist.new_group(backend="gloo") if spec.checkpoint.async_save
-                           and dist.get_world_size() > 1 else None)
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
@@ -228,7 +227,7 @@ class Worker:
         self.position += t.global_batch
         self.tokens_seen += t.global_batch * spec.data.seq_len
         row = {"step": self.step, "loss": self._mean_over_dp(loss),
-               "lr": lr, "grad_norm": grad_norm, "time": time.time(),
+               "lr": lr, "grad_norm": grad_norm, "time": time.time(), "dp": self.pm.dp,
                "first_block": int(indices[0]), "last_block": int(indices[-1])}
         if t.log_blocks:
             row["blocks"] = indices.tolist()
@@ -299,7 +298,7 @@ class Worker:
         # would collide in one dict.
         for i, (m, opt) in enumerate(zip(self.modules, self.optimizers)):
             state = self._module_state(i)
-            ckpt.load(state, path)
+            ckpt.load(state, path, process_group=self.groups.active)
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
             set_state_dict(m, opt, model_state_dict=state["model"],
@@ -319,15 +318,6 @@ class Worker:
             # the step (the weights and data continue exactly; with dropout 0 nothing differs).
             torch.manual_seed(self.spec.train.seed + 1 + self.pm.coords.dp + 7919 * self.step)
         return saved
-
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's flag on every rank: ray.train.report is a barrier, so all ranks must
-        report at the same steps even when the decision depends on each rank's clock."""
-        if dist.get_world_size() == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(t, src=0)
-        return bool(t.item())
 
     def eval_due(self) -> bool:
         t = self.spec.train
@@ -383,20 +373,12 @@ def _choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
     return (str(path) if path is not None else None), skipped
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's object on every rank (pickled between our own processes, never from storage)."""
-    if dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _fault(config: dict[str, Any], step: int, phase: str) -> None:
     """Fault injection for the recovery tests (RAYPAR_FAULT, read by the driver): the named
-    rank SIGKILLs its own process at the named step and phase ('step': after the step,
-    'save': after writing its checkpoint shard, before reporting it), once per run (a
-    marker file in the run directory remembers that it fired)."""
+    rank kills its own process at the named step and phase, once per run (a marker file in
+    the run directory remembers that it fired). 'step': SIGKILL after the step; 'save':
+    SIGKILL after writing its checkpoint shard, before reporting it; 'sigterm': SIGTERM
+    after the step, as a spot preemption or a node drain sends it."""
     fault = config.get("fault")
     if not fault or fault["step"] != step or fault["phase"] != phase \
             or fault["rank"] != dist.get_rank():
@@ -408,21 +390,203 @@ def _fault(config: dict[str, Any], step: int, phase: str) -> None:
         return
     os.write(fd, f"{phase} {step}\n".encode())
     os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if phase != "sigterm":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    # The handler runs on the process's main thread: wait for it, so the test knows the
+    # step at which this rank asks for the preemption checkpoint.
+    deadline = time.monotonic() + 10
+    while not _SIGTERM.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# -- SIGTERM: checkpoint, then exit ---------------------------------------------------------
+# A spot preemption or a node drain sends the worker SIGTERM some time before the node goes.
+# Ray's own handler exits at once; ours only records it, the step loop then saves a
+# checkpoint with every rank, reports it, and the signalled process exits. Python runs
+# signal handlers on the main thread, which in a Ray Train worker is the actor's task
+# thread (training runs on another), so the handler is installed by an actor task
+# (`RayTrainWorker.execute`) rather than from here.
+_SIGTERM = threading.Event()
+_RAY_SIGTERM_HANDLER: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _SIGTERM.is_set() and callable(_RAY_SIGTERM_HANDLER):
+        _RAY_SIGTERM_HANDLER(signum, frame)  # a second SIGTERM: exit now
+    _SIGTERM.set()
+
+
+def _install_sigterm_handler() -> bool:
+    global _RAY_SIGTERM_HANDLER
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not _on_sigterm:
+        _RAY_SIGTERM_HANDLER = previous
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return True
+
+
+def _exit_after_sigterm() -> None:
+    """Exit the way the SIGTERM would have made this process exit without our handler."""
+    handler = _RAY_SIGTERM_HANDLER
+    signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the main thread exits the process meanwhile
+    os._exit(1)
+
+
+def _watch_sigterm() -> None:
+    _SIGTERM.clear()
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ok = ray.get(actor.execute.remote(_install_sigterm_handler), timeout=30)
+    except Exception as e:  # noqa: BLE001 - not fatal: SIGTERM then exits at once
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    else:
+        reason = "the task did not run on the main thread"
+    if not ok:
+        log.warning("no SIGTERM handler (%s): a preemption loses the steps since the last "
+                    "checkpoint", reason)
+
+
+class Preempted(RuntimeError):
+    """Raised by the ranks that were not signalled, once the preemption checkpoint is
+    reported: the worker group restarts from it without the signalled worker."""
+
+
+# -- who trains, and the per-step control exchange -------------------------------------------
+
+@dataclasses.dataclass
+class Groups:
+    """One worker group's process groups. Every rank creates them (group creation is
+    collective), those that sit out included: an elastic run whose workers do not make a
+    whole number of usable replicas trains on the first dp*pp*tp ranks only."""
+    mesh: Optional[ParallelMesh]  # None: this rank sits out
+    active: Optional[dist.ProcessGroup]  # the training ranks (None: every rank)
+    save: Optional[dist.ProcessGroup]  # background saves' own group over the training ranks
+    idle: Optional[dist.ProcessGroup]  # rank 0 and the ranks that sit out (None: nobody)
+    n_active: int
+
+    @classmethod
+    def build(cls, spec: RunSpec) -> "Groups":
+        p = spec.parallel
+        world, n = dist.get_world_size(), spec.world_size
+        mesh = build_mesh(p.dp, p.pp, p.tp)
+        active = idle = None
+        if world > n:
+            active = dist.new_group(ranks=list(range(n)))
+            idle = dist.new_group(ranks=[0, *range(n, world)])
+        # Background saves run DCP's collectives on a thread while training runs its own:
+        # they get a group of their own so the two never interleave on one.
+        save = (dist.new_group(ranks=list(range(n)), backend="gloo")
+                if spec.checkpoint.async_save and n > 1 else None)
+        return cls(mesh, active, save, idle, n)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+# The flags every rank contributes once per step (max over all ranks): rank 0's decisions
+# (its clock decides when rows are due, and when a background save has landed), Ray
+# Train's preemption notice, and any rank's SIGTERM. Training and sitting-out ranks then
+# act on the same values.
+REPORT_DUE, SAVE_LANDED, NOTICE, SIGTERMED = range(4)
+NO_FLAGS = [0, 0, 0, 0]
+
+
+def _report(metrics: dict[str, Any], **kwargs: Any) -> Optional[Any]:
+    """ray.train.report, preceded by Ray Train's preemption check (both are barriers over
+    every worker, so every rank, sitting out or not, calls the two together). Returns the
+    preemption notice: a node of this group is being drained (a spot reclaim, an autoscaler
+    scale-down), with the deadline Ray Core was given."""
+    notice = ray.train.get_preemption_info()
+    ray.train.report(metrics, **kwargs)
+    return notice
+
+
+def _exchange(flags: list[int]) -> list[int]:
+    if dist.get_world_size() == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _share_plan(plan: list[int], groups: Groups) -> list[int]:
+    """Rank 0 tells the ranks that sit out [reports to make, stop]: ray.train.report is a
+    barrier over every worker, so they report (empty) exactly when the others do."""
+    if groups.idle is None:
+        return plan
+    t = torch.tensor(plan, dtype=torch.int64, device=_device())
+    dist.broadcast(t, src=0, group=groups.idle)
+    return t.tolist()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (pickled between our own processes, never from storage)."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_layout(spec: RunSpec, workers: int) -> RunSpec:
+    """This worker group's layout: a fixed one as configured; an elastic one with as many
+    replicas as its workers allow (raypar.config.choose_dp)."""
+    if not spec.parallel.elastic.enabled:
+        if workers != spec.world_size:
+            raise RuntimeError(f"{workers} workers for a layout of {spec.world_size}")
+        return spec
+    dp = choose_dp(spec, workers)
+    if dp < 1:
+        raise RuntimeError(f"{workers} workers hold no valid layout of at least "
+                           f"parallel.elastic.min_replicas={spec.min_dp} replicas")
+    return spec.with_dp(dp)
+
+
+def _sit_out(spec: RunSpec, groups: Groups) -> None:
+    """A rank beyond the layout: it holds no model, and takes part only in the control
+    exchange and in Ray Train's report barrier, until training stops."""
+    while True:
+        flags = list(NO_FLAGS)
+        flags[SIGTERMED] = int(_SIGTERM.is_set())
+        _exchange(flags)
+        n_reports, stop = _share_plan([0, 0], groups)
+        for _ in range(n_reports):
+            _report({})
+        if stop:
+            _exchange(list(NO_FLAGS))  # the training ranks' closing barrier
+            if _SIGTERM.is_set():
+                _exit_after_sigterm()
+            return
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker (again after every restart)."""
     started = time.time()
-    spec = from_dict(config["spec"])
+    _watch_sigterm()
+    world = dist.get_world_size()
+    configured = from_dict(config["spec"])
+    spec = resolve_layout(configured, world)
+    groups = Groups.build(spec)
+    rank = dist.get_rank()
+    choice = _choose_checkpoint(config["checkpoint_root"]) if rank == 0 else None
+    path, skipped = _broadcast(choice)
+    if groups.mesh is None:
+        _sit_out(spec, groups)
+        return
     worker = Worker(spec, config["vocab_size"], ray.get(config["train_ref"]),
-                    ray.get(config["val_ref"]))
+                    ray.get(config["val_ref"]), groups)
     meta = {"model": vars(worker.mcfg), "spec": config["spec"],
-            "tokenizer": config["tokenizer_json"], "layout": vars(spec.parallel)}
+            "tokenizer": config["tokenizer_json"],
+            "layout": dataclasses.asdict(spec.parallel)}
     pending: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
-    choice = _choose_checkpoint(config["checkpoint_root"]) if dist.get_rank() == 0 else None
-    path, skipped = _broadcast(choice)
     saved = worker.load(path) if path is not None else {}
     # Where this worker group starts: the driver tells a restart from a fresh start and
     # counts the steps redone. The checkpoint's own report rows go out again: that report
@@ -430,26 +594,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     extra["start"] = {"checkpoint": path, "from_step": worker.step, "skipped": skipped,
                       "started": started, "loaded": time.time(),
                       "saved_layout": saved.get("layout"),
-                      "layout": worker.train_state()["layout"]}
+                      "layout": worker.train_state()["layout"],
+                      "workers": world, "sitting_out": world - groups.n_active}
     pending.extend(saved.get("rows", []))
     last_report = time.perf_counter()
     placed = False
     inflight: Optional[ckpt.PendingSave] = None
-    rank = dist.get_rank()
 
     # The rows of the last report sent: Ray's worker-side queue holds one report, so every
     # earlier one has reached the driver, but this one may still die with the worker.
     unconfirmed: list[dict[str, Any]] = []
+    # Ray Train's preemption notice (rank 0's), and whether its checkpoint is saved.
+    notice: Optional[Any] = None
+    notice_saved = False
 
     def report(checkpoint: Optional[Any], step: int) -> None:
-        nonlocal pending, extra, last_report, unconfirmed
-        ray.train.report({"rows": pending, **extra}, checkpoint=checkpoint,
+        nonlocal pending, extra, last_report, unconfirmed, notice
+        notice = _report({"rows": pending, **extra}, checkpoint=checkpoint,
                          checkpoint_dir_name=ckpt.dir_name(step),
-                         delete_local_checkpoint_after_upload=True)
+                         delete_local_checkpoint_after_upload=True) or notice
         unconfirmed = pending
         pending, extra, last_report = [], {}, time.perf_counter()
 
-    while worker.step < spec.train.steps:
+    def save(sync: bool) -> Optional[Any]:
+        """Every rank writes its shard; returns the checkpoint to report now, or None
+        when it is written in the background (reported once it lands)."""
+        nonlocal inflight
+        # Every row the driver may not have yet travels with the checkpoint.
+        state = {**worker.train_state(), "rows": unconfirmed + pending}
+        rng = {ckpt.rng_name(rank): ckpt.rng_state_bytes()}
+        if not sync:
+            inflight = ckpt.write_async(worker.state_dict(), state, meta, rng,
+                                        process_group=groups.save)
+            return None
+        checkpoint = ckpt.save(worker.state_dict(), state, meta, rng,
+                               process_group=groups.active)
+        _fault(config, worker.step, "save")
+        return checkpoint
+
+    stop = worker.step >= spec.train.steps
+    while not stop:
         timeline = worker.pipeline is not None and worker.step + 1 == TIMELINE_STEP
         if timeline:
             worker.pipeline.record_timeline = True
@@ -470,29 +654,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row["val_loss"] = worker.evaluate()
         pending.append(row)
         _fault(config, worker.step, "step")
+        _fault(config, worker.step, "sigterm")
         last = worker.step == spec.train.steps
         due_ckpt = worker.checkpoint_due()
+        flags = list(NO_FLAGS)
+        flags[SIGTERMED] = int(_SIGTERM.is_set())
+        if rank == 0:
+            flags[REPORT_DUE] = int(time.perf_counter() - last_report >= REPORT_INTERVAL_S)
+            flags[SAVE_LANDED] = int(inflight is not None and inflight.done())
+            flags[NOTICE] = int(notice is not None and not notice_saved)
+        flags = _exchange(flags)
+        preempted = bool(flags[SIGTERMED])
+        # A preemption notice: save now and train on; when the node goes, the group
+        # restarts from this checkpoint (Ray Train's own recommendation).
+        if flags[NOTICE]:
+            notice_saved = True
+            if rank == 0:
+                log.warning("preemption notice at step %d: %s; saving a checkpoint",
+                            worker.step, notice)
         # A background save is reported as soon as rank 0 has written it (or before the
-        # next save starts, or at the end).
-        if inflight is not None and (due_ckpt or last or worker.agree(inflight.done())):
+        # next save starts, at the end, or before a preemption's save).
+        save_now = due_ckpt or preempted or bool(flags[NOTICE])
+        finish = inflight is not None and (save_now or last or bool(flags[SAVE_LANDED]))
+        stop = last or preempted
+        report_now = save_now or last or bool(flags[REPORT_DUE])
+        if rank == 0:
+            _share_plan([int(finish) + int(report_now), int(stop)], groups)
+        if finish:
             report(ray.train.Checkpoint.from_directory(str(inflight.finish())), inflight.step)
             inflight = None
         checkpoint = None
-        if due_ckpt:
-            # Every row the driver may not have yet travels with the checkpoint.
-            state = {**worker.train_state(), "rows": unconfirmed + pending}
-            rng = {ckpt.rng_name(rank): ckpt.rng_state_bytes()}
-            if spec.checkpoint.async_save and not last:
-                inflight = ckpt.write_async(worker.state_dict(), state, meta, rng,
-                                            process_group=worker.save_group)
-            else:
-                checkpoint = ckpt.save(worker.state_dict(), state, meta, rng)
-                _fault(config, worker.step, "save")
-        due = checkpoint is not None or last or \
-            time.perf_counter() - last_report >= REPORT_INTERVAL_S
-        if worker.agree(due):
+        if save_now:
+            # The last checkpoint, and a preemption's, are written before anything goes on.
+            checkpoint = save(sync=not spec.checkpoint.async_save or last or preempted
+                              or bool(flags[NOTICE]))
+        if report_now:
             report(checkpoint, worker.step)
     if pending or extra:
         # Resumed from the final checkpoint: nothing left to train, but its rows and the
         # start record still go to the driver (every rank holds the same, so all report).
+        _exchange(list(NO_FLAGS))
+        if rank == 0:
+            _share_plan([1, 1], groups)
         report(None, worker.step)
+    # Every rank has uploaded its part of the last checkpoint before any of them exits.
+    _exchange(list(NO_FLAGS))
+    if worker.step < spec.train.steps:
+        if _SIGTERM.is_set():
+            _exit_after_sigterm()
+        raise Preempted(f"a worker received SIGTERM at step {worker.step}: saved the "
+                        f"checkpoint {ckpt.dir_name(worker.step)}; restarting from it")

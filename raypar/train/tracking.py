@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from raypar.config import ConfigError, RunSpec
 
-METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens")
+METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "dp")
 
 
 def resolve_uri(spec: RunSpec, run_dir: Path) -> str:

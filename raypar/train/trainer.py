@@ -24,7 +24,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypar.config import ConfigError, RunSpec
+from raypar.config import ConfigError, RunSpec, choose_dp
 from raypar.model import param_count
 from raypar.train import tracking
 from raypar.train.loop import model_config, train_loop_per_worker
@@ -82,10 +82,23 @@ def connect(spec: RunSpec, address: Optional[str]) -> bool:
 
 def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
     """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
-    need = spec.world_size
     resource = "GPU" if use_gpu else "CPU"
     have = int(ray.cluster_resources().get(resource, 0))
-    if have < need and (is_local or not spec.parallel.autoscale):
+    waits = not is_local and spec.parallel.autoscale
+    if spec.parallel.elastic.enabled:
+        need = spec.min_dp * spec.replica_size
+        if have < need and not waits:
+            raise ConfigError(
+                f"parallel.elastic.min_replicas: {spec.min_dp} replicas of pp*tp = "
+                f"{spec.replica_size} workers need {need} {resource}s but the cluster has "
+                f"{have}; lower it, add nodes, or set parallel.autoscale=true on an "
+                f"autoscaling cluster")
+        if have < spec.world_size:
+            log.info("elastic: the cluster holds %d of the %d workers of %d replicas now; "
+                     "training starts with dp=%d and grows as nodes join", have,
+                     spec.world_size, spec.max_dp, max(choose_dp(spec, have), spec.min_dp))
+    elif have < spec.world_size and not waits:
+        need = spec.world_size
         raise ConfigError(
             f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
             f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
@@ -102,6 +115,19 @@ def check_local_memory(spec: RunSpec, vocab_size: int) -> None:
             f"parallel: {spec.world_size} workers need about {total / 2**30:.1f} GiB "
             f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
             f"or the model size")
+
+
+def scaling_config(spec: RunSpec, use_gpu: bool) -> ScalingConfig:
+    """Ray Train's ScalingConfig: dp*pp*tp workers, or for an elastic run a range of whole
+    replicas. Ray Train starts as many workers in the range as the cluster holds, restarts
+    the group with fewer when a node is lost, and with more when it checks (every
+    resize_interval_s) and finds room; every worker group resolves its dp from its size."""
+    e = spec.parallel.elastic
+    if not e.enabled:
+        return ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu)
+    r = spec.replica_size
+    return ScalingConfig(num_workers=(e.min_replicas * r, e.max_replicas * r), use_gpu=use_gpu,
+                         elastic_resize_monitor_interval_s=e.resize_interval_s)
 
 
 def _expected_vocab(spec: RunSpec) -> int:
@@ -148,13 +174,16 @@ class MetricsSink(ray.train.UserCallback):
     a `--resume` driver, to the first step finished after it), and whether every
     redone step reproduced its recorded loss."""
 
-    def __init__(self, run_dir: str, started: float):
+    def __init__(self, run_dir: str, started: float, elastic: bool = False):
         self.run_dir = Path(run_dir)
         self.started = started
+        self.elastic = elastic
         self.losses: Optional[dict[int, float]] = None
         self.failed_at: Optional[float] = None
         self.failure = ""
         self.recovery: Optional[dict[str, Any]] = None
+        self.last_row_time: Optional[float] = None
+        self.layout: Optional[tuple[int, int]] = None  # (workers, dp) of the current group
 
     def _load(self) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -166,6 +195,17 @@ class MetricsSink(ray.train.UserCallback):
                     f.truncate(end)
         rows, _ = read_metrics(self.run_dir)
         self.losses = {int(r["step"]): r["loss"] for r in rows}
+
+    def _layout_event(self, start: dict[str, Any]) -> list[dict[str, Any]]:
+        """An {"event": "layout"} row when a worker group trains on another layout than the
+        one before (elastic runs, and any group where workers sit out)."""
+        layout = (start.get("workers", 0), start["layout"]["dp"])
+        changed, self.layout = layout != self.layout, layout
+        if not changed or not (self.elastic or start.get("sitting_out")):
+            return []
+        return [{"event": "layout", "step": start["from_step"], "time": start["loaded"],
+                 "workers": layout[0], "dp": layout[1], "sitting_out": start.get("sitting_out", 0),
+                 "layout": start["layout"]}]
 
     def after_exception(self, run_context, worker_exceptions):
         if self.failed_at is None:
@@ -180,38 +220,46 @@ class MetricsSink(ray.train.UserCallback):
         if first:
             self._load()
         for key, name in (("rank_info", "ranks.json"), ("timeline", "timeline.json")):
-            if all(key in m for m in metrics):
+            # (ranks that sit out report nothing)
+            if key in metrics[0]:
                 tmp = self.run_dir / (name + ".tmp")
-                tmp.write_text(json.dumps([m[key] for m in metrics]))
+                tmp.write_text(json.dumps([m[key] for m in metrics if key in m]))
                 tmp.replace(self.run_dir / name)
         out: list[dict[str, Any]] = []
         start = metrics[0].get("start")
-        # A restart after a failure, or the first start of a --resume driver: it had
-        # recorded steps, or there was a checkpoint to resume from (even if a driver killed
-        # before writing its rows left none).
-        resume = start if start is not None and (self.failed_at is not None or first and (
+        if start is not None:
+            out += self._layout_event(start)
+        # A restart after a failure or a resize, or the first start of a --resume driver:
+        # it had recorded steps, or there was a checkpoint to resume from (even if a driver
+        # killed before writing its rows left none).
+        resume = start if start is not None and (self.failed_at is not None or not first or (
             self.losses or start["checkpoint"] is not None or start["skipped"])) else None
         if resume is not None:
             if self.recovery is not None:  # failed again before any new step
                 self.recovery.pop("since", None)
                 out.append(self.recovery)
+            if self.failed_at is not None:
+                cause = "preemption" if "received SIGTERM" in self.failure else "failure"
+                since = self.failed_at
+            elif first:
+                cause, since = "resume", self.started
+            else:  # Ray Train resized the worker group: from the last step before it
+                cause, since = "resize", self.last_row_time or self.started
             self.recovery = {
-                "event": "recovery", "step": resume["from_step"],
-                "cause": "failure" if self.failed_at is not None else "resume",
+                "event": "recovery", "step": resume["from_step"], "cause": cause,
                 "error": self.failure, "checkpoint": resume["checkpoint"],
                 "skipped": resume["skipped"],
                 "steps_redone": 0,
                 # Another layout adds in another order: redone losses differ in the last bits.
                 "same_layout": resume.get("saved_layout") in (None, resume.get("layout")),
-                "since": self.failed_at if self.failed_at is not None else self.started,
-                "mismatched_steps": []}
+                "since": since, "mismatched_steps": []}
             self.failed_at, self.failure = None, ""
         for row in metrics[0].get("rows") or []:
             step = int(row["step"])
             rec = self.recovery
             # Rows from before the failure (a checkpoint's own report, sent again) are not
             # "fresh"; the first fresh one is the first step finished after recovery.
-            fresh = rec is not None and row["time"] >= rec["since"]
+            fresh = rec is not None and row["time"] > rec["since"]
             if fresh and "recovery_s" not in rec:
                 rec["recovery_s"] = row["time"] - rec["since"]
             if step in self.losses:  # redone after a restart: recorded already
@@ -225,6 +273,7 @@ class MetricsSink(ray.train.UserCallback):
                 out.append(rec)
                 self.recovery = None
             self.losses[step] = row["loss"]
+            self.last_row_time = row["time"]
             out.append(row)
         if out:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -290,8 +339,8 @@ def check_storage(spec: RunSpec, run_dir: Path) -> None:
 
 
 def _fault_injection(run_dir: Path) -> Optional[dict[str, Any]]:
-    """RAYPAR_FAULT='rank=R,step=S[,phase=step|save]': the recovery tests' way to SIGKILL
-    one worker once (see raypar.train.loop._fault). Unset in normal use."""
+    """RAYPAR_FAULT='rank=R,step=S[,phase=step|save|sigterm]': the recovery tests' way to
+    kill one worker once (see raypar.train.loop._fault). Unset in normal use."""
     text = os.environ.get("RAYPAR_FAULT", "").strip()
     if not text:
         return None
@@ -300,10 +349,11 @@ def _fault_injection(run_dir: Path) -> Optional[dict[str, Any]]:
         fault = {"rank": int(fields["rank"]), "step": int(fields["step"]),
                  "phase": fields.get("phase", "step")}
     except (ValueError, KeyError):
-        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save], "
+        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save|sigterm], "
                           f"got {text!r}") from None
-    if fault["phase"] not in ("step", "save"):
-        raise ConfigError(f"RAYPAR_FAULT: phase must be step or save, got {fault['phase']!r}")
+    if fault["phase"] not in ("step", "save", "sigterm"):
+        raise ConfigError(f"RAYPAR_FAULT: phase must be step, save or sigterm, got "
+                          f"{fault['phase']!r}")
     fault["marker"] = str((run_dir / ".fault-fired").resolve())
     return fault
 
@@ -404,14 +454,15 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
             "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
             "checkpoint_root": root, "fault": fault,
         },
-        scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu),
+        scaling_config=scaling_config(spec, use_gpu),
         run_config=RunConfig(
             # The same storage_path and name as before make Ray Train pick up the run's
             # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=[MetricsSink(str(run_dir.resolve()), t_start)],
+            callbacks=[MetricsSink(str(run_dir.resolve()), t_start,
+                                   elastic=spec.parallel.elastic.enabled)],
         ),
     )
     outcome: dict[str, Any] = {}
@@ -427,7 +478,8 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
     rows = earlier + new_rows
     ok = "error" not in outcome and bool(rows) and rows[-1]["step"] == spec.train.steps
     summary = _summarize(spec, rows, run_dir, tracker, time.time() - t_start)
-    summary["recoveries"] = events
+    summary["recoveries"] = [e for e in events if e["event"] == "recovery"]
+    summary["layouts"] = [e for e in events if e["event"] == "layout"]
     summary.update(_layout_report(spec, run_dir, tracker))
     if tracker:
         _finish_tracking(tracker, run_dir, rows, ok)
@@ -459,6 +511,9 @@ def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
         new, offset = _follow(path, offset)
         for event in (r for r in new if "event" in r):
             events.append(event)
+            if event["event"] == "layout":
+                _log_layout(spec, event)
+                continue
             _log_event(event)
             if tracker:
                 tracker.log_metrics({"recovery_s": event.get("recovery_s", float("nan")),
@@ -478,12 +533,31 @@ def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
     return rows, events
 
 
+def _log_layout(spec: RunSpec, event: dict[str, Any]) -> None:
+    p = spec.parallel
+    line = (f"from step {event['step']}: {event['workers']} workers, training on dp="
+            f"{event['dp']} x pp={p.pp} x tp={p.tp}")
+    idle = event["sitting_out"]
+    if not idle:
+        log.info(line)
+        return
+    r, workers = spec.replica_size, event["workers"]
+    reasons = []
+    if workers // r > event["dp"]:
+        reasons.append(f"train.global_batch={spec.train.global_batch} does not divide into "
+                       f"{workers // r} replicas x train.micro_batch={spec.train.micro_batch}")
+    if workers % r:
+        reasons.append(f"{workers % r} workers do not make a whole replica of pp*tp={r}")
+    log.warning("%s; %d sit out (%s)", line, idle, "; ".join(reasons))
+
+
 def _log_event(event: dict[str, Any]) -> None:
     for path, reason in event.get("skipped") or []:
         log.warning("checkpoint %s skipped: %s", path, reason)
     where = (f"checkpoint {event['checkpoint']}" if event.get("checkpoint")
              else "the start (no valid checkpoint)")
-    cause = f"failure ({event['error']})" if event["cause"] == "failure" else "--resume"
+    cause = {"resume": "--resume", "resize": "a resize of the worker group"}.get(
+        event["cause"], f"{event['cause']} ({event['error']})")
     log.warning("recovered from %s: resumed at step %d from %s, %d steps redone, %.1f s",
                 cause, event["step"], where, event["steps_redone"], event.get("recovery_s", -1))
     if event.get("mismatched_steps"):
@@ -527,7 +601,8 @@ def _layout_report(spec: RunSpec, run_dir: Path,
         timelines = json.loads(timeline_file.read_text())
         measured = [measured_bubble(t["events"], t["start"], t["end"]) for t in timelines]
         out["bubble_measured"] = sum(measured) / len(measured)
-        out["bubble_theory"] = theoretical_bubble(p.schedule, p.pp, spec.grad_accum,
+        dp = 1 + max((r["dp"] for r in out.get("ranks", [])), default=p.dp - 1)
+        out["bubble_theory"] = theoretical_bubble(p.schedule, p.pp, spec.with_dp(dp).grad_accum,
                                                   p.virtual_stages)
         png = run_dir / "pipeline_timeline.png"
         plot_timeline({r: t["events"] for r, t in enumerate(timelines)}, png)
