@@ -653,6 +653,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if worker.eval_due():
             row["val_loss"] = worker.evaluate()
         pending.append(row)
+        if config.get("step_delay_s"):
+            time.sleep(config["step_delay_s"])
         _fault(config, worker.step, "step")
         _fault(config, worker.step, "sigterm")
         last = worker.step == spec.train.steps

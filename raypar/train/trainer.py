@@ -358,6 +358,19 @@ def _fault_injection(run_dir: Path) -> Optional[dict[str, Any]]:
     return fault
 
 
+def _step_delay() -> float:
+    """RAYPAR_STEP_DELAY_S: seconds every worker sleeps after each step; the elastic tests'
+    way to make a run of a few dozen steps outlast node changes. Unset (0) in normal use."""
+    text = os.environ.get("RAYPAR_STEP_DELAY_S", "").strip()
+    try:
+        delay = float(text) if text else 0.0
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay <= 60:
+        raise ConfigError(f"RAYPAR_STEP_DELAY_S: expected seconds in [0, 60], got {text!r}")
+    return delay
+
+
 def _check_resumable(spec: RunSpec, run_dir: Path, root: str, vocab_size: int,
                      tokenizer_json: str) -> None:
     """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
@@ -412,6 +425,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
     if uri:
         tracking.check_reachable(uri)
     fault = _fault_injection(run_dir)
+    _step_delay()
 
     is_local = connect(spec, address)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -452,7 +466,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
             "spec": spec.to_dict(), "vocab_size": vocab_size,
             "tokenizer_json": corpus.tokenizer.to_json(),
             "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
-            "checkpoint_root": root, "fault": fault,
+            "checkpoint_root": root, "fault": fault, "step_delay_s": _step_delay(),
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=RunConfig(

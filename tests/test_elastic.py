@@ -1,0 +1,185 @@
+"""Elastic training on a real multi-node Ray: `ray.cluster_utils.Cluster` starts one raylet
+per node on this machine, and nodes are drained, removed and added while a run trains.
+
+The run must go on through all of it and train exactly what a fixed-size run of the same
+global batch trains: the same blocks in the same order, and the same losses (rtol 1e-5:
+another dp sums the same gradients in another order). The reference is one process, no
+Ray, the same code (raypar.train.loop.Worker) stepping alone.
+"""
+import os
+import threading
+import time
+
+import pytest
+import ray
+import torch.distributed as dist
+
+from raypar.config import ConfigError, load_spec
+from raypar.data import prepare_corpus
+from raypar.train import checkpoint as ckpt
+from raypar.train.loop import Worker
+from raypar.train.trainer import padded_vocab, read_metrics, run
+
+from conftest import ROOT
+
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+STEPS, EVERY = 80, 20
+# Seconds each step sleeps (raypar's RAYPAR_STEP_DELAY_S testing hook): the tiny model steps
+# in 50 ms, and node changes take tens of seconds; slow steps let a short run outlast them
+# (a long run would let fp32 rounding differences between layouts grow past rtol 1e-5).
+STEP_DELAY_S = "0.3"
+
+# Read by Ray Train's controller and preemption watcher, which the raylets started here
+# spawn with this environment: notice a drain within a second (default 5 s), and give up
+# on a worker group that cannot be placed after 20 s (default 60 s).
+RAY_ENV = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    # The head runs the driver's actors only (no CPUs): training goes to the worker nodes.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c.nodes_by_name = {"a": c.add_node(num_cpus=2), "b": c.add_node(num_cpus=1)}
+    ray.init(address=c.address, log_to_driver=False, configure_logging=True,
+             logging_level="WARNING")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def elastic_spec(corpus, cache, *overrides):
+    return load_spec(TINY, [
+        f"data.path={corpus}", f"data.cache_dir={cache}", "parallel.pp=1",
+        "parallel.elastic={min_replicas: 1, max_replicas: 3, resize_interval_s: 2}",
+        # 12 sequences split over 1, 2 and 3 replicas of micro-batches of 2.
+        "train.global_batch=12", f"train.steps={STEPS}", f"checkpoint.every={EVERY}",
+        "checkpoint.keep=20", "checkpoint.max_failures=5", "train.eval_every=40",
+        "train.lr=0.001", "train.min_lr=0.0001",
+        "train.log_blocks=true", *overrides])
+
+
+def single_process_rows(spec, cache, tmp_path):
+    """The run as one process with no Ray: dp=1, the same Worker, the same data."""
+    corpus = prepare_corpus(spec.data, cache)
+    fixed = spec.with_dp(1)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        worker = Worker(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
+                        corpus.val)
+        rows = []
+        while worker.step < fixed.train.steps:
+            row = worker.train_step()
+            if worker.eval_due():
+                row["val_loss"] = worker.evaluate()
+            rows.append(row)
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+def force_reservation_refresh():
+    """Ray Train's elastic policy sizes the group from Ray Data's AutoscalingCoordinator,
+    which re-reads the nodes every 20 s; ask it to re-read now (a test only saves time)."""
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("raypar-tests", recompute=True))
+
+
+def wait_for(run_dir, predicate, what, thread, timeout=300):
+    deadline = time.time() + timeout
+    while True:
+        rows, events = read_metrics(run_dir)
+        if predicate(rows, events):
+            return rows, events
+        assert thread.is_alive(), f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.1)
+
+
+def layouts(events):
+    return [e["dp"] for e in events if e["event"] == "layout"]
+
+
+def test_node_preempted_lost_and_regained(cluster, small_corpus, cache_dir, tmp_path,
+                                         monkeypatch):
+    from ray.core.generated import autoscaler_pb2
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_S", STEP_DELAY_S)
+    spec = elastic_spec(small_corpus, cache_dir)
+    run_dir = tmp_path / "run"
+    outcome = {}
+
+    def train():
+        try:
+            outcome["summary"] = run(spec, run_dir, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    # Nodes are added from this (the main) thread: Ray's node start-up registers signal
+    # handlers, which only the main thread may do.
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    wait_for(run_dir, lambda r, e: r and r[-1]["step"] >= 5, "step 5", thread)
+
+    # A spot reclaim notice for node b (one worker), 3 s ahead, as the autoscaler sends it.
+    b = cluster.nodes_by_name["b"]
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(
+        b.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "spot instance reclaimed", int(time.time() * 1000) + 3000)
+    assert accepted, why
+    # Ray Train passes the notice on; raypar saves a checkpoint at once, off its schedule.
+    store = run_dir / "checkpoints"
+    deadline = time.time() + 60
+    while not any(ckpt.step_of(p) and ckpt.step_of(p) % EVERY for p in store.iterdir()):
+        assert time.time() < deadline, "no checkpoint after the preemption notice"
+        time.sleep(0.1)
+    cluster.remove_node(b)  # the node goes
+    force_reservation_refresh()
+    wait_for(run_dir, lambda r, e: layouts(e)[-1:] == [2], "the group shrunk to dp=2", thread)
+
+    cluster.nodes_by_name["c"] = cluster.add_node(num_cpus=1)  # a new node joins
+    force_reservation_refresh()
+    wait_for(run_dir, lambda r, e: layouts(e) == [3, 2, 3], "the group grown back to dp=3",
+             thread)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+
+    rows, events = read_metrics(run_dir)
+    reference = single_process_rows(spec, cache_dir, tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "each step exactly once"
+    # No block repeated or skipped: the same global batches, in the same order.
+    assert [r["blocks"] for r in rows] == [r["blocks"] for r in reference]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in reference],
+                                                       rel=1e-5), key
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == \
+        pytest.approx([r["val_loss"] for r in reference if "val_loss" in r], rel=1e-5)
+    # Each step records the dp it trained with: 3, then 2, then 3 again.
+    dps = [r["dp"] for r in rows]
+    assert dps[0] == 3 and 2 in dps and dps[-1] == 3
+    recoveries = [e for e in events if e["event"] == "recovery"]
+    assert [e["cause"] for e in recoveries] == ["failure", "resize"], recoveries
+    assert all(e["checkpoint"] and e["mismatched_steps"] == [] for e in recoveries)
+    summary = outcome["summary"]
+    assert [e["dp"] for e in summary["layouts"]] == [3, 2, 3]
+
+
+def test_min_replicas_the_cluster_cannot_hold_fails_fast(cluster, small_corpus, cache_dir,
+                                                         tmp_path):
+    # 3 CPUs, no autoscaler: 4 replicas of one worker can never start.
+    spec = elastic_spec(small_corpus, cache_dir, "train.global_batch=24",
+                        "parallel.elastic={min_replicas: 4, max_replicas: 6}")
+    with pytest.raises(ConfigError, match=r"^parallel.elastic.min_replicas: 4 replicas of "
+                                          r"pp\*tp = 1 workers need 4 CPUs but the cluster "
+                                          r"has \d"):
+        run(spec, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
