@@ -110,6 +110,31 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(
     assert ckpt.verify(run_dir / "checkpoints" / ckpt.dir_name(2 * EVERY)) is None
 
 
+def test_sigterm_saves_a_checkpoint_and_a_partial_replica_sits_out(
+        reference, small_corpus, cache_dir, tmp_path, monkeypatch):
+    # An elastic range of up to 3 replicas, on a Ray with room for 3 workers: 8 sequences
+    # do not split over 3 replicas of micro-batches of 2, so dp=2 trains and one worker
+    # sits out; the arithmetic is the reference's (dp=2), to the bit.
+    monkeypatch.setenv("RAYPAR_FAULT", "rank=1,step=7,phase=sigterm")
+    run_dir = tmp_path / "run"
+    summary = run(spec_for(small_corpus, cache_dir, "checkpoint.max_failures=1",
+                           "parallel.elastic={min_replicas: 1, max_replicas: 3}"),
+                  run_dir, progress=False)
+    rows, events = read_metrics(run_dir)
+    assert_same_run(rows, reference)
+    assert all(r["dp"] == 2 for r in rows)
+    [layout] = summary["layouts"]  # the restarted group has the same layout: no new event
+    assert (layout["workers"], layout["dp"], layout["sitting_out"]) == (3, 2, 1)
+    # SIGTERM to rank 1 after step 7 (a spot preemption): every rank saved step 7 before
+    # the signalled worker exited, and the group restarted from it with nothing redone.
+    [event] = [e for e in events if e["event"] == "recovery"]
+    assert event["cause"] == "preemption" and event["step"] == 7, event
+    assert event["checkpoint"].endswith(ckpt.dir_name(7)) and event["steps_redone"] == 0
+    assert "received SIGTERM at step 7" in event["error"]
+    log = (run_dir / "run.log").read_text()
+    assert "3 workers, training on dp=2 x pp=1 x tp=1; 1 sit out" in log
+
+
 def kill_driver_after(args, run_dir, step):
     """Run `raypar train ARGS` in its own process group and SIGKILL all of it (driver, its
     local Ray, its workers) as soon as the checkpoint of `step` verifies."""
