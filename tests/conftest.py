@@ -1,7 +1,10 @@
 """Shared fixtures: one local Ray per test module, a small real corpus, isolated caches."""
 import os
 import shutil
+import signal
+import socket
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,51 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes():
+    """{pid: (parent pid, command line)} of every process, from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(entry.name)] = (ppid, cmdline)
+    return out
+
+
+def stop_cluster(dirs):
+    """Stop exactly this cluster's processes and their children (`ray stop` would stop
+    every Ray on the machine)."""
+    procs = _processes()
+    mine, pid = set(), os.getpid()  # this process and its parents stay
+    while pid in procs and pid not in mine:
+        mine.add(pid)
+        pid = procs[pid][0]
+    doomed = {pid for pid, (_, cmd) in procs.items() if any(d in cmd for d in dirs)} - mine
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
+        doomed |= children - mine
+        grew = bool(children)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in doomed):
+            time.sleep(0.2)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -9,9 +9,6 @@ step recorded once, in one MLflow run in the store the environment named.
 """
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,19 +21,13 @@ from mlflow.tracking import MlflowClient
 from raypar.train import checkpoint as ckpt
 from raypar.train.trainer import read_metrics
 
-from conftest import ROOT
+from conftest import ROOT, free_port, stop_cluster
 
 # Token authentication off: `ray start --head` turns it on by itself when ~/.ray/auth_token
 # exists (any earlier local ray.init() writes one) and the worker would then need the token.
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 ENV.pop("RAY_ADDRESS", None)
 STEPS, EVERY = 40, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args, timeout=120, check=True):
@@ -60,44 +51,6 @@ def cluster():
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         stop_cluster(dirs)
-
-
-def _processes():
-    """{pid: (parent pid, command line)} of every process, from /proc."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(entry.name)] = (ppid, cmdline)
-    return out
-
-
-def stop_cluster(dirs):
-    """Stop exactly this cluster's processes and their children (`ray stop` would stop
-    every Ray on the machine)."""
-    procs = _processes()
-    doomed = {pid for pid, (_, cmd) in procs.items() if any(d in cmd for d in dirs)}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
-        doomed |= children
-        grew = bool(children)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in doomed:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in doomed):
-            time.sleep(0.2)
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def submit(address, runtime_env, *args):
