@@ -3,7 +3,7 @@
 each a node with its own temporary directory, as separate machines would have.
 
 A job is submitted with the repository as its working directory and a runtime environment
-(a pip requirement, MLFLOW_TRACKING_URI), stopped with `ray job stop` after its first
+(MLFLOW_TRACKING_URI and other variables), stopped with `ray job stop` after its first
 checkpoint, and continued by a second job with `--resume`: the run ends SUCCEEDED with every
 step recorded once, in one MLflow run in the store the environment named.
 """
@@ -90,9 +90,6 @@ def test_submit_stop_and_resume(cluster, small_corpus, cache_dir, tmp_path):
     run_dir = tmp_path / "run"  # outside the job's working directory, which is a temp copy
     store = tmp_path / "mlflow.db"
     runtime_env = {
-        # Installed into the job's own virtualenv on top of the node's packages; tqdm is
-        # already there, so this checks the mechanism without a download.
-        "pip": ["tqdm"],
         "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "OMP_NUM_THREADS": "1",
                      # steps of 0.2 s: the stop lands well before the last step
                      "RAYPAR_STEP_DELAY_S": "0.2"}}
