@@ -44,10 +44,14 @@ def cluster():
     dirs = [tempfile.mkdtemp(prefix="rp", dir="/tmp") for _ in range(2)]  # short socket paths
     gcs, dashboard = free_port(), free_port()
     try:
+        # Every port of our own choosing: a Ray of an earlier test may still hold the
+        # defaults (the job agent's 52365) for a few seconds after it was stopped.
         ray_cli("start", "--head", f"--port={gcs}", "--num-cpus=0", f"--temp-dir={dirs[0]}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}", "--disable-usage-stats")
-        ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--temp-dir={dirs[1]}")
+                f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+                "--disable-usage-stats")
+        ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=3", f"--temp-dir={dirs[1]}",
+                f"--dashboard-agent-listen-port={free_port()}")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         stop_cluster(dirs)
