@@ -549,7 +549,7 @@ def resolve_layout(spec: RunSpec, workers: int) -> RunSpec:
     return spec.with_dp(dp)
 
 
-def _sit_out(spec: RunSpec, groups: Groups) -> None:
+def _sit_out(groups: Groups) -> None:
     """A rank beyond the layout: it holds no model, and takes part only in the control
     exchange and in Ray Train's report barrier, until training stops."""
     while True:
@@ -578,7 +578,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     choice = _choose_checkpoint(config["checkpoint_root"]) if rank == 0 else None
     path, skipped = _broadcast(choice)
     if groups.mesh is None:
-        _sit_out(spec, groups)
+        _sit_out(groups)
         return
     worker = Worker(spec, config["vocab_size"], ray.get(config["train_ref"]),
                     ray.get(config["val_ref"]), groups)

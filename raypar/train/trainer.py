@@ -425,7 +425,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
     if uri:
         tracking.check_reachable(uri)
     fault = _fault_injection(run_dir)
-    _step_delay()
+    step_delay = _step_delay()
 
     is_local = connect(spec, address)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -466,7 +466,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
             "spec": spec.to_dict(), "vocab_size": vocab_size,
             "tokenizer_json": corpus.tokenizer.to_json(),
             "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
-            "checkpoint_root": root, "fault": fault, "step_delay_s": _step_delay(),
+            "checkpoint_root": root, "fault": fault, "step_delay_s": step_delay,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=RunConfig(
