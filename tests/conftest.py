@@ -88,3 +88,29 @@ def stop_cluster(dirs):
             time.sleep(0.2)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def force_reservation_refresh():
+    """Ray Train's elastic policy sizes the group from Ray Data's AutoscalingCoordinator,
+    which re-reads the nodes every 20 s; ask it to re-read now (a test only saves time)."""
+    import ray
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("raypar-tests", recompute=True))
+
+
+def wait_for(run_dir, predicate, what, thread, timeout=300):
+    """Poll the run's metrics.jsonl until predicate(rows, events) holds; the run (in
+    `thread`) must not end first."""
+    from raypar.train.trainer import read_metrics
+    deadline = time.time() + timeout
+    while True:
+        rows, events = read_metrics(run_dir)
+        if predicate(rows, events):
+            return rows, events
+        assert thread.is_alive(), f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.1)
+
+
+def layouts(events):
+    return [e["dp"] for e in events if e["event"] == "layout"]

@@ -4,18 +4,21 @@
 AutoscalingCluster` sets up; that helper reads a base config its wheel does not ship and
 stops every Ray on the machine, so the head is started here directly.
 
-The head holds one worker. An elastic run of up to 3 replicas asks Ray Train for 3 workers;
-Ray Train passes the request to the autoscaler, which launches two 1-CPU nodes, and the run
-trains on all three and completes. (Ray Train sizes a group from reservations that Ray
-Data's coordinator refreshes every 20 s, and the fake provider launches its nodes within
-seconds, so here the first group already has all three; growing into a node that joins a
-running group is tested in test_elastic.py.)
+The head holds one worker. An elastic run of 1..3 replicas starts on it at dp=1 and asks
+Ray Train for 3 workers, which passes the request on to the autoscaler. The autoscaler may
+launch nodes only once the test raises the worker type's max_workers in its config file
+(the autoscaler re-reads the file on every update): the fake provider starts nodes within
+seconds, sooner than Ray Train first sizes a group, so without this hold the first group
+would already have all three. Then two 1-CPU nodes come up, the run grows to dp=3 and
+completes there.
 """
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 import ray
@@ -23,15 +26,18 @@ import ray
 from raypar.config import load_spec
 from raypar.train.trainer import read_metrics, run
 
-from conftest import ROOT, free_port, stop_cluster
+from conftest import (ROOT, force_reservation_refresh, free_port, layouts, stop_cluster,
+                      wait_for)
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+STEPS = 100
 
 
-def fake_cluster_config(gcs: str) -> dict:
-    """An autoscaler config for the fake multi-node provider: a head and up to 2 1-CPU nodes."""
+def fake_cluster_config(gcs: str, max_workers: int) -> dict:
+    """An autoscaler config for the fake multi-node provider: a 1-CPU head and up to
+    max_workers 1-CPU nodes."""
     return {
-        "cluster_name": "raypar-fake", "max_workers": 2, "upscaling_speed": 1.0,
+        "cluster_name": "raypar-fake", "max_workers": max_workers, "upscaling_speed": 1.0,
         "idle_timeout_minutes": 5,
         "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
                      "disable_node_updaters": True, "disable_launch_config_check": True},
@@ -39,7 +45,7 @@ def fake_cluster_config(gcs: str) -> dict:
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
             "cpu": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
-                    "max_workers": 2}},
+                    "max_workers": max_workers}},
         "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
         "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
@@ -52,8 +58,9 @@ def autoscaling_cluster():
     tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # short: raylet socket paths
     port = free_port()
     config = os.path.join(tmp, "autoscaler.json")
+    gcs = f"127.0.0.1:{port}"
     with open(config, "w") as f:
-        json.dump(fake_cluster_config(f"127.0.0.1:{port}"), f)
+        json.dump(fake_cluster_config(gcs, max_workers=0), f)  # no nodes yet
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
     env.pop("RAY_ADDRESS", None)
@@ -67,7 +74,13 @@ def autoscaling_cluster():
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, configure_logging=True,
                  logging_level="WARNING")
-        yield
+
+        def allow_nodes(n):
+            with open(config + ".tmp", "w") as f:
+                json.dump(fake_cluster_config(gcs, max_workers=n), f)
+            os.replace(config + ".tmp", config)
+
+        yield allow_nodes
     finally:
         ray.shutdown()
         stop_cluster([tmp])
@@ -78,23 +91,46 @@ def autoscaling_cluster():
 
 
 def test_autoscaler_adds_the_nodes_a_run_needs(autoscaling_cluster, small_corpus,
-                                               cache_dir, tmp_path):
+                                               cache_dir, tmp_path, monkeypatch):
     assert ray.cluster_resources().get("CPU") == 1
+    # Slow steps (raypar's testing hook): the run must outlast two node starts and a resize.
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_S", "0.3")
     spec = load_spec(TINY, [
         f"data.path={small_corpus}", f"data.cache_dir={cache_dir}", "parallel.pp=1",
         # More workers than the cluster holds now: wait for the autoscaler, don't refuse.
         "parallel.autoscale=true",
         "parallel.elastic={min_replicas: 1, max_replicas: 3, resize_interval_s: 2}",
-        "train.global_batch=12", "train.steps=20", "checkpoint.every=10",
+        "train.global_batch=12", f"train.steps={STEPS}", "checkpoint.every=10",
         "tracking.enabled=false", "train.log_blocks=true"])
     run_dir = tmp_path / "run"
-    summary = run(spec, run_dir, progress=False)
-    rows, _ = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 21))
-    assert ray.cluster_resources().get("CPU") == 3  # the autoscaler added two nodes
-    # Depending on when the nodes come up, the first group has one worker (and the run
-    # grows) or all three; it ends with all three, and never shrinks.
-    dps = [e["dp"] for e in summary["layouts"]]
-    assert dps[-1] == 3 and dps == sorted(dps), dps
-    assert [r["dp"] for r in rows] == sorted(r["dp"] for r in rows)
-    assert len(summary["ranks"]) == 3
+    outcome = {}
+
+    def train():
+        try:
+            outcome["summary"] = run(spec, run_dir, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    # The run starts on what the cluster has: the head's one worker.
+    wait_for(run_dir, lambda r, e: len(r) >= 3, "step 3", thread)
+    assert ray.cluster_resources().get("CPU") == 1
+    autoscaling_cluster(2)  # now the autoscaler may launch the nodes the run asks for
+    deadline = time.time() + 120
+    while ray.cluster_resources().get("CPU", 0) < 3:
+        assert time.time() < deadline, "the autoscaler added no nodes within 120 s"
+        assert thread.is_alive(), "the run ended before the autoscaler added nodes"
+        time.sleep(0.5)
+    force_reservation_refresh()
+    wait_for(run_dir, lambda r, e: layouts(e)[-1:] == [3], "the group grown to dp=3", thread)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+
+    rows, events = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "each step exactly once"
+    assert [e["dp"] for e in outcome["summary"]["layouts"]] == [1, 3]
+    dps = [r["dp"] for r in rows]
+    assert dps[0] == 1 and dps[-1] == 3 and dps == sorted(dps), dps
+    assert [e["cause"] for e in events if e["event"] == "recovery"] == ["resize"]
+    assert len(outcome["summary"]["ranks"]) == 3  # the last group placed three workers

@@ -20,7 +20,7 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.loop import Worker
 from raypar.train.trainer import padded_vocab, read_metrics, run
 
-from conftest import ROOT
+from conftest import ROOT, force_reservation_refresh, layouts, wait_for
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 80, 20
@@ -85,28 +85,6 @@ def single_process_rows(spec, cache, tmp_path):
         return rows
     finally:
         dist.destroy_process_group()
-
-
-def force_reservation_refresh():
-    """Ray Train's elastic policy sizes the group from Ray Data's AutoscalingCoordinator,
-    which re-reads the nodes every 20 s; ask it to re-read now (a test only saves time)."""
-    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    ray.get(coordinator.get_reserved_resources.remote("raypar-tests", recompute=True))
-
-
-def wait_for(run_dir, predicate, what, thread, timeout=300):
-    deadline = time.time() + timeout
-    while True:
-        rows, events = read_metrics(run_dir)
-        if predicate(rows, events):
-            return rows, events
-        assert thread.is_alive(), f"the run ended before {what}"
-        assert time.time() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.1)
-
-
-def layouts(events):
-    return [e["dp"] for e in events if e["event"] == "layout"]
 
 
 def test_node_preempted_lost_and_regained(cluster, small_corpus, cache_dir, tmp_path,
