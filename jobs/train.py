@@ -9,25 +9,8 @@ comes from the working directory; its dependencies must be installed on the clus
 runtime environment (`--runtime-env-json '{"pip": [...]}'`).
 """
 import sys
-from pathlib import Path
 
-try:  # the project's dependencies, checked before anything else touches them
-    import mlflow  # noqa: F401
-    import pyarrow  # noqa: F401
-    import ray.train  # noqa: F401
-    import tokenizers  # noqa: F401
-    import torch  # noqa: F401
-    import yaml  # noqa: F401
-except ImportError as e:
-    sys.stderr.write(
-        f"raypar: error: this job's Python ({sys.executable}) cannot import {e.name}: install "
-        f"the project on every node (pip install -e . in the repository, as cluster.yaml does) "
-        f"or list the packages in --runtime-env-json '{{\"pip\": [...]}}'\n")
-    sys.exit(2)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir's raypar
-
-from raypar.cli import main  # noqa: E402
+from _entry import run  # jobs/_entry.py (this script's directory is on sys.path)
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run("train"))

@@ -6,6 +6,7 @@
     raypar train --resume runs/t --set train.steps=100  # continue (any layout) from its checkpoint
     raypar export runs/t                           # -> runs/t/export/model.safetensors
     raypar generate --checkpoint runs/t/export/model.safetensors --prompt "def "
+    raypar bench --quick --out runs/bench               # raypar vs bare PyTorch and torchrun
 
 User errors print one line `raypar: error: ...` and exit with code 2.
 """
@@ -66,6 +67,15 @@ def _plan_parser(sub) -> None:
                    "$RAY_ADDRESS; without one, no node placement is shown)")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure raypar side by side with a bare PyTorch loop "
+                       "and torchrun; write bench.json, bench.md and charts")
+    p.add_argument("--quick", action="store_true", help="fewer steps and repeats (about 2 "
+                   "minutes on 2 cores)")
+    p.add_argument("--out", help="output directory (default: runs/bench-<timestamp>)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypar", description=(
         "Train GPT-style language models on Ray with data, tensor and pipeline parallelism."))
@@ -74,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _export_parser(sub)
     _plan_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -189,12 +200,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from raypar.bench import run_bench
+    out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime(
+        "bench-%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    if (out / "bench.json").exists():
+        raise ConfigError(f"--out: {out} already holds a bench report; choose another "
+                          f"directory")
+    report = run_bench(out, quick=args.quick, address=args.address)
+    print((out / "bench.md").read_text(), end="")
+    missed = [r["name"] for r in report["rows"] if r["met"] is False]
+    print(f"{len(report['rows'])} rows in {report['seconds']:.0f} s; "
+          f"{len(missed)} targets missed; report: {out / 'bench.json'}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "bench": cmd_bench}[args.command](args)
     except ConfigError as e:
         print(f"raypar: error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,11 @@ def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run(spec_for(small_corpus, cache_dir), run_dir, progress=False)
     rows, events = read_metrics(run_dir)
-    assert events == []
+    # No recovery and no layout change; one timing event per synchronous save.
+    saves = [e for e in events if e["event"] == "checkpoint"]
+    assert saves == events
+    assert [e["step"] for e in saves] == list(range(EVERY, STEPS + 1, EVERY))
+    assert all(e["mode"] == "sync" and 0 < e["save_s"] == e["stall_s"] for e in saves)
     return rows
 
 
@@ -75,7 +79,11 @@ def test_sigkill_worker_at_a_random_step(reference, small_corpus, cache_dir, tmp
     assert (run_dir / ".fault-fired").read_text().split() == ["step", str(kill_at)]
     rows, events = read_metrics(run_dir)
     assert_same_run(rows, reference)  # same layout: bit-exact
-    [event] = events
+    [event] = [e for e in events if e["event"] == "recovery"]
+    # Background saves held training up for less time than they took to write (the last
+    # is written in the foreground).
+    background = [e for e in events if e["event"] == "checkpoint" and e["mode"] == "async"]
+    assert background and all(0 < e["stall_s"] and 0 < e["save_s"] for e in background)
     # The kill comes before that step's own save. The newest save before it was written in
     # the background and may not have been uploaded yet; the one before that certainly was
     # (a save waits for the previous one to be reported before it starts).

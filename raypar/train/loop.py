@@ -202,8 +202,10 @@ class Worker:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
+        t_data = time.perf_counter()
         indices = stream_indices(self.position, t.global_batch, len(self.train_blocks), t.seed)
         batch = self._local_batch(self.train_blocks, indices)
+        data_s = time.perf_counter() - t_data  # the step's wait for its input
         for m in self.modules:
             m.train()
         measure = self.memory is None
@@ -228,7 +230,8 @@ class Worker:
         self.tokens_seen += t.global_batch * spec.data.seq_len
         row = {"step": self.step, "loss": self._mean_over_dp(loss),
                "lr": lr, "grad_norm": grad_norm, "time": time.time(), "dp": self.pm.dp,
-               "first_block": int(indices[0]), "last_block": int(indices[-1])}
+               "first_block": int(indices[0]), "last_block": int(indices[-1]),
+               "data_s": data_s}
         if t.log_blocks:
             row["blocks"] = indices.tolist()
         return row
@@ -343,6 +346,7 @@ def _rank_info(worker: Worker) -> dict[str, Any]:
             "stages": worker.stage_indices,
             "layers": [sorted(int(k) for k in m.layers.keys()) for m in worker.plain],
             "node": ctx.get_node_rank(), "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             "block_param_bytes": sum(
                 (p.to_local() if isinstance(p, DTensor) else p).nbytes
                 for m in worker.plain for n, p in m.named_parameters() if n.startswith("layers.")),
@@ -587,12 +591,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "layout": dataclasses.asdict(spec.parallel)}
     pending: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    t_load = time.perf_counter()
     saved = worker.load(path) if path is not None else {}
+    load_s = time.perf_counter() - t_load
     # Where this worker group starts: the driver tells a restart from a fresh start and
     # counts the steps redone. The checkpoint's own report rows go out again: that report
     # may have died with a worker before Ray collected it (the driver skips known steps).
     extra["start"] = {"checkpoint": path, "from_step": worker.step, "skipped": skipped,
-                      "started": started, "loaded": time.time(),
+                      "started": started, "loaded": time.time(), "load_s": load_s,
                       "saved_layout": saved.get("layout"),
                       "layout": worker.train_state()["layout"],
                       "workers": world, "sitting_out": world - groups.n_active}
@@ -600,6 +606,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_report = time.perf_counter()
     placed = False
     inflight: Optional[ckpt.PendingSave] = None
+    inflight_started = 0.0
+    # Timings of this group's checkpoint saves, sent with the next report: how long each
+    # took to write and how long it held training up (the driver logs them as events).
+    saves: list[dict[str, Any]] = []
 
     # The rows of the last report sent: Ray's worker-side queue holds one report, so every
     # earlier one has reached the driver, but this one may still die with the worker.
@@ -609,7 +619,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     notice_saved = False
 
     def report(checkpoint: Optional[Any], step: int) -> None:
-        nonlocal pending, extra, last_report, unconfirmed, notice
+        nonlocal pending, extra, last_report, unconfirmed, notice, saves
+        timed = [entry for entry in saves if "save_s" in entry]
+        if timed:
+            extra["checkpoints"] = timed
+            saves = [entry for entry in saves if "save_s" not in entry]
         notice = _report({"rows": pending, **extra}, checkpoint=checkpoint,
                          checkpoint_dir_name=ckpt.dir_name(step),
                          delete_local_checkpoint_after_upload=True) or notice
@@ -619,18 +633,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def save(sync: bool) -> Optional[Any]:
         """Every rank writes its shard; returns the checkpoint to report now, or None
         when it is written in the background (reported once it lands)."""
-        nonlocal inflight
+        nonlocal inflight, inflight_started
         # Every row the driver may not have yet travels with the checkpoint.
         state = {**worker.train_state(), "rows": unconfirmed + pending}
         rng = {ckpt.rng_name(rank): ckpt.rng_state_bytes()}
+        t_save = time.perf_counter()
         if not sync:
             inflight = ckpt.write_async(worker.state_dict(), state, meta, rng,
                                         process_group=groups.save)
+            inflight_started = t_save
+            stall = time.perf_counter() - t_save
+            saves.append({"step": worker.step, "mode": "async", "stall_s": stall})
             return None
         checkpoint = ckpt.save(worker.state_dict(), state, meta, rng,
                                process_group=groups.active)
+        took = time.perf_counter() - t_save
+        saves.append({"step": worker.step, "mode": "sync", "save_s": took, "stall_s": took})
         _fault(config, worker.step, "save")
         return checkpoint
+
+    def land() -> Any:
+        """The background save's checkpoint, once every rank has written its part."""
+        nonlocal inflight
+        t_wait = time.perf_counter()
+        local = inflight.finish()
+        done = time.perf_counter()
+        for entry in saves:  # its timing row: written in (done - started) s, and the
+            if entry["step"] == inflight.step and "save_s" not in entry:  # wait for it
+                entry["save_s"] = done - inflight_started
+                entry["stall_s"] += done - t_wait
+        inflight = None
+        return ray.train.Checkpoint.from_directory(str(local))
 
     stop = worker.step >= spec.train.steps
     while not stop:
@@ -683,8 +716,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             _share_plan([int(finish) + int(report_now), int(stop)], groups)
         if finish:
-            report(ray.train.Checkpoint.from_directory(str(inflight.finish())), inflight.step)
-            inflight = None
+            step = inflight.step
+            report(land(), step)
         checkpoint = None
         if save_now:
             # The last checkpoint, and a preemption's, are written before anything goes on.

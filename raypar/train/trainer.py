@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from raypar.config import ConfigError, RunSpec, choose_dp
 from raypar.model import param_count
+from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
 from raypar.train.loop import model_config, train_loop_per_worker
 
@@ -248,12 +249,13 @@ class MetricsSink(ray.train.UserCallback):
             self.recovery = {
                 "event": "recovery", "step": resume["from_step"], "cause": cause,
                 "error": self.failure, "checkpoint": resume["checkpoint"],
-                "skipped": resume["skipped"],
+                "skipped": resume["skipped"], "load_s": resume.get("load_s"),
                 "steps_redone": 0,
                 # Another layout adds in another order: redone losses differ in the last bits.
                 "same_layout": resume.get("saved_layout") in (None, resume.get("layout")),
                 "since": since, "mismatched_steps": []}
             self.failed_at, self.failure = None, ""
+        out += [{"event": "checkpoint", **entry} for entry in metrics[0].get("checkpoints", [])]
         for row in metrics[0].get("rows") or []:
             step = int(row["step"])
             rec = self.recovery
@@ -374,7 +376,7 @@ def _step_delay() -> float:
 def _check_resumable(spec: RunSpec, run_dir: Path, root: str, vocab_size: int,
                      tokenizer_json: str) -> None:
     """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
-    from raypar.train import checkpoint as ckpt
+
     saved_tok = run_dir / "tokenizer.json"
     if saved_tok.exists() and json.loads(saved_tok.read_text()) != json.loads(tokenizer_json):
         raise ConfigError("data: this config builds a different tokenizer than the run's "
@@ -527,6 +529,15 @@ def _follow_training(thread: threading.Thread, run_dir: Path, spec: RunSpec,
             events.append(event)
             if event["event"] == "layout":
                 _log_layout(spec, event)
+                continue
+            if event["event"] == "checkpoint":
+                log.info("checkpoint %s (%s): written in %.2f s, training held up %.2f s",
+                         ckpt.dir_name(event["step"]), event["mode"], event["save_s"],
+                         event["stall_s"])
+                if tracker:
+                    tracker.log_metrics({"checkpoint_save_s": event["save_s"],
+                                         "checkpoint_stall_s": event["stall_s"]},
+                                        step=event["step"])
                 continue
             _log_event(event)
             if tracker:

@@ -1,0 +1,117 @@
+"""Measurements inside one Ray Train worker group, for the layouts `raypar bench` compares.
+
+A raypar run starts a worker group (seconds on a small machine); the bench compares a
+dozen layouts, so one group of workers builds raypar's own per-rank `Worker` for each
+layout in turn and times its `train_step`: the same model, parallel wrappers, pipeline
+schedules and optimizer step as a run, without the run's checkpoint and report plumbing
+(which the bench measures in whole runs). Ranks beyond a layout's size wait it out.
+
+Each job: {"name", "spec" (RunSpec.to_dict()), "warmup", "steps", "profile" (time the
+collectives of one step), "timeline" (record the pipeline timeline of each timed step)}.
+Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+# Profiler event names of torch.distributed collectives and point-to-point transfers:
+# c10d ops (DDP's bucket all-reduce, DTensor's functional collectives and their waits,
+# the pipeline's send/recv) and gloo's own records.
+COMM = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|wait_tensor|"
+                  r"all_to_all|send|recv|barrier|gloo", re.I)
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly nested/overlapping intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(spans):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
+def _profiled_step(worker) -> tuple[float, float]:
+    """(step seconds, seconds inside communication) of one profiled train_step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        worker.train_step()
+        step_s = time.perf_counter() - t0
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if COMM.search(e.name)]
+    return step_s, _union(spans) / 1e6
+
+
+def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
+    from raypar.parallel.pipeline import measured_bubble
+    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "bubble": []}
+    for _ in range(job.get("warmup", 1)):
+        worker.train_step()
+    out["memory"] = dict(worker.memory or {})
+    pipe = worker.pipeline
+    for _ in range(job["steps"]):
+        if pipe is not None and job.get("timeline"):
+            pipe.record_timeline = True
+        t0 = time.perf_counter()
+        worker.train_step()
+        out["step_s"].append(time.perf_counter() - t0)
+        if pipe is not None and job.get("timeline"):
+            pipe.record_timeline = False
+            out["bubble"].append(measured_bubble(pipe.timeline, pipe.step_start, pipe.step_end))
+    if job.get("profile"):
+        out["profiled_step_s"], out["comm_s"] = [], []
+        for _ in range(job.get("profile_steps", 2)):
+            step_s, comm_s = _profiled_step(worker)
+            out["profiled_step_s"].append(step_s)
+            out["comm_s"].append(comm_s)
+    return out
+
+
+def probe_loop(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for the bench's probe group."""
+    from raypar.config import from_dict
+    from raypar.train.loop import Groups, Worker
+
+    torch.set_num_threads(1)
+    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
+    results = []
+    for job in config["jobs"]:
+        spec = from_dict(job["spec"])
+        torch.set_num_threads(spec.train.threads)
+        groups = Groups.build(spec)  # collective: every rank, inside the layout or not
+        mine = None
+        if groups.mesh is not None:
+            worker = Worker(spec, config["vocab_size"], train, val, groups)
+            mine = _measure(worker, job)
+            del worker
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        results.append({"name": job["name"], "ranks": [g for g in gathered if g is not None]})
+    if dist.get_rank() == 0:
+        ray.get(config["mailbox"].put.remote(results))
+
+
+@ray.remote(num_cpus=0)
+class Mailbox:
+    """Where rank 0 leaves the probe's results for the driver (a worker group's function
+    returns nothing to the driver, and its reported metrics need not reach the Result)."""
+
+    def __init__(self):
+        self.value = None
+
+    def put(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value

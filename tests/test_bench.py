@@ -1,0 +1,108 @@
+"""`raypar bench`: its arithmetic, and one real `--quick` run whose outputs must be complete
+(every row a finite value with its spread, the table, the charts, the MLflow run). Speed is
+never asserted: the machines are shared."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raypar.bench.gpu import flops_per_token, peak_flops
+from raypar.bench.report import markdown
+from raypar.bench.suite import _row, ratio_row, windows
+
+from conftest import ROOT
+
+SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 1, "pipeline": 9, "tensor": 2,
+            "data": 2, "checkpoint": 6, "memory": 5}
+
+
+def test_windows_split_the_steady_steps_and_leave_out_checkpoint_steps():
+    # Steps end at 0, 1, 2, ...: one second per step, except step 6, which took 10 s.
+    ends = [0.0, 1, 2, 3, 4, 14, 15, 16, 17]
+    # Skip step 1's interval (start-up) and the one that held a checkpoint (ends at step 6).
+    assert windows(ends, skip=1, repeats=2, tokens_per_step=100,
+                   exclude=frozenset({6})) == [100.0, 100.0]
+    slow = windows(ends, skip=1, repeats=2, tokens_per_step=100)
+    assert slow == pytest.approx([100.0, 400 / 13])  # step 6's 10 s in the second window
+    with pytest.raises(RuntimeError, match="steady steps"):
+        windows(ends, skip=7, repeats=3, tokens_per_step=100)
+
+
+def test_ratio_row_takes_the_median_and_says_whether_the_target_holds():
+    row = ratio_row("overhead", "a / b", [90, 100, 96], [100, 100, 100], 0.95)
+    assert row["value"] == pytest.approx(0.96) and row["spread"] == [0.9, 1.0]
+    assert row["met"] is True and row["target"] == ">= 0.95"
+    assert ratio_row("x", "y", [90], [100], 0.95)["met"] is False
+    assert ratio_row("x", "y", [90], [100], None)["met"] is None
+
+
+def test_markdown_has_one_line_per_row():
+    rows = [_row("memory", "dp=1", 1.02, "x", [1.0, 1.04], target="<= 1.1", met=True),
+            _row("checkpoint", "save", 250.0, "MB/s")]
+    report = {"mode": "quick", "seconds": 100, "rows": rows, "context": {"cuda": "skipped"},
+              "machine": {"cpus": 2, "torch": "2", "ray": "2"}}
+    text = markdown(report)
+    assert "| memory | dp=1 | 1.02x | 1.00 .. 1.04 | <= 1.1 | yes |" in text
+    assert "| checkpoint | save | 250 MB/s | 250 .. 250 |  |  |" in text
+    assert text.rstrip().endswith("CUDA: skipped")
+
+
+def test_mfu_arithmetic():
+    assert flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("Some Future GPU") is None
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "raypar.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_quick_bench_writes_every_row(tmp_path):
+    out = tmp_path / "bench"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    done = _cli("bench", "--quick", "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["mode"] == "quick"
+    rows = report["rows"]
+    counts = {s: sum(r["section"] == s for r in rows) for s in SECTIONS}
+    assert counts == SECTIONS, counts
+    for r in rows:
+        lo, hi = r["spread"]
+        assert all(math.isfinite(x) for x in (r["value"], lo, hi)), r
+        assert lo <= r["value"] <= hi and r["samples"], r
+        assert r["unit"] and r["name"]
+        # A row with a target says whether it holds; a row without one does not pretend.
+        assert (r["target"] is None) == (r["met"] is None), r
+    ratios = {r["section"]: r for r in rows if r["unit"] == "x"}
+    assert ratios["overhead"]["detail"]["ours_tokens_per_s"] > 0
+    # gpipe and 1f1b idle (p-1)/(m+p-1) of a step; interleaved with 2 stages per rank
+    # (p-1)/(2m+p-1); at p=2 and m = 2, 4, 8:
+    assert [r["detail"]["theory"] for r in rows if r["section"] == "pipeline"] == \
+        pytest.approx([1 / 3, 1 / 5, 1 / 9] * 2 + [1 / 5, 1 / 9, 1 / 17])
+    # The table: one line per row; the charts are PNG files.
+    table = (out / "bench.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1
+    for name in ("bench_ratios.png", "bench_pipeline.png", "bench_memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # One MLflow run in the output directory's store: every row a metric, every file kept.
+    from mlflow.tracking import MlflowClient
+    assert report["mlflow"]["uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=report["mlflow"]["uri"])
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and len(run.data.metrics) == len(rows)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "bench.json", "bench.md", "bench_ratios.png", "bench_pipeline.png", "bench_memory.png"}
+    # The command prints the table and where the report is.
+    assert "| section | measurement |" in done.stdout and str(out / "bench.json") in done.stdout
+
+    again = _cli("bench", "--quick", "--out", str(out), env=env)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"raypar: error: --out: {out} already holds a bench report; choose another directory"]
