@@ -15,7 +15,7 @@ from raypar.bench.suite import _row, ratio_row, windows
 
 from conftest import ROOT
 
-SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 1, "pipeline": 9, "tensor": 2,
+SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor": 2,
             "data": 2, "checkpoint": 6, "memory": 5}
 
 
