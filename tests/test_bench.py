@@ -19,16 +19,16 @@ SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor":
             "data": 2, "checkpoint": 6, "memory": 5}
 
 
-def test_windows_split_the_steady_steps_and_leave_out_checkpoint_steps():
-    # Steps end at 0, 1, 2, ...: one second per step, except step 6, which took 10 s.
+def test_windows_leave_out_the_warm_up_seconds_and_checkpoint_steps():
+    # Steps end at 0, 1, 2, ... s: one second per step, except step 6, which took 10 s.
     ends = [0.0, 1, 2, 3, 4, 14, 15, 16, 17]
-    # Skip step 1's interval (start-up) and the one that held a checkpoint (ends at step 6).
-    assert windows(ends, skip=1, repeats=2, tokens_per_step=100,
+    # Step 2 ends within the first second of steady state: left out, like step 6 (a save).
+    assert windows(ends, warmup_s=1, repeats=2, tokens_per_step=100,
                    exclude=frozenset({6})) == [100.0, 100.0]
-    slow = windows(ends, skip=1, repeats=2, tokens_per_step=100)
-    assert slow == pytest.approx([100.0, 400 / 13])  # step 6's 10 s in the second window
-    with pytest.raises(RuntimeError, match="steady steps"):
-        windows(ends, skip=7, repeats=3, tokens_per_step=100)
+    slow = windows(ends, warmup_s=1, repeats=2, tokens_per_step=100)
+    assert slow == pytest.approx([100.0, 25.0])  # steps 3-5, then 6-8 with the 10 s step
+    with pytest.raises(RuntimeError, match="too short"):
+        windows(ends, warmup_s=16, repeats=3, tokens_per_step=100)
 
 
 def test_ratio_row_takes_the_median_and_says_whether_the_target_holds():
