@@ -159,6 +159,12 @@ def file_stats(sources: list[str]) -> list[FileStat]:
             for s, i in zip(sources, fs.get_file_info(paths))]
 
 
+def check_not_empty(sources: list[str], stats: list[FileStat]) -> None:
+    if not any(s.size for s in stats):
+        raise ConfigError(f"data.path: the corpus is empty: {len(sources)} files, all empty "
+                          f"(e.g. {sources[0]})")
+
+
 def filesystem_for(sources: list[str]):
     """(pyarrow filesystem or None for local files, the paths that filesystem reads)."""
     if not sources or not is_uri(sources[0]):

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypar.config import ConfigError, DataConfig
-from raypar.data.corpus import (corpus_fingerprint, document_names, file_stats,
+from raypar.data.corpus import (check_not_empty, corpus_fingerprint, document_names, file_stats,
                                 filesystem_for, resolve_format, resolve_sources)
 from raypar.data.decode import decode_batch
 from raypar.data.packing import pack, stream_length
@@ -164,9 +164,7 @@ def prepare_corpus(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Prepare
     sources = resolve_sources(cfg.path, cfg.format)
     fmt = resolve_format(sources, cfg.format)
     stats_f = file_stats(sources)
-    if not any(s.size for s in stats_f):
-        raise ConfigError(f"data.path: the corpus is empty: {len(sources)} files, all empty "
-                          f"(e.g. {sources[0]})")
+    check_not_empty(sources, stats_f)
     fp = corpus_fingerprint(sources, cfg, stats_f)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
     docs_ds = None

@@ -410,9 +410,14 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
 def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progress: bool,
          resume: bool) -> dict[str, Any]:
     from raypar.data import prepare_corpus, resolve_sources
+    from raypar.data.corpus import check_not_empty, file_stats
 
     t_start = time.time()
-    resolve_sources(spec.data.path, spec.data.format)  # a bad path fails before Ray starts
+    # A bad or empty path, and a layout this machine cannot hold, fail before Ray starts.
+    sources = resolve_sources(spec.data.path, spec.data.format)
+    check_not_empty(sources, file_stats(sources))
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        check_local_memory(spec, padded_vocab(_expected_vocab(spec), spec.parallel.tp))
     run_dir = Path(run_dir) if run_dir else default_run_dir(spec)
     if resume:
         if not (run_dir / "config.yaml").is_file():
