@@ -48,7 +48,7 @@ class Size:
     profile_steps: int
 
 
-QUICK = Size(n_files=40, warmup_s=3.0, steps=30, repeats=3, probe_steps=2, profile_steps=1)
+QUICK = Size(n_files=40, warmup_s=2.0, steps=24, repeats=3, probe_steps=2, profile_steps=1)
 FULL = Size(n_files=200, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
@@ -305,7 +305,7 @@ class Bench:
             s.steps + 2, f"checkpoint.every={s.steps}", "checkpoint.async_save=false"))
         self.say("raypar: dp=2 (Ray Train), background checkpoint, then a worker killed")
         r2 = self._run("raypar-dp2", self.spec(
-            2 * s.steps + 20, "parallel.dp=2", f"checkpoint.every={2 * s.steps}",
+            2 * s.steps + 16, "parallel.dp=2", f"checkpoint.every={2 * s.steps}",
             "checkpoint.async_save=true", "checkpoint.max_failures=1"), kill_after_save=True)
         ours1 = windows(r1["step_end"][:s.steps], **win)
         ours2 = windows(r2["step_end"][:2 * s.steps], **win)
