@@ -111,21 +111,16 @@ def test_submit_stop_and_resume(cluster, small_corpus, cache_dir, tmp_path):
         time.sleep(0.5)
     ray_cli("job", "stop", "--address", cluster, first)
     assert wait_status(client, first, {"STOPPED"}) == "STOPPED"
-    # The stopped job's Ray Train actors go down within seconds of its driver; until then
-    # they may finish a step or two. Resubmit once the run directory is quiet.
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() - metrics.stat().st_mtime < 5:
-        time.sleep(0.5)
-    rows_before, _ = read_metrics(run_dir)
-    assert rows_before and rows_before[-1]["step"] < STEPS
-
+    # Resubmitted at once: the stopped job's Ray Train actors go down within seconds of
+    # its driver and may finish a step or two meanwhile; the resumed driver waits until the
+    # run directory is quiet (raypar.train.trainer.wait_until_quiet).
     second = submit(cluster, runtime_env, "jobs/train.py", "--resume", str(run_dir),
                     "--no-progress")
     assert wait_status(client, second, {"SUCCEEDED"}) == "SUCCEEDED"
     rows, events = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     [resumed] = [e for e in events if e["event"] == "recovery"]
-    assert resumed["cause"] == "resume" and resumed["step"] >= EVERY
+    assert resumed["cause"] == "resume" and EVERY <= resumed["step"] < STEPS
     assert ckpt.verify(run_dir / "checkpoints" / ckpt.dir_name(STEPS)) is None
     summary = json.loads((run_dir / "summary.json").read_text())
     # One MLflow run, in the store the job's environment named (not in the run directory).

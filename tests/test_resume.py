@@ -264,3 +264,40 @@ def test_unwritable_storage_is_refused_before_training(small_corpus, cache_dir, 
     assert code == 2 and err.startswith("raypar: error: checkpoint.storage_path:"), err
     assert not (tmp_path / "run").exists()
 
+
+
+def test_resume_waits_for_a_stopped_runs_workers_to_go_quiet(tmp_path):
+    """A stopped job's workers may write for a few seconds after their driver is gone:
+    --resume waits until the run directory is quiet, and refuses one that stays busy."""
+    import threading
+    import time
+
+    from raypar.config import ConfigError
+    from raypar.train.trainer import wait_until_quiet
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    metrics = run_dir / "metrics.jsonl"
+    stop_at = time.time() + 1.5
+
+    def straggler():  # a worker finishing its last steps, then a checkpoint
+        while time.time() < stop_at:
+            with open(metrics, "a") as f:
+                f.write("{}\n")
+            time.sleep(0.1)
+        (run_dir / "checkpoints" / "step_00000007").mkdir(exist_ok=True)
+
+    thread = threading.Thread(target=straggler)
+    thread.start()
+    wait_until_quiet(run_dir, quiet_s=0.5, timeout_s=30)
+    assert time.time() >= stop_at + 0.5  # after the last write, and quiet for 0.5 s since
+    thread.join()
+
+    stop_at = time.time() + 30  # a run that is still going: refused, not waited on forever
+    thread = threading.Thread(target=straggler)
+    thread.start()
+    try:
+        with pytest.raises(ConfigError, match=r"^--resume: .* is still being written to"):
+            wait_until_quiet(run_dir, quiet_s=0.5, timeout_s=1.0)
+    finally:
+        stop_at = 0
+        thread.join()

@@ -373,6 +373,46 @@ def _step_delay() -> float:
     return delay
 
 
+# --resume: how long RUN_DIR must have gone unwritten, and how long to wait for that.
+QUIET_S, QUIET_TIMEOUT_S = 5.0, 120.0
+
+
+def _last_write(run_dir: Path) -> float:
+    """The newest modification time of what a run's driver and workers write."""
+    paths = [run_dir / "metrics.jsonl", run_dir / "checkpoints"]
+    if (run_dir / "checkpoints").is_dir():
+        paths += list((run_dir / "checkpoints").rglob("*"))
+    times = []
+    for p in paths:
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:  # gone meanwhile (an old checkpoint pruned)
+            pass
+    return max(times, default=0.0)
+
+
+def wait_until_quiet(run_dir: Path, quiet_s: float = QUIET_S,
+                     timeout_s: float = QUIET_TIMEOUT_S) -> None:
+    """--resume: the workers of a stopped job (`ray job stop`, a killed driver) can go on
+    for seconds after their driver is gone, finishing steps and writing checkpoints. Two
+    runs writing one directory would mix their records, so wait until RUN_DIR has been
+    quiet for quiet_s; if it is still being written after timeout_s, the run is alive:
+    refuse."""
+    deadline = time.time() + timeout_s
+    waited = False
+    while (idle := time.time() - _last_write(run_dir)) < quiet_s:
+        if time.time() > deadline:
+            raise ConfigError(f"--resume: {run_dir} is still being written to ({idle:.1f} s "
+                              f"ago): is the run still going? Stop it first (ray job stop, or "
+                              f"end its driver), then resume")
+        if not waited:
+            log.warning("--resume: %s was written %.1f s ago; waiting until it has been quiet "
+                        "for %.0f s (a stopped run's workers may still be finishing)",
+                        run_dir, idle, quiet_s)
+            waited = True
+        time.sleep(min(0.5, quiet_s))
+
+
 def _check_resumable(spec: RunSpec, run_dir: Path, root: str, vocab_size: int,
                      tokenizer_json: str) -> None:
     """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
@@ -423,6 +463,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {run_dir} is not a raypar run directory "
                               f"(no config.yaml)")
+        wait_until_quiet(run_dir)
     elif (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"--run-dir: {run_dir} already holds a run; choose another "
                           f"directory, or continue it with --resume {run_dir}")
