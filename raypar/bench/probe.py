@@ -68,7 +68,13 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
         out["step_s"].append(time.perf_counter() - t0)
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = False
-            out["bubble"].append(measured_bubble(pipe.timeline, pipe.step_start, pipe.step_end))
+            bubble = measured_bubble(pipe.timeline, pipe.step_start, pipe.step_end)
+            out["bubble"].append(bubble)
+            # What the idle time is made of: per F/B action, its compute and the idle
+            # time between actions (waits for a neighbour, transfers, schedule overhead).
+            elapsed, n = pipe.step_end - pipe.step_start, max(1, len(pipe.timeline))
+            out.setdefault("action_ms", []).append(1e3 * (1 - bubble) * elapsed / n)
+            out.setdefault("idle_ms", []).append(1e3 * bubble * elapsed / n)
     if job.get("profile"):
         out["profiled_step_s"], out["comm_s"] = [], []
         for _ in range(job.get("profile_steps", 2)):

@@ -432,7 +432,9 @@ class Bench:
                 self.rows.append(_row(
                     "pipeline", f"bubble {schedule} p=2 m={m}: measured / theory", value, "x",
                     rel, target="0.8 .. 1.2", met=abs(value - 1) <= TARGETS["bubble"],
-                    measured=_median(per_step), theory=theory))
+                    measured=_median(per_step), theory=theory,
+                    compute_ms_per_action=_median([x for r in ranks for x in r["action_ms"]]),
+                    idle_ms_per_action=_median([x for r in ranks for x in r["idle_ms"]])))
         tp1, tp2 = found["tp1"][0], found["tp2"]
         t1 = tp1["step_s"]
         t2 = [max(r["step_s"][i] for r in tp2) for i in range(len(tp2[0]["step_s"]))]
