@@ -502,6 +502,17 @@ REPORT_DUE, SAVE_LANDED, NOTICE, SIGTERMED = range(4)
 NO_FLAGS = [0, 0, 0, 0]
 
 
+def _step_flags(report_due: bool = False, save_landed: bool = False,
+                notice: bool = False) -> list[int]:
+    """This rank's contribution to a step's exchange (rank 0's decisions, and whether this
+    process got SIGTERM)."""
+    flags = list(NO_FLAGS)
+    flags[REPORT_DUE], flags[SAVE_LANDED], flags[NOTICE] = map(int, (report_due, save_landed,
+                                                                     notice))
+    flags[SIGTERMED] = int(_SIGTERM.is_set())
+    return flags
+
+
 def _report(metrics: dict[str, Any], **kwargs: Any) -> Optional[Any]:
     """ray.train.report, preceded by Ray Train's preemption check (both are barriers over
     every worker, so every rank, sitting out or not, calls the two together). Returns the
@@ -557,9 +568,7 @@ def _sit_out(groups: Groups) -> None:
     """A rank beyond the layout: it holds no model, and takes part only in the control
     exchange and in Ray Train's report barrier, until training stops."""
     while True:
-        flags = list(NO_FLAGS)
-        flags[SIGTERMED] = int(_SIGTERM.is_set())
-        _exchange(flags)
+        _exchange(_step_flags())
         n_reports, stop = _share_plan([0, 0], groups)
         for _ in range(n_reports):
             _report({})
@@ -692,13 +701,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _fault(config, worker.step, "sigterm")
         last = worker.step == spec.train.steps
         due_ckpt = worker.checkpoint_due()
-        flags = list(NO_FLAGS)
-        flags[SIGTERMED] = int(_SIGTERM.is_set())
-        if rank == 0:
-            flags[REPORT_DUE] = int(time.perf_counter() - last_report >= REPORT_INTERVAL_S)
-            flags[SAVE_LANDED] = int(inflight is not None and inflight.done())
-            flags[NOTICE] = int(notice is not None and not notice_saved)
-        flags = _exchange(flags)
+        flags = _exchange(_step_flags(
+            report_due=rank == 0 and time.perf_counter() - last_report >= REPORT_INTERVAL_S,
+            save_landed=rank == 0 and inflight is not None and inflight.done(),
+            notice=rank == 0 and notice is not None and not notice_saved))
         preempted = bool(flags[SIGTERMED])
         # A preemption notice: save now and train on; when the node goes, the group
         # restarts from this checkpoint (Ray Train's own recommendation).
