@@ -48,6 +48,12 @@ def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
     return rows
 
 
+def recoveries(run_dir):
+    """(step rows, recovery events) of a run."""
+    rows, events = read_metrics(run_dir)
+    return rows, [e for e in events if e["event"] == "recovery"]
+
+
 def assert_same_run(rows, ref, exact=True):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "each step exactly once"
     # The data order: every step trained on the same global blocks, none repeated or skipped.
@@ -108,7 +114,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(
     run_dir = tmp_path / "run"
     run(spec_for(small_corpus, cache_dir, "checkpoint.max_failures=1"), run_dir,
         progress=False)
-    rows, [event] = read_metrics(run_dir)
+    rows, [event] = recoveries(run_dir)
     assert_same_run(rows, reference)
     # Rank 1 died with its shard written locally but never uploaded: the half-saved
     # step_10 (if rank 0's part got there) does not verify, so step_5 is used.
@@ -205,7 +211,7 @@ def test_resume_at_dp1_continues_the_reference(killed_pp_run, reference, tmp_pat
     latest = ckpt.latest_valid(run_dir)
     run_id_before, _ = mlflow_steps(run_dir)
     assert resume_cli(run_dir, "parallel.dp=1", "parallel.pp=1") == 0
-    rows, [event] = read_metrics(run_dir)
+    rows, [event] = recoveries(run_dir)
     assert_same_run(rows, reference, exact=False)
     assert event["cause"] == "resume" and event["step"] == ckpt.step_of(latest) >= EVERY
     run_id, steps = mlflow_steps(run_dir)
@@ -224,7 +230,7 @@ def test_truncated_shard_is_skipped_and_resume_at_tp2_continues(killed_pp_run, r
     previous = ckpt.latest_valid(run_dir)  # None when the latest was step_5
     assert (ckpt.step_of(previous) if previous else 0) == ckpt.step_of(latest) - EVERY
     assert resume_cli(run_dir, "parallel.dp=1", "parallel.pp=1", "parallel.tp=2") == 0
-    rows, [event] = read_metrics(run_dir)
+    rows, [event] = recoveries(run_dir)
     assert_same_run(rows, reference, exact=False)
     assert event["step"] == ckpt.step_of(latest) - EVERY, "fell back to the previous checkpoint"
     reasons = dict(event["skipped"])

@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypar.config import ConfigError, load_spec
-from raypar.train.trainer import run
+from raypar.train.trainer import read_metrics, run
 
 from conftest import ROOT
 
@@ -18,7 +18,7 @@ def tiny(corpus, cache, *overrides):
 
 
 def rows_of(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)[0]  # the step rows (events aside)
 
 
 def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path):
@@ -53,6 +53,11 @@ def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, 31))
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [r["loss"] for r in rows]
     assert len(client.get_metric_history(mrun.info.run_id, "val_loss")) == 3
+    # Each checkpoint save is timed: an event row, and MLflow metrics at its step.
+    saves = [e for e in read_metrics(run_dir)[1] if e["event"] == "checkpoint"]
+    assert saves and saves[-1]["step"] == 30 and all(e["save_s"] > 0 for e in saves)
+    assert sorted(m.step for m in client.get_metric_history(
+        mrun.info.run_id, "checkpoint_save_s")) == [e["step"] for e in saves]
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     assert {"config.yaml", "loss.png"} <= artifacts
     runs = client.search_runs([mrun.info.experiment_id])
