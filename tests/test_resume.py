@@ -301,6 +301,7 @@ def test_resume_waits_for_a_stopped_runs_workers_to_go_quiet(tmp_path):
     stop_at = time.time() + 30  # a run that is still going: refused, not waited on forever
     thread = threading.Thread(target=straggler)
     thread.start()
+    time.sleep(0.3)  # it is writing
     try:
         with pytest.raises(ConfigError, match=r"^--resume: .* is still being written to"):
             wait_until_quiet(run_dir, quiet_s=0.5, timeout_s=1.0)

@@ -407,8 +407,8 @@ def wait_until_quiet(run_dir: Path, quiet_s: float = QUIET_S,
                               f"end its driver), then resume")
         if not waited:
             log.warning("--resume: %s was written %.1f s ago; waiting until it has been quiet "
-                        "for %.0f s (a stopped run's workers may still be finishing)",
-                        run_dir, idle, quiet_s)
+                        "for %g s (a stopped run's workers may still be finishing)",
+                        run_dir, max(idle, 0.0), quiet_s)
             waited = True
         time.sleep(min(0.5, quiet_s))
 
