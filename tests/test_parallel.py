@@ -25,8 +25,8 @@ COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", "train.steps=
           "tracking.enabled=false"]
 
 # dp2 x pp2 (schedule 1f1b) and plain tp2 are checked in test_resume.py against a dp2
-# curve that test_train checks against dp1 (the run resumed there, and the resume at
-# tp2), so they are not repeated here.
+# run (the run resumed there, and the resume at tp2 and at dp1, rtol 1e-5), and plain
+# DDP at dp 2 and 3 against one process in test_elastic.py, so they are not repeated here.
 LAYOUTS = {
     "pp2-gpipe": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=gpipe"],
     "pp2-interleaved": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=interleaved_1f1b",

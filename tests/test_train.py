@@ -64,22 +64,6 @@ def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path):
     assert len(runs) == 1                                     # exactly one MLflow run
 
 
-def test_dp2_reproduces_dp1(ray_local, small_corpus, cache_dir, tmp_path):
-    common = ["train.steps=10", "train.global_batch=8", "train.micro_batch=2",
-              "train.eval_every=5", "checkpoint.every=0", "tracking.enabled=false"]
-    run(tiny(small_corpus, cache_dir, "parallel.dp=1", *common), tmp_path / "dp1", progress=False)
-    run(tiny(small_corpus, cache_dir, "parallel.dp=2", *common), tmp_path / "dp2", progress=False)
-    a, b = rows_of(tmp_path / "dp1"), rows_of(tmp_path / "dp2")
-    assert len(a) == len(b) == 10
-    # identical data: the same global block range per step
-    assert [(r["first_block"], r["last_block"]) for r in a] == \
-           [(r["first_block"], r["last_block"]) for r in b]
-    for key in ("loss", "grad_norm"):
-        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5), key
-    assert [r["val_loss"] for r in b if "val_loss" in r] == \
-           pytest.approx([r["val_loss"] for r in a if "val_loss" in r], rel=1e-5)
-
-
 def test_more_workers_than_the_cluster_holds_fails_fast(ray_local, small_corpus, cache_dir,
                                                         tmp_path):
     spec = tiny(small_corpus, cache_dir, "parallel.dp=16", "train.global_batch=32")

@@ -48,7 +48,7 @@ class Size:
     profile_steps: int
 
 
-QUICK = Size(n_files=40, warmup_s=2.0, steps=24, repeats=3, probe_steps=2, profile_steps=1)
+QUICK = Size(n_files=40, warmup_s=2.0, steps=20, repeats=3, probe_steps=2, profile_steps=1)
 FULL = Size(n_files=200, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
