@@ -28,29 +28,18 @@ COMM = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|wait_tenso
                   r"all_to_all|send|recv|barrier|gloo", re.I)
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
-    """Total length covered by possibly nested/overlapping intervals."""
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(spans):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    return total + (cur_e - cur_s if cur_e is not None else 0.0)
-
-
 def _profiled_step(worker) -> tuple[float, float]:
     """(step seconds, seconds inside communication) of one profiled train_step."""
     from torch.profiler import ProfilerActivity, profile
+
+    from raypar.parallel.pipeline import covered_length
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         worker.train_step()
         step_s = time.perf_counter() - t0
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
              if COMM.search(e.name)]
-    return step_s, _union(spans) / 1e6
+    return step_s, covered_length(spans) / 1e6
 
 
 def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:

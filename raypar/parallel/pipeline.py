@@ -673,25 +673,30 @@ def theoretical_bubble(schedule: str, p: int, m: int, v: int = 1) -> float:
     raise ValueError(_unknown(schedule))
 
 
+def covered_length(spans: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by intervals (s, e) that may overlap or nest; empty ones
+    (e <= s) count nothing."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(spans):
+        if e <= s:
+            continue
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
 def measured_bubble(events: list[dict], step_start: float, step_end: float) -> float:
     """1 - busy / elapsed for one rank: busy is the union of its F/B/W intervals (clipped
     to the step), so overlapping records are not counted twice."""
     elapsed = step_end - step_start
     if elapsed <= 0:
         raise ValueError("step_end must be after step_start")
-    spans = sorted((max(e["start"], step_start), min(e["end"], step_end)) for e in events)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if e <= s:
-            continue
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
+    busy = covered_length((max(e["start"], step_start), min(e["end"], step_end))
+                          for e in events)
     return 1.0 - busy / elapsed
 
 
