@@ -98,6 +98,26 @@ def force_reservation_refresh():
     ray.get(coordinator.get_reserved_resources.remote("raypar-tests", recompute=True))
 
 
+def start_run(spec, run_dir):
+    """raypar's run() on a thread of its own, so the test can change the cluster meanwhile
+    (from the main thread: Ray's node start-up registers signal handlers, which only the
+    main thread may do). Returns (thread, outcome): outcome gets "summary" or "error"."""
+    import threading
+
+    from raypar.train.trainer import run
+    outcome = {}
+
+    def train():
+        try:
+            outcome["summary"] = run(spec, run_dir, progress=False)
+        except BaseException as e:  # noqa: BLE001 - the test asserts on it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def wait_for(run_dir, predicate, what, thread, timeout=300):
     """Poll the run's metrics.jsonl until predicate(rows, events) holds; the run (in
     `thread`) must not end first."""

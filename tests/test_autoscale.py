@@ -17,17 +17,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
 import ray
 
 from raypar.config import load_spec
-from raypar.train.trainer import read_metrics, run
+from raypar.train.trainer import read_metrics
 
-from conftest import (ROOT, force_reservation_refresh, free_port, layouts, stop_cluster,
-                      wait_for)
+from conftest import (ROOT, force_reservation_refresh, free_port, layouts, start_run,
+                      stop_cluster, wait_for)
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS = 100
@@ -103,16 +102,7 @@ def test_autoscaler_adds_the_nodes_a_run_needs(autoscaling_cluster, small_corpus
         "train.global_batch=12", f"train.steps={STEPS}", "checkpoint.every=10",
         "tracking.enabled=false", "train.log_blocks=true"])
     run_dir = tmp_path / "run"
-    outcome = {}
-
-    def train():
-        try:
-            outcome["summary"] = run(spec, run_dir, progress=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
+    thread, outcome = start_run(spec, run_dir)  # nodes change from this (main) thread
     # The run starts on what the cluster has: the head's one worker.
     wait_for(run_dir, lambda r, e: len(r) >= 3, "step 3", thread)
     assert ray.cluster_resources().get("CPU") == 1

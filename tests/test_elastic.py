@@ -7,7 +7,6 @@ another dp sums the same gradients in another order). The reference is one proce
 Ray, the same code (raypar.train.loop.Worker) stepping alone.
 """
 import os
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.loop import Worker
 from raypar.train.trainer import padded_vocab, read_metrics, run
 
-from conftest import ROOT, force_reservation_refresh, layouts, wait_for
+from conftest import ROOT, force_reservation_refresh, layouts, start_run, wait_for
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 80, 20
@@ -93,18 +92,7 @@ def test_node_preempted_lost_and_regained(cluster, small_corpus, cache_dir, tmp_
     monkeypatch.setenv("RAYPAR_STEP_DELAY_S", STEP_DELAY_S)
     spec = elastic_spec(small_corpus, cache_dir)
     run_dir = tmp_path / "run"
-    outcome = {}
-
-    def train():
-        try:
-            outcome["summary"] = run(spec, run_dir, progress=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = e
-
-    # Nodes are added from this (the main) thread: Ray's node start-up registers signal
-    # handlers, which only the main thread may do.
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
+    thread, outcome = start_run(spec, run_dir)  # nodes change from this (main) thread
     wait_for(run_dir, lambda r, e: r and r[-1]["step"] >= 5, "step 5", thread)
 
     # A spot reclaim notice for node b (one worker), 3 s ahead, as the autoscaler sends it.
