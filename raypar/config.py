@@ -463,6 +463,8 @@ def validate(spec: RunSpec) -> RunSpec:
         raise ConfigError(
             f"train.global_batch: {t.global_batch} must be divisible by parallel.dp * "
             f"train.micro_batch = {p.dp} * {t.micro_batch} = {p.dp * t.micro_batch}")
+    if p.pp > 1:
+        _check_microbatches(spec, n_stages)
     if spec.data.tokenizer not in ("byte", "bpe") and not spec.data.tokenizer.endswith(".json"):
         raise ConfigError(f"data.tokenizer: expected byte, bpe or a path to a tokenizer.json, "
                           f"got {spec.data.tokenizer!r}")
@@ -470,6 +472,22 @@ def validate(spec: RunSpec) -> RunSpec:
         raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
                           f"got {spec.data.vocab_size}")
     return spec
+
+
+def _check_microbatches(spec: RunSpec, n_stages: int) -> None:
+    """The micro-batch counts torch's pipeline schedules accept (torch 2.13 raises these
+    only once the schedule is built on the workers)."""
+    p, t, m = spec.parallel, spec.train, spec.grad_accum
+    need = {"1f1b": p.pp, "dualpipev": n_stages}.get(p.schedule, 1)
+    count = (f"train.global_batch / (parallel.dp * train.micro_batch) = {t.global_batch} / "
+             f"({p.dp} * {t.micro_batch}) = {m}")
+    if m < need:
+        raise ConfigError(f"train.micro_batch: schedule {p.schedule} needs at least {need} "
+                          f"micro-batches per replica (its pipeline stages), got {count}")
+    if p.schedule in ("interleaved_1f1b", "interleaved_zb") and m % max(1, m // p.pp):
+        raise ConfigError(f"train.micro_batch: schedule {p.schedule} runs the micro-batches "
+                          f"in rounds of about parallel.pp={p.pp}: their count must divide by "
+                          f"count // parallel.pp = {m // p.pp}, got {count}")
 
 
 def load_spec(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunSpec:

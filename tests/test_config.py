@@ -94,6 +94,29 @@ def test_global_batch_must_split_over_dp_and_micro_batch():
     assert load_spec(None, ["train.global_batch=24", "train.micro_batch=4"]).grad_accum == 3
 
 
+@pytest.mark.parametrize("schedule, extra, m, ok", [
+    ("1f1b", [], 1, False), ("1f1b", [], 2, True), ("gpipe", [], 1, True),
+    ("interleaved_1f1b", ["parallel.virtual_stages=2"], 5, False),
+    ("interleaved_1f1b", ["parallel.virtual_stages=2"], 3, True),
+    ("interleaved_1f1b", ["parallel.virtual_stages=2"], 6, True),
+    ("dualpipev", ["parallel.virtual_stages=2"], 3, False),
+    ("dualpipev", ["parallel.virtual_stages=2"], 4, True),
+])
+def test_pipeline_schedules_micro_batch_counts(schedule, extra, m, ok):
+    """The counts torch's schedules refuse on the workers are refused before Ray starts,
+    with one line that names the field and shows the count."""
+    over = ["parallel.pp=2", "parallel.dp=1", "parallel.dp_mode=fsdp",
+            f"parallel.schedule={schedule}", *extra, "train.micro_batch=2",
+            f"train.global_batch={2 * m}"]
+    if ok:
+        assert load_spec(None, over).grad_accum == m
+        return
+    with pytest.raises(ConfigError) as e:
+        load_spec(None, over)
+    assert str(e.value).startswith(f"train.micro_batch: schedule {schedule}")
+    assert f"= {2 * m} / (1 * 2) = {m}" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_elastic_range_as_yaml_mapping_and_dotted_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("parallel: {pp: 1, elastic: {min_replicas: 1, max_replicas: 4}}\n"
