@@ -26,7 +26,7 @@ from torch import nn
 
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
 from raypar.parallel.pipeline import (SCHEDULES, Pipeline, build_stage_modules, is_tied_copy,
-                                      measured_bubble, plot_timeline, stage_costs, stage_ids,
+                                      measured_bubble, pipeline_bubble, plot_timeline, stage_costs, stage_ids,
                                       stage_layout, stage_rank, sync_tied_grads,
                                       theoretical_bubble)
 
@@ -161,6 +161,25 @@ def test_measured_bubble_unions_overlaps():
           dict(stage=0, microbatch=0, kind="B", start=6.0, end=7.0)]
     assert measured_bubble(ev, 0.0, 10.0) == pytest.approx(1 - 4 / 10)
     assert measured_bubble([], 0.0, 1.0) == 1.0
+
+
+def _ev(kind, mb, start, end):
+    return dict(stage=0, microbatch=mb, kind=kind, start=float(start), end=float(end))
+
+
+def test_pipeline_bubble_measures_every_rank_over_the_whole_step():
+    """1F1B, p=2, m=2, F = 1 and B = 2 time units, no transfer time: the ideal timeline.
+    Each rank computes 6 of the step's 9 units, so both idle 1/3, the theory's
+    (p-1)/(m+p-1). The last stage's own schedule returns at 7, two units before the
+    first stage's last backward: over its own window it would seem to idle only 1/7."""
+    first = {"events": [_ev("F", 0, 0, 1), _ev("F", 1, 1, 2), _ev("B", 0, 4, 6),
+                        _ev("B", 1, 7, 9)], "start": 0.0, "end": 9.0}
+    last = {"events": [_ev("F", 0, 1, 2), _ev("B", 0, 2, 4), _ev("F", 1, 4, 5),
+                       _ev("B", 1, 5, 7)], "start": 0.0, "end": 7.0}
+    assert pipeline_bubble([first, last]) == pytest.approx(theoretical_bubble("1f1b", 2, 2))
+    assert measured_bubble(last["events"], last["start"], last["end"]) == pytest.approx(1 / 7)
+    with pytest.raises(ValueError):
+        pipeline_bubble([])
 
 
 # --------------------------------------------------------------------------- two processes

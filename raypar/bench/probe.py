@@ -7,7 +7,8 @@ schedules and optimizer step as a run, without the run's checkpoint and report p
 (which the bench measures in whole runs). Ranks beyond a layout's size wait it out.
 
 Each job: {"name", "spec" (RunSpec.to_dict()), "warmup", "steps", "profile" (time the
-collectives of one step), "timeline" (record the pipeline timeline of each timed step)}.
+collectives of one step), "timeline" (record each timed step's pipeline timeline, on the
+processes' common wall clock)}.
 Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor.
 """
 from __future__ import annotations
@@ -43,8 +44,7 @@ def _profiled_step(worker) -> tuple[float, float]:
 
 
 def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
-    from raypar.parallel.pipeline import measured_bubble
-    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "bubble": []}
+    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "timelines": []}
     for _ in range(job.get("warmup", 1)):
         worker.train_step()
     out["memory"] = dict(worker.memory or {})
@@ -57,13 +57,9 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
         out["step_s"].append(time.perf_counter() - t0)
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = False
-            bubble = measured_bubble(pipe.timeline, pipe.step_start, pipe.step_end)
-            out["bubble"].append(bubble)
-            # What the idle time is made of: per F/B action, its compute and the idle
-            # time between actions (waits for a neighbour, transfers, schedule overhead).
-            elapsed, n = pipe.step_end - pipe.step_start, max(1, len(pipe.timeline))
-            out.setdefault("action_ms", []).append(1e3 * (1 - bubble) * elapsed / n)
-            out.setdefault("idle_ms", []).append(1e3 * bubble * elapsed / n)
+            # The driver puts the ranks' timelines of each step together (pipeline_bubble).
+            out["timelines"].append({"events": pipe.timeline, "start": pipe.step_start,
+                                     "end": pipe.step_end})
     if job.get("profile"):
         out["profiled_step_s"], out["comm_s"] = [], []
         for _ in range(job.get("profile_steps", 2)):

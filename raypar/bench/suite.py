@@ -390,7 +390,7 @@ class Bench:
         from ray.train.torch import TorchTrainer
 
         from raypar.bench.probe import Mailbox, probe_loop
-        from raypar.parallel.pipeline import theoretical_bubble
+        from raypar.parallel.pipeline import pipeline_bubble, theoretical_bubble
 
         s = self.size
         jobs = []
@@ -402,7 +402,8 @@ class Bench:
         for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
             for m in (2, 4, 8):
                 job(f"pp2 {schedule} m={m}", "parallel.pp=2", f"parallel.schedule={schedule}",
-                    f"parallel.virtual_stages={v}", f"train.micro_batch={GLOBAL_BATCH // m}",
+                    f"parallel.virtual_stages={v}", f"train.micro_batch={MICRO_BATCH}",
+                    f"train.global_batch={MICRO_BATCH * m}",
                     timeline=True)
         job("tp1", profile=True, profile_steps=s.profile_steps)
         job("tp2", "parallel.tp=2", profile=True, profile_steps=s.profile_steps)
@@ -423,18 +424,24 @@ class Bench:
         for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
             for m in (2, 4, 8):
                 ranks = found[f"pp2 {schedule} m={m}"]
-                # A step's bubble: the mean over both ranks; one sample per timed step.
-                per_step = [sum(r["bubble"][i] for r in ranks) / len(ranks)
-                            for i in range(len(ranks[0]["bubble"]))]
+                steps = [[r["timelines"][i] for r in ranks] for i in range(len(ranks[0]["timelines"]))]
+                per_step = [pipeline_bubble(step) for step in steps]  # one sample per step
                 theory = theoretical_bubble(schedule, 2, m, v)
                 rel = [b / theory for b in per_step]
                 value = _median(rel)
+                # What the idle time is made of, per F/B action: its compute, and the idle
+                # time beside it (the schedule's waits, transfers and runtime overhead).
+                actions = [sum(len(t["events"]) for t in step) for step in steps]
+                span = [len(step) * (max(t["end"] for t in step) - min(t["start"] for t in step))
+                        for step in steps]
+                busy = [(1 - b) * s_ for b, s_ in zip(per_step, span)]
                 self.rows.append(_row(
                     "pipeline", f"bubble {schedule} p=2 m={m}: measured / theory", value, "x",
                     rel, target="0.8 .. 1.2", met=abs(value - 1) <= TARGETS["bubble"],
                     measured=_median(per_step), theory=theory,
-                    compute_ms_per_action=_median([x for r in ranks for x in r["action_ms"]]),
-                    idle_ms_per_action=_median([x for r in ranks for x in r["idle_ms"]])))
+                    compute_ms_per_action=_median([1e3 * b / n for b, n in zip(busy, actions)]),
+                    idle_ms_per_action=_median([1e3 * (s_ - b) / n
+                                                for b, s_, n in zip(busy, span, actions)])))
         tp1, tp2 = found["tp1"][0], found["tp2"]
         t1 = tp1["step_s"]
         t2 = [max(r["step_s"][i] for r in tp2) for i in range(len(tp2[0]["step_s"]))]

@@ -700,6 +700,19 @@ def measured_bubble(events: list[dict], step_start: float, step_end: float) -> f
     return 1.0 - busy / elapsed
 
 
+def pipeline_bubble(timelines: list[dict]) -> float:
+    """Idle fraction of one pipeline step, averaged over its ranks: each timeline is one
+    rank's {"events", "start", "end"} of the same step, and every rank is measured over
+    the step's whole span (earliest start to latest end). That is the theory's step: a
+    rank whose schedule returns early (the last stage finishes before the first stage's
+    final backward) still waits for the others before the optimizer step."""
+    if not timelines:
+        raise ValueError("no timelines")
+    start = min(t["start"] for t in timelines)
+    end = max(t["end"] for t in timelines)
+    return sum(measured_bubble(t["events"], start, end) for t in timelines) / len(timelines)
+
+
 def plot_timeline(events_per_rank: dict[int, list[dict]], path) -> None:
     """Write a PNG: one row per pp rank, a bar per F / B / W event (blue / orange /
     green, darker for later micro-batches), labelled with its micro-batch index."""

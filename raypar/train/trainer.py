@@ -667,11 +667,10 @@ def _layout_report(spec: RunSpec, run_dir: Path,
             tracker.log_metrics({f"memory.rank{r['rank']}.{k}": float(r[k])
                                  for r in ranks for k in keys if k in r})
     if timeline_file.exists():
-        from raypar.parallel.pipeline import measured_bubble, plot_timeline, theoretical_bubble
+        from raypar.parallel.pipeline import pipeline_bubble, plot_timeline, theoretical_bubble
         p = spec.parallel
         timelines = json.loads(timeline_file.read_text())
-        measured = [measured_bubble(t["events"], t["start"], t["end"]) for t in timelines]
-        out["bubble_measured"] = sum(measured) / len(measured)
+        out["bubble_measured"] = pipeline_bubble(timelines)
         dp = 1 + max((r["dp"] for r in out.get("ranks", [])), default=p.dp - 1)
         out["bubble_theory"] = theoretical_bubble(p.schedule, p.pp, spec.with_dp(dp).grad_accum,
                                                   p.virtual_stages)
