@@ -78,6 +78,7 @@ def probe_loop(config: dict[str, Any]) -> None:
     train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
     results = []
     for job in config["jobs"]:
+        started = time.perf_counter()
         spec = from_dict(job["spec"])
         torch.set_num_threads(spec.train.threads)
         groups = Groups.build(spec)  # collective: every rank, inside the layout or not
@@ -88,7 +89,8 @@ def probe_loop(config: dict[str, Any]) -> None:
             del worker
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        results.append({"name": job["name"], "ranks": [g for g in gathered if g is not None]})
+        results.append({"name": job["name"], "ranks": [g for g in gathered if g is not None],
+                        "seconds": time.perf_counter() - started})
     if dist.get_rank() == 0:
         ray.get(config["mailbox"].put.remote(results))
 

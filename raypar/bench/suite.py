@@ -48,7 +48,7 @@ class Size:
     profile_steps: int
 
 
-QUICK = Size(n_files=40, warmup_s=2.0, steps=20, repeats=3, probe_steps=2, profile_steps=1)
+QUICK = Size(n_files=40, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
 FULL = Size(n_files=200, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
@@ -418,7 +418,9 @@ class Bench:
             scaling_config=ScalingConfig(num_workers=2),
             run_config=RunConfig(name="probe", storage_path=str(self.work / "ray")))
         trainer.fit()
-        found = {r["name"]: r["ranks"] for r in ray.get(mailbox.get.remote())}
+        results = ray.get(mailbox.get.remote())
+        found = {r["name"]: r["ranks"] for r in results}
+        self.context["probe_seconds"] = {r["name"]: round(r["seconds"], 2) for r in results}
         ray.kill(mailbox)
         self.probe_results = found
         for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
