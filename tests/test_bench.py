@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from raypar.bench.gpu import flops_per_token, peak_flops
+from raypar.bench.gpu import _measure, flops_per_token, peak_flops
 from raypar.bench.report import markdown
 from raypar.bench.suite import _row, ratio_row, windows
 
@@ -56,6 +56,23 @@ def test_mfu_arithmetic():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Some Future GPU") is None
+
+
+def test_gpu_measurement_runs_the_worker_in_bf16():
+    """The CUDA rows' measurement, run here on the CPU (gloo, no device sync): raypar's
+    Worker in bf16 autocast, warm-up, timed steps. The GPU task runs this same function."""
+    import numpy as np
+
+    from raypar.config import load_spec
+    spec = load_spec(None, ["model.n_layer=2", "model.n_head=2", "model.d_model=32",
+                            "data.seq_len=16", "train.global_batch=4", "train.micro_batch=2",
+                            "train.dtype=bf16", "parallel.dp=1", "parallel.pp=1",
+                            "tracking.enabled=false"])
+    blocks = np.random.default_rng(0).integers(0, 64, size=(64, 17)).astype(np.uint16)
+    r = _measure(spec.to_dict(), 64, blocks, compiled=False, steps=4)
+    assert r["device"] == "cpu" and len(r["losses"]) == 4
+    assert all(math.isfinite(x) and 0 < x < 10 for x in r["losses"])
+    assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
 
 
 def _cli(*args, env=None):

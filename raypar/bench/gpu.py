@@ -41,8 +41,10 @@ def _measure(spec_dict: dict, vocab: int, blocks, compiled: bool, steps: int) ->
     from raypar.train.loop import Worker
 
     spec = from_dict(spec_dict)
+    cuda = torch.cuda.is_available()  # always, in the GPU task; a CPU run tests the wiring
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     store = dist.HashStore()
-    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
     try:
         worker = Worker(spec, vocab, blocks, blocks[:0])
         if compiled:
@@ -51,15 +53,15 @@ def _measure(spec_dict: dict, vocab: int, blocks, compiled: bool, steps: int) ->
                     block.compile()
         for _ in range(3):  # warm-up (and compilation)
             worker.train_step()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            worker.train_step()
-        torch.cuda.synchronize()
+        losses = [worker.train_step()["loss"] for _ in range(steps)]
+        sync()
         seconds = time.perf_counter() - t0
         return {"tokens_per_s": steps * spec.train.global_batch * spec.data.seq_len / seconds,
-                "device": torch.cuda.get_device_name(0),
-                "max_allocated": torch.cuda.max_memory_allocated()}
+                "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                "max_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+                "losses": losses}
     finally:
         dist.destroy_process_group()
 

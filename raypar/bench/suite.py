@@ -165,6 +165,9 @@ def _kill_rank(run_dir: Path, rank: int) -> None:
     def kill(pid: int) -> None:
         os.kill(pid, 9)
 
+    if info["node_id"] == ray.get_runtime_context().get_node_id():
+        kill(info["pid"])  # this node's: at once (a Ray task may first start a process)
+        return
     ray.get(ray.remote(kill).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         info["node_id"], soft=False)).remote(info["pid"]))
 
@@ -305,7 +308,7 @@ class Bench:
             s.steps + 2, f"checkpoint.every={s.steps}", "checkpoint.async_save=false"))
         self.say("raypar: dp=2 (Ray Train), background checkpoint, then a worker killed")
         r2 = self._run("raypar-dp2", self.spec(
-            2 * s.steps + 16, "parallel.dp=2", f"checkpoint.every={2 * s.steps}",
+            2 * s.steps + 24, "parallel.dp=2", f"checkpoint.every={2 * s.steps}",
             "checkpoint.async_save=true", "checkpoint.max_failures=1"), kill_after_save=True)
         ours1 = windows(r1["step_end"][:s.steps], **win)
         ours2 = windows(r2["step_end"][:2 * s.steps], **win)
@@ -372,7 +375,11 @@ class Bench:
                 note="wall-clock time the 4 steps after the save took beyond the steady step "
                      "time (the write, Ray Train's upload of the checkpoint, and a background "
                      "write's share of the cores); loop_blocked_s: the loop's own wait"))
-        [rec] = [e for e in r2["events"] if e["event"] == "recovery"]
+        recoveries = [e for e in r2["events"] if e["event"] == "recovery"]
+        if not recoveries:
+            raise RuntimeError("bench: the dp=2 run recorded no recovery after its worker was "
+                               "killed (did the kill land after the last step?)")
+        rec = recoveries[0]
         loaded = _dir_bytes(Path(rec["checkpoint"])) if rec.get("checkpoint") else 0
         if rec.get("load_s"):
             self.rows.append(_row("checkpoint", "load on restart (dp=2)",
