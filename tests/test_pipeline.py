@@ -26,8 +26,8 @@ from torch import nn
 
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
 from raypar.parallel.pipeline import (SCHEDULES, Pipeline, build_stage_modules, is_tied_copy,
-                                      measured_bubble, pipeline_bubble, plot_timeline, stage_costs, stage_ids,
-                                      stage_layout, stage_rank, sync_tied_grads,
+                                      measured_bubble, pipeline_bubble, plot_timeline, stage_costs,
+                                      stage_ids, stage_layout, stage_rank, sync_tied_grads,
                                       theoretical_bubble)
 
 TINY = dict(vocab_size=128, seq_len=16, n_layer=4, n_head=4, d_model=32, dropout=0.0)

@@ -397,7 +397,7 @@ class Bench:
         from ray.train.torch import TorchTrainer
 
         from raypar.bench.probe import Mailbox, probe_loop
-        from raypar.parallel.pipeline import pipeline_bubble, theoretical_bubble
+        from raypar.parallel.pipeline import pipeline_bubble, step_span, theoretical_bubble
 
         s = self.size
         jobs = []
@@ -433,16 +433,18 @@ class Bench:
         for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
             for m in (2, 4, 8):
                 ranks = found[f"pp2 {schedule} m={m}"]
-                steps = [[r["timelines"][i] for r in ranks] for i in range(len(ranks[0]["timelines"]))]
-                per_step = [pipeline_bubble(step) for step in steps]  # one sample per step
+                # One sample per timed step: that step's timeline from every rank.
+                steps = [list(step) for step in zip(*(r["timelines"] for r in ranks))]
+                per_step = [pipeline_bubble(step) for step in steps]
                 theory = theoretical_bubble(schedule, 2, m, v)
                 rel = [b / theory for b in per_step]
                 value = _median(rel)
                 # What the idle time is made of, per F/B action: its compute, and the idle
                 # time beside it (the schedule's waits, transfers and runtime overhead).
                 actions = [sum(len(t["events"]) for t in step) for step in steps]
-                span = [len(step) * (max(t["end"] for t in step) - min(t["start"] for t in step))
-                        for step in steps]
+                # rank-seconds of each step: every rank over the step's whole span
+                span = [len(step) * (end - start)
+                        for step, (start, end) in zip(steps, map(step_span, steps))]
                 busy = [(1 - b) * s_ for b, s_ in zip(per_step, span)]
                 self.rows.append(_row(
                     "pipeline", f"bubble {schedule} p=2 m={m}: measured / theory", value, "x",

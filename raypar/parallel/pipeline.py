@@ -706,11 +706,15 @@ def pipeline_bubble(timelines: list[dict]) -> float:
     the step's whole span (earliest start to latest end). That is the theory's step: a
     rank whose schedule returns early (the last stage finishes before the first stage's
     final backward) still waits for the others before the optimizer step."""
+    start, end = step_span(timelines)
+    return sum(measured_bubble(t["events"], start, end) for t in timelines) / len(timelines)
+
+
+def step_span(timelines: list[dict]) -> tuple[float, float]:
+    """(earliest start, latest end) of one pipeline step's per-rank timelines."""
     if not timelines:
         raise ValueError("no timelines")
-    start = min(t["start"] for t in timelines)
-    end = max(t["end"] for t in timelines)
-    return sum(measured_bubble(t["events"], start, end) for t in timelines) / len(timelines)
+    return min(t["start"] for t in timelines), max(t["end"] for t in timelines)
 
 
 def plot_timeline(events_per_rank: dict[int, list[dict]], path) -> None:
