@@ -15,6 +15,42 @@ os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Fixtures that start (or need) a Ray instance: a test that uses one is marked `ray`.
+RAY_FIXTURES = {"ray_local", "reference", "two_rank_run", "killed_pp_run", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`python -m pytest -m "not ray"` runs the unit tests alone, in under a minute: a test
+    is marked `ray` by hand (the module's pytestmark, or its own decorator) or here, when it
+    uses a fixture that starts Ray."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request, monkeypatch):
+    """Keep the marker honest: a test that is not marked `ray` fails at once if it starts
+    a Ray instance in this process (it would make the unit run slow, or hang)."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+
+
+def raypar_records(caplog, level: int = 0) -> list:
+    """The log records raypar itself wrote (loggers "raypar" and "raypar.*") at level or above:
+    what a test asserts on. Other libraries (torch's DCP logs at DEBUG, Ray, pytest's own
+    capture settings) may add records of their own at any level, in any version."""
+    return [r for r in caplog.records if r.levelno >= level
+            and (r.name == "raypar" or r.name.startswith("raypar."))]
+
 
 @pytest.fixture(scope="module")
 def ray_local():

@@ -28,6 +28,8 @@ from raypar.train.trainer import read_metrics
 from conftest import (ROOT, force_reservation_refresh, free_port, layouts, start_run,
                       stop_cluster, wait_for)
 
+pytestmark = pytest.mark.ray  # every test here trains through Ray
+
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS = 100
 

@@ -15,6 +15,8 @@ from raypar.bench.suite import _row, ratio_row, windows
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.ray  # every test here trains through Ray
+
 SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor": 2,
             "data": 2, "checkpoint": 6, "memory": 5}
 

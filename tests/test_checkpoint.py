@@ -25,7 +25,7 @@ from raypar.data.tokenizer import Tokenizer
 from raypar.model import GPT, GPTConfig, param_groups
 from raypar.train import checkpoint as ckpt
 
-from conftest import ROOT
+from conftest import ROOT, raypar_records
 
 CFG = dict(vocab_size=257, seq_len=16, n_layer=2, n_head=2, d_model=32)
 
@@ -124,7 +124,7 @@ def test_truncated_shard_is_skipped_with_one_warning(tmp_path, caplog):
                                          for s in (3, 2, 1)]
     with caplog.at_level(logging.WARNING, logger="raypar"):
         assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / ckpt.dir_name(2)
-    warnings = [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in raypar_records(caplog)]
     assert len(warnings) == 1
     assert ckpt.dir_name(3) in warnings[0] and "__0_0.distcp" in warnings[0]
 
@@ -150,7 +150,8 @@ def test_missing_manifest_is_skipped(tmp_path, caplog):
     assert "manifest-0.json missing" in ckpt.verify(crashed)
     with caplog.at_level(logging.WARNING, logger="raypar"):
         assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / ckpt.dir_name(4)
-    assert len(caplog.records) == 1 and ckpt.dir_name(8) in caplog.records[0].getMessage()
+    [warning] = raypar_records(caplog)
+    assert warning.levelno == logging.WARNING and ckpt.dir_name(8) in warning.getMessage()
     # The checkpoints folder itself or one step folder work as roots too.
     assert ckpt.latest_valid(tmp_path / "checkpoints") == tmp_path / "checkpoints" / ckpt.dir_name(4)
     assert ckpt.latest_valid(crashed) is None

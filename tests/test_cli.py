@@ -1,18 +1,35 @@
-"""Bad input through the real command line: one clear line, exit code 2, no stack trace,
-no run directory left behind."""
+"""Bad input through the command line: one clear line, exit code 2, no stack trace,
+no run directory left behind. The command runs in this process (raypar.cli.main, as the
+console script calls it), except where the test is about the real process."""
+import contextlib
+import io
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+
+from raypar import cli
 
 from conftest import ROOT
 
 TINY = str(ROOT / "jobs" / "configs" / "tiny.yaml")
 
 
-def raypar(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "raypar.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=env)
+def raypar(*args):
+    """`raypar ARGS` in this process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_the_real_command_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "raypar.cli", "train", "--config", TINY,
+                           "--set", "data.seq_len=0", "--run-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, "data.seq_len", "> 0")
+    assert not (tmp_path / "r").exists()
 
 
 def assert_user_error(proc, *fragments):

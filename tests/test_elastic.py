@@ -21,6 +21,8 @@ from raypar.train.trainer import padded_vocab, read_metrics, run
 
 from conftest import ROOT, force_reservation_refresh, layouts, start_run, wait_for
 
+pytestmark = pytest.mark.ray  # every test here trains through Ray
+
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 80, 20
 # Seconds each step sleeps (raypar's RAYPAR_STEP_DELAY_S testing hook): the tiny model steps

@@ -23,6 +23,8 @@ from raypar.train.trainer import read_metrics
 
 from conftest import ROOT, free_port, stop_cluster
 
+pytestmark = pytest.mark.ray  # every test here trains through Ray
+
 # Token authentication off: `ray start --head` turns it on by itself when ~/.ray/auth_token
 # exists (any earlier local ray.init() writes one) and the worker would then need the token.
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}

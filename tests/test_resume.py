@@ -7,6 +7,7 @@ replayed from a restored fp32 state), rtol 1e-5 where it changes (other reductio
 see test_parallel).
 """
 import json
+import logging
 import os
 import random
 import shutil
@@ -23,7 +24,9 @@ from raypar.config import load_spec
 from raypar.train import checkpoint as ckpt
 from raypar.train.trainer import read_metrics, run
 
-from conftest import ROOT
+from conftest import ROOT, raypar_records
+
+pytestmark = pytest.mark.ray  # every test here trains through Ray
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 20, 5
@@ -236,7 +239,7 @@ def test_truncated_shard_is_skipped_and_resume_at_tp2_continues(killed_pp_run, r
     reasons = dict(event["skipped"])
     assert f"{shard.name} has" in reasons[str(latest)], reasons
     assert any("skipped" in r.getMessage() and latest.name in r.getMessage()
-               for r in caplog.records if r.levelname == "WARNING")
+               for r in raypar_records(caplog, logging.WARNING))
 
 
 def test_resume_refuses_another_model_and_finished_runs(killed_pp_run, tmp_path, capsys):

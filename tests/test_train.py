@@ -10,6 +10,8 @@ from raypar.train.trainer import read_metrics, run
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.ray  # every test here trains through Ray
+
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
