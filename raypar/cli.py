@@ -151,17 +151,17 @@ def _generation_source(args: argparse.Namespace):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from raypar.config import load_spec
-    from raypar.plan import format_plan, place_on_nodes, plan
-    from raypar.train.trainer import (_expected_vocab, check_capacity, check_local_memory,
-                                      padded_vocab)
+    from raypar.cluster import check_capacity, check_local_memory, connect
+    from raypar.data.tokenizer import expected_vocab, padded_vocab
+    from raypar.parallel.footprint import plan
+    from raypar.plan import format_plan, place_on_nodes
     spec = load_spec(args.config, args.overrides)
-    vocab = padded_vocab(_expected_vocab(spec), spec.parallel.tp)
+    vocab = padded_vocab(expected_vocab(spec.data), spec.parallel.tp)
     plans = plan(spec, vocab)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         import ray
-        from raypar.train.trainer import connect
-        connect(spec, address)
+        connect(address, spec.world_size)
         use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
         check_capacity(spec, False, vocab, use_gpu)
         place_on_nodes(plans, ray.nodes(), "GPU" if use_gpu else "CPU")

@@ -15,9 +15,12 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
+
+if TYPE_CHECKING:
+    from raypar.model import GPTConfig
 
 
 class ConfigError(ValueError):
@@ -247,6 +250,17 @@ def choose_dp(spec: RunSpec, workers: int) -> int:
             continue
         return dp
     return 0
+
+
+def model_config(spec: RunSpec, vocab_size: int) -> "GPTConfig":
+    """The model's own config (raypar.model.GPTConfig) for this run and a (padded) vocabulary."""
+    # Deferred: raypar.model imports torch, which costs seconds, and config errors are
+    # reported before anything heavy is imported.
+    from raypar.model import GPTConfig
+    m = spec.model
+    return GPTConfig(vocab_size=vocab_size, seq_len=spec.data.seq_len, n_layer=m.n_layer,
+                     n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff, dropout=m.dropout,
+                     bias=m.bias, tie_embeddings=m.tie_embeddings, pos_encoding=m.pos_encoding)
 
 
 _SECTION_TYPES = {

@@ -65,8 +65,8 @@ def run_model_config(run_dir: PathLike) -> Optional[dict[str, Any]]:
         return None
     from raypar.config import load_spec
     from raypar.data.tokenizer import Tokenizer
-    from raypar.train.loop import model_config
-    from raypar.train.trainer import padded_vocab
+    from raypar.config import model_config
+    from raypar.data.tokenizer import padded_vocab
 
     spec = load_spec(run_dir / "config.yaml")
     vocab = padded_vocab(Tokenizer.from_file(run_dir / "tokenizer.json").vocab_size,

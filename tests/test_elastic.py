@@ -17,7 +17,8 @@ from raypar.config import ConfigError, load_spec
 from raypar.data import prepare_corpus
 from raypar.train import checkpoint as ckpt
 from raypar.train.loop import Worker
-from raypar.train.trainer import padded_vocab, read_metrics, run
+from raypar.data.tokenizer import padded_vocab
+from raypar.train.trainer import read_metrics, run
 
 from conftest import ROOT, force_reservation_refresh, layouts, start_run, wait_for
 

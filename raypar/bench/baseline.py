@@ -35,7 +35,8 @@ def _load(job_path: str):
 
 def bare(job_path: str, out_path: str) -> None:
     from raypar.model import GPT, lm_loss, param_groups
-    from raypar.train.loop import lr_at, model_config
+    from raypar.config import model_config
+    from raypar.train.loop import lr_at
 
     job, spec = _load(job_path)
     t = spec.train

@@ -70,7 +70,7 @@ def mfu_rows(bench_spec, vocab: int, blocks, steps: int, row) -> list[dict[str, 
     import ray
 
     from raypar.model import param_count
-    from raypar.train.loop import model_config
+    from raypar.config import model_config
 
     spec = bench_spec(*GPU_MODEL)
     cfg = model_config(spec, vocab)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import ray
 
+from raypar.cluster import connect
 from raypar.config import ConfigError, RunSpec, load_spec
 
 log = logging.getLogger("raypar")
@@ -127,20 +129,8 @@ def bench_spec(corpus: Path, cache: Path, steps: int, *overrides: str) -> RunSpe
 
 
 def _connect(address: Optional[str]) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                  configure_logging=True)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
-        return
-    # Two workers at most run at once; each keeps to one torch thread.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), **common)
+    """Ray for the bench: at most two workers run at once, each on one torch thread."""
+    connect(address, 2)
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < 2:
         raise ConfigError(f"--address: the bench needs 2 CPUs for its 2-worker layouts; "
@@ -210,7 +200,7 @@ class Bench:
     # -- data ------------------------------------------------------------------------
     def prepare(self) -> None:
         from raypar.data import prepare_corpus
-        from raypar.train.trainer import padded_vocab
+        from raypar.data.tokenizer import padded_vocab
         self.corpus_dir = stdlib_corpus(self.work / "corpus", self.size.n_files)
         self.say(f"data: tokenizing {self.size.n_files} files with Ray Data")
         t0 = time.perf_counter()
@@ -469,7 +459,7 @@ class Bench:
     # -- memory ----------------------------------------------------------------------
     def memory(self) -> None:
         from raypar.model import param_count
-        from raypar.train.loop import model_config
+        from raypar.config import model_config
         p_bytes = param_count(model_config(self.spec(), self.vocab)) * 4  # fp32
         full = {"param_bytes": p_bytes, "grad_bytes": p_bytes, "optim_bytes": 2 * p_bytes}
         split = {"dp=1": 1, "dp=2 ddp": 1, "tp=2": 2, "pp=2": 2, "fsdp dp=2": 2}

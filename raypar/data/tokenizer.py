@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -170,3 +171,23 @@ def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
     except Exception as e:  # tokenizers raises its own Exception type for bad JSON
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"data.tokenizer: {path} is not a valid tokenizer.json ({first})") from None
+
+
+def padded_vocab(n: int, tp: int = 1) -> int:
+    """Round the tokenizer's vocabulary up to a multiple of 64 (aligned matmuls) and of tp
+    (vocab-parallel embedding and loss). The extra ids never occur in the data."""
+    multiple = math.lcm(64, tp)
+    return -(-n // multiple) * multiple
+
+
+def expected_vocab(cfg: DataConfig) -> int:
+    """The vocabulary size data.tokenizer will have, known before the tokenizer is built
+    (before Ray starts: the memory check needs it)."""
+    if cfg.tokenizer == "byte":
+        return 257
+    if cfg.tokenizer == "bpe":
+        return cfg.vocab_size
+    path = Path(cfg.tokenizer).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer: no such file: {cfg.tokenizer}")
+    return Tokenizer.from_file(path).vocab_size

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from raypar.config import RunSpec, choose_dp, from_dict
+from raypar.config import RunSpec, choose_dp, from_dict, model_config
 from raypar.data.packing import rank_slice, stream_indices
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
 from raypar.parallel.data import (apply_data_parallel, finish_gradient_sync, gradient_sync,
@@ -57,13 +57,6 @@ def lr_at(step: int, spec: RunSpec) -> float:
     span = max(1, t.steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def model_config(spec: RunSpec, vocab_size: int) -> GPTConfig:
-    m = spec.model
-    return GPTConfig(vocab_size=vocab_size, seq_len=spec.data.seq_len, n_layer=m.n_layer,
-                     n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff, dropout=m.dropout,
-                     bias=m.bias, tie_embeddings=m.tie_embeddings, pos_encoding=m.pos_encoding)
 
 
 class Worker:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -21,135 +20,20 @@ from typing import Any, Optional
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from raypar.config import ConfigError, RunSpec, choose_dp
-from raypar.model import param_count
+from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
+from raypar.config import ConfigError, RunSpec, model_config
+from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
-from raypar.train.loop import model_config, train_loop_per_worker
+from raypar.train.loop import train_loop_per_worker
 
 log = logging.getLogger("raypar")
 
-# A worker process (torch + Ray) costs about this much before the model: measured
-# resident size of an idle Ray Train worker with torch imported on CPU.
-WORKER_BASE_BYTES = 700 * 2**20
-
-
 def default_run_dir(spec: RunSpec) -> Path:
     return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
-    """Estimated memory of all the layout's workers together (see raypar/plan.py)."""
-    from raypar.plan import plan
-    return sum(WORKER_BASE_BYTES + r.total_bytes for r in plan(spec, vocab_size))
-
-
-def connect(spec: RunSpec, address: Optional[str]) -> bool:
-    """Join the cluster at address / $RAY_ADDRESS, else start a local Ray. Returns is_local."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if ray.is_initialized():
-        return False
-    # Ray's own start-up chatter (token auth notice, Ray Data plans) is not for our users;
-    # errors still surface, and worker failures come back as exceptions from fit().
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                  configure_logging=True)
-    if address:
-        try:
-            ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
-        return False
-    # A laptop gets one logical CPU per worker even with fewer cores: workers run one
-    # torch thread each and time-share the cores, which is slower but exact.
-    # address="local": always a fresh instance, never a `ray start` cluster that happens to
-    # run on this machine (that one is reached with --address / RAY_ADDRESS).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, spec.world_size), **common)
-    return True
-
-
-def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
-    """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
-    resource = "GPU" if use_gpu else "CPU"
-    have = int(ray.cluster_resources().get(resource, 0))
-    waits = not is_local and spec.parallel.autoscale
-    if spec.parallel.elastic.enabled:
-        need = spec.min_dp * spec.replica_size
-        if have < need and not waits:
-            raise ConfigError(
-                f"parallel.elastic.min_replicas: {spec.min_dp} replicas of pp*tp = "
-                f"{spec.replica_size} workers need {need} {resource}s but the cluster has "
-                f"{have}; lower it, add nodes, or set parallel.autoscale=true on an "
-                f"autoscaling cluster")
-        if have < spec.world_size:
-            log.info("elastic: the cluster holds %d of the %d workers of %d replicas now; "
-                     "training starts with dp=%d and grows as nodes join", have,
-                     spec.world_size, spec.max_dp, max(choose_dp(spec, have), spec.min_dp))
-    elif have < spec.world_size and not waits:
-        need = spec.world_size
-        raise ConfigError(
-            f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
-            f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
-    if is_local:
-        check_local_memory(spec, vocab_size)
-
-
-def check_local_memory(spec: RunSpec, vocab_size: int) -> None:
-    """Refuse a layout whose workers together would not fit this machine's free memory."""
-    total = layout_memory_bytes(spec, vocab_size)
-    free = available_memory_bytes()
-    if total > 0.9 * free:
-        raise ConfigError(
-            f"parallel: {spec.world_size} workers need about {total / 2**30:.1f} GiB "
-            f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
-            f"or the model size")
-
-
-def scaling_config(spec: RunSpec, use_gpu: bool) -> ScalingConfig:
-    """Ray Train's ScalingConfig: dp*pp*tp workers, or for an elastic run a range of whole
-    replicas. Ray Train starts as many workers in the range as the cluster holds, restarts
-    the group with fewer when a node is lost, and with more when it checks (every
-    resize_interval_s) and finds room; every worker group resolves its dp from its size."""
-    e = spec.parallel.elastic
-    if not e.enabled:
-        return ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu)
-    r = spec.replica_size
-    return ScalingConfig(num_workers=(e.min_replicas * r, e.max_replicas * r), use_gpu=use_gpu,
-                         elastic_resize_monitor_interval_s=e.resize_interval_s)
-
-
-def _expected_vocab(spec: RunSpec) -> int:
-    """The vocabulary size the tokenizer will have, known before it is built."""
-    tok = spec.data.tokenizer
-    if tok == "byte":
-        return 257
-    if tok == "bpe":
-        return spec.data.vocab_size
-    from raypar.data.tokenizer import Tokenizer
-    path = Path(tok).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.tokenizer: no such file: {tok}")
-    return Tokenizer.from_file(path).vocab_size
-
-
-def padded_vocab(n: int, tp: int = 1) -> int:
-    """Round the tokenizer's vocabulary up to a multiple of 64 (aligned matmuls) and of tp
-    (vocab-parallel embedding and loss). The extra ids never occur in the data."""
-    multiple = math.lcm(64, tp)
-    return -(-n // multiple) * multiple
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -457,7 +341,7 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
     sources = resolve_sources(spec.data.path, spec.data.format)
     check_not_empty(sources, file_stats(sources))
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
-        check_local_memory(spec, padded_vocab(_expected_vocab(spec), spec.parallel.tp))
+        check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
     run_dir = Path(run_dir) if run_dir else default_run_dir(spec)
     if resume:
         if not (run_dir / "config.yaml").is_file():
@@ -475,12 +359,12 @@ def _run(spec: RunSpec, run_dir: Optional[Path], address: Optional[str], progres
     fault = _fault_injection(run_dir)
     step_delay = _step_delay()
 
-    is_local = connect(spec, address)
+    is_local = connect(address, spec.world_size)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
-    check_capacity(spec, is_local, padded_vocab(_expected_vocab(spec), spec.parallel.tp), use_gpu)
+    check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp), use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     corpus = prepare_corpus(spec.data, cache)
     vocab_size = padded_vocab(corpus.tokenizer.vocab_size, spec.parallel.tp)

@@ -1,0 +1,113 @@
+"""The cluster: connect to Ray, check that a layout can ever run there (capacity, and a
+local machine's memory), and the ScalingConfig that Ray Train places the workers with.
+
+    is_local = connect(address, spec.world_size)
+    check_capacity(spec, is_local, vocab_size, use_gpu)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import ray
+from ray.train import ScalingConfig
+
+from raypar.config import ConfigError, RunSpec, choose_dp
+from raypar.parallel.footprint import plan
+
+log = logging.getLogger("raypar")
+
+# A worker process (torch + Ray) costs about this much before the model: measured
+# resident size of an idle Ray Train worker with torch imported on CPU.
+WORKER_BASE_BYTES = 700 * 2**20
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
+    """Estimated memory of all the layout's workers together (raypar/parallel/footprint.py)."""
+    return sum(WORKER_BASE_BYTES + r.total_bytes for r in plan(spec, vocab_size))
+
+
+def connect(address: Optional[str], workers: int) -> bool:
+    """Join the cluster at address / $RAY_ADDRESS, else start a local Ray that can place
+    `workers` one-CPU workers. Returns is_local."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return False
+    # Ray's own start-up chatter (token auth notice, Ray Data plans) is not for our users;
+    # errors still surface, and worker failures come back as exceptions from fit().
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
+        return False
+    # A laptop gets one logical CPU per worker even with fewer cores: workers run one
+    # torch thread each and time-share the cores, which is slower but exact.
+    # address="local": always a fresh instance, never a `ray start` cluster that happens to
+    # run on this machine (that one is reached with --address / RAY_ADDRESS).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), **common)
+    return True
+
+
+def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
+    """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
+    resource = "GPU" if use_gpu else "CPU"
+    have = int(ray.cluster_resources().get(resource, 0))
+    waits = not is_local and spec.parallel.autoscale
+    if spec.parallel.elastic.enabled:
+        need = spec.min_dp * spec.replica_size
+        if have < need and not waits:
+            raise ConfigError(
+                f"parallel.elastic.min_replicas: {spec.min_dp} replicas of pp*tp = "
+                f"{spec.replica_size} workers need {need} {resource}s but the cluster has "
+                f"{have}; lower it, add nodes, or set parallel.autoscale=true on an "
+                f"autoscaling cluster")
+        if have < spec.world_size:
+            log.info("elastic: the cluster holds %d of the %d workers of %d replicas now; "
+                     "training starts with dp=%d and grows as nodes join", have,
+                     spec.world_size, spec.max_dp, max(choose_dp(spec, have), spec.min_dp))
+    elif have < spec.world_size and not waits:
+        need = spec.world_size
+        raise ConfigError(
+            f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
+            f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
+    if is_local:
+        check_local_memory(spec, vocab_size)
+
+
+def check_local_memory(spec: RunSpec, vocab_size: int) -> None:
+    """Refuse a layout whose workers together would not fit this machine's free memory."""
+    total = layout_memory_bytes(spec, vocab_size)
+    free = available_memory_bytes()
+    if total > 0.9 * free:
+        raise ConfigError(
+            f"parallel: {spec.world_size} workers need about {total / 2**30:.1f} GiB "
+            f"but this machine has {free / 2**30:.1f} GiB available; lower parallel.dp "
+            f"or the model size")
+
+
+def scaling_config(spec: RunSpec, use_gpu: bool) -> ScalingConfig:
+    """Ray Train's ScalingConfig: dp*pp*tp workers, or for an elastic run a range of whole
+    replicas. Ray Train starts as many workers in the range as the cluster holds, restarts
+    the group with fewer when a node is lost, and with more when it checks (every
+    resize_interval_s) and finds room; every worker group resolves its dp from its size."""
+    e = spec.parallel.elastic
+    if not e.enabled:
+        return ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu)
+    r = spec.replica_size
+    return ScalingConfig(num_workers=(e.min_replicas * r, e.max_replicas * r), use_gpu=use_gpu,
+                         elastic_resize_monitor_interval_s=e.resize_interval_s)
