@@ -140,7 +140,7 @@ def start_run(spec, run_dir):
     main thread may do). Returns (thread, outcome): outcome gets "summary" or "error"."""
     import threading
 
-    from raypar.train.trainer import run
+    from raypar.train.driver import run
     outcome = {}
 
     def train():
@@ -157,7 +157,7 @@ def start_run(spec, run_dir):
 def wait_for(run_dir, predicate, what, thread, timeout=300):
     """Poll the run's metrics.jsonl until predicate(rows, events) holds; the run (in
     `thread`) must not end first."""
-    from raypar.train.trainer import read_metrics
+    from raypar.train.rundir import read_metrics
     deadline = time.time() + timeout
     while True:
         rows, events = read_metrics(run_dir)

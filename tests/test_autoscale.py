@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from raypar.config import load_spec
-from raypar.train.trainer import read_metrics
+from raypar.train.rundir import read_metrics
 
 from conftest import (ROOT, force_reservation_refresh, free_port, layouts, start_run,
                       stop_cluster, wait_for)

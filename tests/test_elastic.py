@@ -4,7 +4,7 @@ per node on this machine, and nodes are drained, removed and added while a run t
 The run must go on through all of it and train exactly what a fixed-size run of the same
 global batch trains: the same blocks in the same order, and the same losses (rtol 1e-5:
 another dp sums the same gradients in another order). The reference is one process, no
-Ray, the same code (raypar.train.loop.Worker) stepping alone.
+Ray, the same code (raypar.train.trainer.RankTrainer) stepping alone.
 """
 import os
 import time
@@ -16,9 +16,10 @@ import torch.distributed as dist
 from raypar.config import ConfigError, load_spec
 from raypar.data import prepare_corpus
 from raypar.train import checkpoint as ckpt
-from raypar.train.loop import Worker
+from raypar.train.trainer import RankTrainer
 from raypar.data.tokenizer import padded_vocab
-from raypar.train.trainer import read_metrics, run
+from raypar.train.driver import run
+from raypar.train.rundir import read_metrics
 
 from conftest import ROOT, force_reservation_refresh, layouts, start_run, wait_for
 
@@ -70,19 +71,19 @@ def elastic_spec(corpus, cache, *overrides):
 
 
 def single_process_rows(spec, cache, tmp_path):
-    """The run as one process with no Ray: dp=1, the same Worker, the same data."""
+    """The run as one process with no Ray: dp=1, the same RankTrainer, the same data."""
     corpus = prepare_corpus(spec.data, cache)
     fixed = spec.with_dp(1)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        worker = Worker(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
-                        corpus.val)
+        worker = RankTrainer(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
+                             corpus.val)
         rows = []
         while worker.step < fixed.train.steps:
             row = worker.train_step()
             if worker.eval_due():
-                row["val_loss"] = worker.evaluate()
+                row.val_loss = worker.evaluate()
             rows.append(row)
         return rows
     finally:

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypar.train import checkpoint as ckpt
-from raypar.train.trainer import read_metrics
+from raypar.train.rundir import read_metrics
 
 from conftest import ROOT, free_port, stop_cluster
 
@@ -115,7 +115,7 @@ def test_submit_stop_and_resume(cluster, small_corpus, cache_dir, tmp_path):
     assert wait_status(client, first, {"STOPPED"}) == "STOPPED"
     # Resubmitted at once: the stopped job's Ray Train actors go down within seconds of
     # its driver and may finish a step or two meanwhile; the resumed driver waits until the
-    # run directory is quiet (raypar.train.trainer.wait_until_quiet).
+    # run directory is quiet (raypar.train.rundir.wait_until_quiet).
     second = submit(cluster, runtime_env, "jobs/train.py", "--resume", str(run_dir),
                     "--no-progress")
     assert wait_status(client, second, {"SUCCEEDED"}) == "SUCCEEDED"

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from raypar.config import ConfigError, load_spec
-from raypar.train.trainer import read_metrics, run
+from raypar.train.driver import run
+from raypar.train.rundir import read_metrics
 
 from conftest import ROOT
 

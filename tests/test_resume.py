@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from raypar import cli
 from raypar.config import load_spec
 from raypar.train import checkpoint as ckpt
-from raypar.train.trainer import read_metrics, run
+from raypar.train.driver import run
+from raypar.train.rundir import read_metrics
 
 from conftest import ROOT, raypar_records
 
@@ -282,7 +283,7 @@ def test_resume_waits_for_a_stopped_runs_workers_to_go_quiet(tmp_path):
     import time
 
     from raypar.config import ConfigError
-    from raypar.train.trainer import wait_until_quiet
+    from raypar.train.rundir import wait_until_quiet
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     metrics = run_dir / "metrics.jsonl"

@@ -6,7 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raypar.config import ConfigError, load_spec
-from raypar.train.trainer import read_metrics, run
+from raypar.train.driver import run
+from raypar.train.rundir import read_metrics
 
 from conftest import ROOT
 

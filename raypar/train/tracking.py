@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from raypar.config import ConfigError, RunSpec
+from raypar.train.rundir import RunDir
 
 METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "dp")
 
@@ -25,7 +27,7 @@ METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", 
 def resolve_uri(spec: RunSpec, run_dir: Path) -> str:
     """tracking.uri > $MLFLOW_TRACKING_URI > a SQLite store in the run directory."""
     return (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-            or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
+            or f"sqlite:///{RunDir(run_dir).mlflow_db.resolve()}")
 
 
 def check_reachable(uri: str) -> None:
@@ -62,6 +64,8 @@ class Tracker:
     from MLflow (the driver died between writing and logging them) are backfilled."""
 
     def __init__(self, spec: RunSpec, run_dir: Path, resume: bool = False):
+        # mlflow is imported here, not at the top: it costs seconds, and runs with
+        # tracking.enabled=false (and every module that imports this one) never need it.
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
 
@@ -69,7 +73,7 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.uri = resolve_uri(spec, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
-        record = Path(run_dir) / "mlflow.json"
+        record = RunDir(run_dir).mlflow_record
         previous = json.loads(record.read_text()) if resume and record.exists() else None
         run = None
         if previous is not None:
@@ -91,7 +95,7 @@ class Tracker:
                 exp_id = exp.experiment_id
             else:
                 local = self.uri.startswith("sqlite:") and not spec.tracking.uri
-                artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if local else None
+                artifacts = RunDir(run_dir).mlflow_artifacts.resolve().as_uri() if local else None
                 exp_id = self.client.create_experiment(spec.tracking.experiment,
                                                        artifact_location=artifacts)
             run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
@@ -116,13 +120,10 @@ class Tracker:
         self.log_rows([r for r in rows if int(r["step"]) not in logged])
 
     def log_rows(self, rows: Iterable[dict[str, Any]]) -> None:
-        import time
-
         rows = list(rows)
         if not rows:
             return
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # (deferred with the rest of mlflow)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), now, int(row["step"]))
                    for row in rows for k in METRIC_KEYS if k in row]
@@ -131,9 +132,7 @@ class Tracker:
 
     def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         """One-off metrics (per-rank memory, pipeline bubble), at `step`."""
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # (deferred with the rest of mlflow)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 500):

@@ -1,0 +1,264 @@
+"""The driver: check the request, connect to Ray, prepare the data, build the TorchTrainer
+and follow the run.
+
+    raypar train --config jobs/configs/tiny.yaml          # what the CLI calls
+    run(load_spec("jobs/configs/tiny.yaml"), run_dir=Path("runs/x"))
+
+Everything that can be wrong with the request (config, data path, MLflow URI,
+cluster size, memory) is checked before the workers start; the run directory
+is created only once the data is ready, and it says "finished" only at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import ray.train
+from ray.data import DataContext
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+from tqdm import tqdm
+
+from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
+from raypar.config import ConfigError, RunSpec, model_config
+from raypar.data import prepare_corpus, resolve_sources
+from raypar.data.corpus import check_not_empty, file_stats
+from raypar.data.pipeline import PreparedCorpus
+from raypar.data.tokenizer import expected_vocab, padded_vocab
+from raypar.train import checkpoint as ckpt
+from raypar.train import tracking
+from raypar.train.faults import parse_fault, parse_step_delay
+from raypar.train.loop import train_loop_per_worker
+from raypar.train.records import Merger, Record, StepRow, WorkerReport
+from raypar.train.rundir import RunDir, check_storage, checkpoint_root, default_run_dir
+from raypar.train.summary import announce, finish_tracking, layout_report, summarize
+
+log = logging.getLogger("raypar")
+
+
+class MetricsSink(ray.train.UserCallback):
+    """Runs in the Ray Train controller, which Ray pins to the driver's node: merges rank
+    0's every report into metrics.jsonl, the run's record of truth (records.Merger decides
+    what is written), and keeps what every rank reports once (placement and memory in
+    ranks.json, the pipeline timeline in timeline.json)."""
+
+    def __init__(self, run_dir: str, started: float, elastic: bool = False):
+        self.rd = RunDir(run_dir)
+        self.started, self.elastic = started, elastic
+        self.merger: Optional[Merger] = None
+        self.failure: Optional[tuple[float, str]] = None
+
+    def after_exception(self, run_context, worker_exceptions):
+        first = next(iter(worker_exceptions.values()), None)
+        message = str(first).strip() or type(first).__name__
+        if self.merger is None:
+            self.failure = self.failure or (time.time(), message)
+        else:
+            self.merger.failed(time.time(), message)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not metrics:
+            return
+        if self.merger is None:  # the first report this driver sees
+            self.rd.drop_torn_line()
+            self.merger = Merger(self.started, self.elastic, self.rd.read_metrics()[0])
+            if self.failure is not None:
+                self.merger.failed(*self.failure)
+        reports = [WorkerReport.from_json(m) for m in metrics]
+        # (ranks that sit out report nothing)
+        ranks = [r.rank_info for r in reports if r.rank_info is not None]
+        if ranks:
+            self.rd.write_ranks(ranks)
+        timelines = [r.timeline for r in reports if r.timeline is not None]
+        if timelines:
+            self.rd.write_timelines(timelines)
+        self.rd.append_metrics(self.merger.merge(reports[0]))
+
+
+def _check_resumable(spec: RunSpec, rd: RunDir, root: str, vocab_size: int,
+                     tokenizer_json: str) -> None:
+    """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
+    if rd.tokenizer.exists() and json.loads(rd.tokenizer.read_text()) != json.loads(tokenizer_json):
+        raise ConfigError("data: this config builds a different tokenizer than the run's "
+                          f"{rd.tokenizer}; resume with the run's data settings")
+    latest = ckpt.latest_valid(root, log)
+    if latest is not None:
+        ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
+    rows, _ = rd.read_metrics()
+    if rows and rows[-1].step >= spec.train.steps:
+        raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "
+                          f"steps; raise it with --set train.steps=N to train further")
+
+
+def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = None,
+        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train one model; returns the summary that is also written to summary.json.
+
+    resume=True continues the run in run_dir (the driver died, or it failed, or it
+    should train for more steps): workers load its latest valid checkpoint, under this
+    spec's layout, and metrics.jsonl and the MLflow run go on where they stopped."""
+    logger = logging.getLogger("raypar")
+    before = list(logger.handlers)
+    try:
+        return _run(spec, RunDir(run_dir or default_run_dir(spec)), address, progress, resume)
+    finally:  # this run's run.log handler: a later run in this process logs elsewhere
+        for handler in [h for h in logger.handlers if h not in before]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bool) -> None:
+    """What can be refused before Ray starts: the data path, a layout this machine cannot
+    hold, a run directory that is not what the command expects, unwritable storage."""
+    sources = resolve_sources(spec.data.path, spec.data.format)
+    check_not_empty(sources, file_stats(sources))
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
+    if resume:
+        if not rd.config.is_file():
+            raise ConfigError(f"--resume: {rd.path} is not a raypar run directory "
+                              f"(no config.yaml)")
+        rd.wait_until_quiet()
+    elif rd.holds_run():
+        raise ConfigError(f"--run-dir: {rd.path} already holds a run; choose another "
+                          f"directory, or continue it with --resume {rd.path}")
+    check_storage(spec, rd.path)
+
+
+def _prepare(spec: RunSpec, address: Optional[str]) -> tuple[PreparedCorpus, int, bool]:
+    """Connect to Ray, check the cluster can hold the layout, prepare the corpus. Returns
+    (corpus, padded vocabulary size, use_gpu)."""
+    is_local = connect(address, spec.world_size)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    DataContext.get_current().enable_progress_bars = False
+    use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+    check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
+                   use_gpu)
+    cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
+    corpus = prepare_corpus(spec.data, cache)
+    if len(corpus.val) == 0 and spec.train.eval_every > 0:
+        raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
+                          "train.eval_every=0")
+    return corpus, padded_vocab(corpus.tokenizer.vocab_size, spec.parallel.tp), use_gpu
+
+
+def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, resume: bool) -> None:
+    """From here on the run exists: its directory records what happens."""
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.log_to_file()
+    if resume:
+        log.info("resuming %s with config: %s", rd.path, json.dumps(spec.to_dict()))
+    rd.config.write_text(spec.to_yaml())
+    corpus.tokenizer.save(rd.tokenizer)
+    rd.write_status("running")
+    log.info("corpus: %s", json.dumps(corpus.stats))
+    if corpus.stats.get("replaced_bytes"):
+        log.warning("data: replaced %d undecodable bytes in %d files",
+                    corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"])
+
+
+def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
+         resume: bool) -> dict[str, Any]:
+    t_start = time.time()
+    _check_request(spec, rd, address, resume)
+    storage, name, root = checkpoint_root(spec, rd.path)
+    uri = tracking.resolve_uri(spec, rd.path) if spec.tracking.enabled else ""
+    if uri:
+        tracking.check_reachable(uri)
+    fault = parse_fault(rd)
+    step_delay = parse_step_delay()
+    corpus, vocab_size, use_gpu = _prepare(spec, address)
+    if resume:
+        _check_resumable(spec, rd, root, vocab_size, corpus.tokenizer.to_json())
+    _open_run_dir(spec, rd, corpus, resume)
+    earlier, _ = rd.read_metrics()
+    tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
+    if tracker:
+        tracker.log_artifact(rd.config)
+        tracker.backfill(earlier)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.to_dict(), "vocab_size": vocab_size,
+            "tokenizer_json": corpus.tokenizer.to_json(),
+            "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
+            "checkpoint_root": root, "fault": fault.to_json() if fault else None,
+            "step_delay_s": step_delay,
+        },
+        scaling_config=scaling_config(spec, use_gpu),
+        run_config=RunConfig(
+            # The same storage_path and name as before make Ray Train pick up the run's
+            # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            callbacks=[MetricsSink(str(rd.path.resolve()), t_start,
+                                   elastic=spec.parallel.elastic.enabled)],
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = e
+
+    new_rows, events = _follow_training(threading.Thread(target=fit, daemon=True), rd,
+                                        spec, tracker, progress, len(earlier))
+    return _finish(spec, rd, earlier + new_rows, events, tracker, outcome, t_start)
+
+
+def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],
+            tracker: Optional[tracking.Tracker], outcome: dict[str, Any],
+            t_start: float) -> dict[str, Any]:
+    ok = "error" not in outcome and bool(rows) and rows[-1].step == spec.train.steps
+    summary = summarize(rows, events, rd, tracker, time.time() - t_start)
+    layout_report(spec, rd, summary, tracker)
+    if tracker:
+        finish_tracking(tracker, rd, rows, ok)
+    if not ok:
+        rd.write_status("failed", error=str(outcome.get("error", "incomplete")))
+        err = outcome.get("error")
+        raise RuntimeError(f"training failed: {err}") from err
+    rd.write_summary(summary)
+    rd.write_status("finished")
+    return summary.to_json()
+
+
+def _follow_training(thread: threading.Thread, rd: RunDir, spec: RunSpec,
+                     tracker: Optional[tracking.Tracker], progress: bool, done: int
+                     ) -> tuple[list[StepRow], list[Record]]:
+    """Run fit() on a thread while this one tails metrics.jsonl into tqdm and MLflow.
+    Returns the new (step rows, events)."""
+    offset = rd.metrics_size()
+    rows: list[StepRow] = []
+    events: list[Record] = []
+    bar = tqdm(total=spec.train.steps, initial=done, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    thread.start()
+    while True:
+        alive = thread.is_alive()
+        new, offset = rd.follow_metrics(offset)
+        for event in (r for r in new if not isinstance(r, StepRow)):
+            events.append(event)
+            announce(spec, event, tracker)
+        new = [r for r in new if isinstance(r, StepRow)]
+        if new:
+            rows.extend(new)
+            if tracker:
+                tracker.log_rows(new)
+            bar.update(len(new))
+            bar.set_postfix(loss=f"{new[-1].loss:.4f}", tok_s=f"{new[-1].tokens_per_s:.0f}")
+        if not alive:
+            break
+        thread.join(timeout=0.5)
+    bar.close()
+    return rows, events

@@ -1,0 +1,85 @@
+"""Fault injection for the recovery tests, both halves: the driver parses the request from
+the environment, the worker fires it. Unset in normal use.
+
+    RAYPAR_FAULT='rank=1,step=6,phase=save' raypar train ...   # rank 1 dies once, at step 6
+    RAYPAR_STEP_DELAY_S=0.5 raypar train ...                    # every step 0.5 s longer
+
+Phases: 'step' (SIGKILL after the step), 'save' (SIGKILL after writing its checkpoint
+shard, before reporting it), 'sigterm' (SIGTERM after the step, as a spot preemption or
+a node drain sends it). A marker file in the run directory makes a fault fire once per
+run, restarts included.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from raypar.config import ConfigError
+from raypar.train.rundir import RunDir
+
+PHASES = ("step", "save", "sigterm")
+
+
+@dataclass(frozen=True)
+class Fault:
+    rank: int
+    step: int
+    phase: str
+    marker: str  # absolute path of the run directory's marker file
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_fault(run_dir: RunDir) -> Optional[Fault]:
+    """RAYPAR_FAULT='rank=R,step=S[,phase=step|save|sigterm]', or None when unset."""
+    text = os.environ.get("RAYPAR_FAULT", "").strip()
+    if not text:
+        return None
+    try:
+        fields = dict(part.split("=", 1) for part in text.split(","))
+        rank, step, phase = int(fields["rank"]), int(fields["step"]), fields.get("phase", "step")
+    except (ValueError, KeyError):
+        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save|sigterm], "
+                          f"got {text!r}") from None
+    if phase not in PHASES:
+        raise ConfigError(f"RAYPAR_FAULT: phase must be step, save or sigterm, got {phase!r}")
+    return Fault(rank, step, phase, str(run_dir.fault_marker.resolve()))
+
+
+def parse_step_delay() -> float:
+    """RAYPAR_STEP_DELAY_S: seconds every worker sleeps after each step; the elastic tests'
+    way to make a run of a few dozen steps outlast node changes."""
+    text = os.environ.get("RAYPAR_STEP_DELAY_S", "").strip()
+    try:
+        delay = float(text) if text else 0.0
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay <= 60:
+        raise ConfigError(f"RAYPAR_STEP_DELAY_S: expected seconds in [0, 60], got {text!r}")
+    return delay
+
+
+def fire(fault: Optional[dict[str, Any]], rank: int, step: int, phase: str,
+         sigterm_seen: Callable[[], bool]) -> None:
+    """In a worker: the named rank kills its own process at the named step and phase, once.
+    sigterm_seen tells when this process's SIGTERM handler has run."""
+    if not fault or fault["step"] != step or fault["phase"] != phase or fault["rank"] != rank:
+        return
+    try:
+        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{phase} {step}\n".encode())
+    os.close(fd)
+    if phase != "sigterm":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    # The handler runs on the process's main thread: wait for it, so the test knows the
+    # step at which this rank asks for the preemption checkpoint.
+    deadline = time.monotonic() + 10
+    while not sigterm_seen() and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -1,0 +1,329 @@
+"""Typed records: what a worker reports to the driver, and every row and file the driver
+writes from it. One dataclass per record; `to_json` / `from_json` are the only way in and
+out of JSON, so a field is named in one place. Rows read back as records, and a record
+also reads like the JSON line it is (`row["loss"]`, `"val_loss" in row`).
+
+The merging of reports into metrics.jsonl (one row per step across restarts, redone-step
+checks, recovery timing) is `Merger`: pure logic, no Ray, no files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Optional
+
+
+class Record(Mapping):
+    """Base of every record: JSON conversion, and read access by key, as a read-only
+    mapping of its set fields (unset optional fields, None, are absent)."""
+
+    _always: ClassVar[tuple[str, ...]] = ()  # fields written even when None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON data; optional fields that are unset (None) are left out."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in out.items() if v is not None or k in self._always}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def __getitem__(self, key: str) -> Any:
+        value = getattr(self, key, None) if key in self._names() else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._names() if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))
+
+
+# -- metrics.jsonl ------------------------------------------------------------------------------
+
+@dataclass
+class StepRow(Record):
+    """One optimizer step, as rank 0 measured it (loss: the mean over replicas)."""
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    time: float  # wall clock when the step ended
+    dp: int
+    first_block: int
+    last_block: int
+    data_s: float  # seconds the step waited for its input
+    tokens_per_s: float = 0.0
+    tokens: int = 0
+    val_loss: Optional[float] = None  # on evaluation steps
+    blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
+
+
+@dataclass
+class CheckpointEvent(Record):
+    """A checkpoint save: how long it took to write, and how long it held training up."""
+    step: int
+    mode: str  # "sync" | "async"
+    stall_s: float
+    save_s: Optional[float] = None  # None until a background save has landed
+    event: str = "checkpoint"
+
+
+@dataclass
+class LayoutEvent(Record):
+    """A worker group that trains on another layout than the one before."""
+    step: int
+    time: float
+    workers: int
+    dp: int
+    sitting_out: int
+    layout: dict[str, Any]
+    event: str = "layout"
+
+
+@dataclass
+class RecoveryEvent(Record):
+    """Where training resumed after a failure, a resize or --resume, and what it cost."""
+    step: int
+    cause: str  # "failure" | "preemption" | "resize" | "resume"
+    error: str
+    checkpoint: Optional[str]
+    skipped: list[list[str]]
+    load_s: Optional[float]
+    same_layout: bool
+    steps_redone: int = 0
+    mismatched_steps: list[int] = field(default_factory=list)
+    recovery_s: Optional[float] = None
+    event: str = "recovery"
+    _always: ClassVar[tuple[str, ...]] = ("checkpoint", "load_s")
+
+
+EVENTS: dict[str, type] = {"checkpoint": CheckpointEvent, "layout": LayoutEvent,
+                           "recovery": RecoveryEvent}
+
+
+def parse_row(data: dict[str, Any]) -> Record:
+    """A metrics.jsonl line's data as its record."""
+    kind = data.get("event")
+    return EVENTS[kind].from_json(data) if kind is not None else StepRow.from_json(data)
+
+
+# -- what a worker reports ----------------------------------------------------------------------
+
+@dataclass
+class StartRecord(Record):
+    """Where a worker group starts: sent with its first report."""
+    checkpoint: Optional[str]
+    from_step: int
+    skipped: list[list[str]]
+    started: float
+    loaded: float
+    load_s: float
+    layout: dict[str, Any]
+    workers: int
+    sitting_out: int
+    saved_layout: Optional[dict[str, Any]] = None
+    _always: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+
+@dataclass
+class RankInfo(Record):
+    """One rank's placement, stages and memory (ranks.json holds one per training rank)."""
+    rank: int
+    dp: int
+    pp: int
+    tp: int
+    stages: list[int]
+    layers: list[list[int]]
+    node: int
+    node_ip: str
+    node_id: str
+    pid: int
+    block_param_bytes: int
+    param_bytes: Optional[int] = None
+    grad_bytes: Optional[int] = None
+    optim_bytes: Optional[int] = None
+    activation_peak_bytes: Optional[int] = None
+    cuda_max_allocated_bytes: Optional[int] = None
+
+
+@dataclass
+class Timeline(Record):
+    """One pipeline step of one rank: forward/backward spans per stage and micro-batch."""
+    events: list[dict[str, Any]]
+    start: float
+    end: float
+
+
+@dataclass
+class WorkerReport(Record):
+    """What a rank sends with ray.train.report. Every rank reports together (the call is a
+    barrier); the driver reads rank 0's rows and every rank's rank_info and timeline."""
+    rows: list[StepRow] = field(default_factory=list)
+    start: Optional[StartRecord] = None
+    rank_info: Optional[RankInfo] = None
+    timeline: Optional[Timeline] = None
+    checkpoints: list[CheckpointEvent] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.rows or self.start or self.rank_info or self.timeline
+                    or self.checkpoints)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": [r.to_json() for r in self.rows]}
+        for key in ("start", "rank_info", "timeline"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key).to_json()
+        if self.checkpoints:
+            out["checkpoints"] = [c.to_json() for c in self.checkpoints]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "WorkerReport":
+        def one(key, typ):
+            return typ.from_json(data[key]) if data.get(key) is not None else None
+        return cls(rows=[StepRow.from_json(r) for r in data.get("rows") or []],
+                   start=one("start", StartRecord), rank_info=one("rank_info", RankInfo),
+                   timeline=one("timeline", Timeline),
+                   checkpoints=[CheckpointEvent.from_json(c)
+                                for c in data.get("checkpoints") or []])
+
+
+# -- the run's own files ------------------------------------------------------------------------
+
+@dataclass
+class Status(Record):
+    """status.json: "running", "failed" (with the error) or "finished"."""
+    state: str
+    time: float
+    error: Optional[str] = None
+
+
+@dataclass
+class Summary(Record):
+    """summary.json (a finished run), and what `run` returns."""
+    steps: int
+    final_loss: Optional[float]
+    final_val_loss: Optional[float]
+    first_val_loss: Optional[float]
+    tokens: int
+    seconds: float
+    run_dir: str
+    mlflow_run_id: Optional[str]
+    mlflow_uri: Optional[str]
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    layouts: list[dict[str, Any]] = field(default_factory=list)
+    ranks: Optional[list[dict[str, Any]]] = None
+    bubble_measured: Optional[float] = None
+    bubble_theory: Optional[float] = None
+    _always: ClassVar[tuple[str, ...]] = ("final_loss", "final_val_loss", "first_val_loss",
+                                          "mlflow_run_id", "mlflow_uri")
+
+
+# -- merging reports into metrics.jsonl ---------------------------------------------------------
+
+class Merger:
+    """Turns the workers' reports into metrics.jsonl records, across restarts.
+
+    After a restart the workers redo the steps since their checkpoint. Those rows are
+    already recorded, so they are not written again (each step has exactly one row);
+    instead one recovery event says where training resumed from, how many steps were
+    redone, how long recovery took (from the failure, or from the start of a `--resume`
+    driver, to the first step finished after it), and whether every redone step
+    reproduced its recorded loss. A worker group on a new layout gets a layout event."""
+
+    def __init__(self, started: float, elastic: bool, recorded: list[StepRow]):
+        self.started = started
+        self.elastic = elastic
+        self.losses = {r.step: r.loss for r in recorded}
+        self.failed_at: Optional[float] = None
+        self.failure = ""
+        self.recovery: Optional[RecoveryEvent] = None
+        self.since = 0.0  # when the recovery in progress began
+        self.last_row_time: Optional[float] = None
+        self.layout: Optional[tuple[int, int]] = None  # (workers, dp) of the current group
+        self.reports = 0
+
+    def failed(self, at: float, message: str) -> None:
+        """The worker group failed (first failure of a burst counts)."""
+        if self.failed_at is None:
+            self.failed_at = at
+            self.failure = (message.strip().splitlines() or ["?"])[0][:300]
+
+    def merge(self, report: WorkerReport) -> list[Record]:
+        """Rank 0's report as the records to append, in order."""
+        first = self.reports == 0
+        self.reports += 1
+        out: list[Record] = []
+        if report.start is not None:
+            out += self._layout_event(report.start)
+            if self._is_restart(report.start, first):
+                out += self._begin_recovery(report.start, first)
+        out += report.checkpoints
+        for row in report.rows:
+            out += self._row(row)
+        return out
+
+    def _is_restart(self, start: StartRecord, first: bool) -> bool:
+        # A restart after a failure or a resize, or the first start of a --resume driver:
+        # it had recorded steps, or there was a checkpoint to resume from (even if a driver
+        # killed before writing its rows left none).
+        return self.failed_at is not None or not first or bool(
+            self.losses or start.checkpoint is not None or start.skipped)
+
+    def _layout_event(self, start: StartRecord) -> list[Record]:
+        layout = (start.workers, start.layout["dp"])
+        changed, self.layout = layout != self.layout, layout
+        if not changed or not (self.elastic or start.sitting_out):
+            return []
+        return [LayoutEvent(step=start.from_step, time=start.loaded, workers=layout[0],
+                            dp=layout[1], sitting_out=start.sitting_out, layout=start.layout)]
+
+    def _begin_recovery(self, start: StartRecord, first: bool) -> list[Record]:
+        out: list[Record] = []
+        if self.recovery is not None:  # failed again before any new step
+            out.append(self.recovery)
+        if self.failed_at is not None:
+            cause = "preemption" if "received SIGTERM" in self.failure else "failure"
+            since = self.failed_at
+        elif first:
+            cause, since = "resume", self.started
+        else:  # Ray Train resized the worker group: from the last step before it
+            cause, since = "resize", self.last_row_time or self.started
+        self.recovery = RecoveryEvent(
+            step=start.from_step, cause=cause, error=self.failure, checkpoint=start.checkpoint,
+            skipped=start.skipped, load_s=start.load_s,
+            # Another layout adds in another order: redone losses differ in the last bits.
+            same_layout=start.saved_layout in (None, start.layout))
+        self.since = since
+        self.failed_at, self.failure = None, ""
+        return out
+
+    def _row(self, row: StepRow) -> list[Record]:
+        rec = self.recovery
+        # Rows from before the failure (a checkpoint's own report, sent again) are not
+        # "fresh"; the first fresh one is the first step finished after recovery.
+        fresh = rec is not None and row.time > self.since
+        if fresh and rec.recovery_s is None:
+            rec.recovery_s = row.time - self.since
+        if row.step in self.losses:  # redone after a restart: recorded already
+            if fresh:
+                rec.steps_redone += 1
+                if rec.same_layout and row.loss != self.losses[row.step]:
+                    rec.mismatched_steps.append(row.step)
+            return []
+        out: list[Record] = []
+        if fresh:
+            out.append(rec)
+            self.recovery = None
+        self.losses[row.step] = row.loss
+        self.last_row_time = row.time
+        out.append(row)
+        return out

@@ -1,0 +1,118 @@
+"""What the driver tells the user about a run as it goes and when it ends: the log line of
+each event in metrics.jsonl, the summary, and the per-rank and pipeline report (into the
+summary, MLflow and pipeline_timeline.png).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from raypar.config import RunSpec
+from raypar.parallel.pipeline import pipeline_bubble, plot_timeline, theoretical_bubble
+from raypar.train import checkpoint as ckpt
+from raypar.train import tracking
+from raypar.train.records import (CheckpointEvent, LayoutEvent, Record, RecoveryEvent, StepRow,
+                                  Summary)
+from raypar.train.rundir import RunDir
+
+log = logging.getLogger("raypar")
+
+MEMORY_KEYS = ("param_bytes", "grad_bytes", "optim_bytes", "activation_peak_bytes",
+               "block_param_bytes")
+
+
+def announce(spec: RunSpec, event: Record, tracker: Optional[tracking.Tracker]) -> None:
+    """One event of metrics.jsonl, as the log line (and MLflow metrics) the user sees."""
+    if isinstance(event, LayoutEvent):
+        _log_layout(spec, event)
+    elif isinstance(event, CheckpointEvent):
+        log.info("checkpoint %s (%s): written in %.2f s, training held up %.2f s",
+                 ckpt.dir_name(event.step), event.mode, event.save_s, event.stall_s)
+        if tracker:
+            tracker.log_metrics({"checkpoint_save_s": event.save_s,
+                                 "checkpoint_stall_s": event.stall_s}, step=event.step)
+    elif isinstance(event, RecoveryEvent):
+        _log_recovery(event)
+        if tracker:
+            recovery_s = event.recovery_s if event.recovery_s is not None else float("nan")
+            tracker.log_metrics({"recovery_s": recovery_s, "steps_redone": event.steps_redone},
+                                step=event.step)
+
+
+def _log_layout(spec: RunSpec, event: LayoutEvent) -> None:
+    p = spec.parallel
+    line = (f"from step {event.step}: {event.workers} workers, training on dp="
+            f"{event.dp} x pp={p.pp} x tp={p.tp}")
+    if not event.sitting_out:
+        log.info(line)
+        return
+    r, workers = spec.replica_size, event.workers
+    reasons = []
+    if workers // r > event.dp:
+        reasons.append(f"train.global_batch={spec.train.global_batch} does not divide into "
+                       f"{workers // r} replicas x train.micro_batch={spec.train.micro_batch}")
+    if workers % r:
+        reasons.append(f"{workers % r} workers do not make a whole replica of pp*tp={r}")
+    log.warning("%s; %d sit out (%s)", line, event.sitting_out, "; ".join(reasons))
+
+
+def _log_recovery(event: RecoveryEvent) -> None:
+    for path, reason in event.skipped or []:
+        log.warning("checkpoint %s skipped: %s", path, reason)
+    where = (f"checkpoint {event.checkpoint}" if event.checkpoint
+             else "the start (no valid checkpoint)")
+    cause = {"resume": "--resume", "resize": "a resize of the worker group"}.get(
+        event.cause, f"{event.cause} ({event.error})")
+    recovery_s = event.recovery_s if event.recovery_s is not None else -1
+    log.warning("recovered from %s: resumed at step %d from %s, %d steps redone, %.1f s",
+                cause, event.step, where, event.steps_redone, recovery_s)
+    if event.mismatched_steps:
+        log.warning("redone steps %s did not reproduce their recorded loss",
+                    event.mismatched_steps)
+
+
+def summarize(rows: list[StepRow], events: list[Record], rd: RunDir,
+              tracker: Optional[tracking.Tracker], seconds: float) -> Summary:
+    val = [r.val_loss for r in rows if r.val_loss is not None]
+    last = rows[-1] if rows else None
+    return Summary(
+        steps=last.step if last else 0, final_loss=last.loss if last else None,
+        final_val_loss=val[-1] if val else None, first_val_loss=val[0] if val else None,
+        tokens=last.tokens if last else 0, seconds=round(seconds, 1), run_dir=str(rd.path),
+        mlflow_run_id=tracker.run_id if tracker else None,
+        mlflow_uri=tracker.uri if tracker else None,
+        recoveries=[e.to_json() for e in events if isinstance(e, RecoveryEvent)],
+        layouts=[e.to_json() for e in events if isinstance(e, LayoutEvent)])
+
+
+def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
+                  tracker: Optional[tracking.Tracker]) -> None:
+    """Per-rank memory and the pipeline timeline: into the summary, MLflow and a PNG."""
+    ranks = rd.read_ranks()
+    if ranks is not None:
+        summary.ranks = [r.to_json() for r in ranks]
+        if tracker:
+            tracker.log_artifact(rd.ranks)
+            tracker.log_metrics({f"memory.rank{r.rank}.{k}": float(r[k])
+                                 for r in ranks for k in MEMORY_KEYS if k in r})
+    timelines = rd.read_timelines()
+    if timelines is None:
+        return
+    p = spec.parallel
+    summary.bubble_measured = pipeline_bubble([t.to_json() for t in timelines])
+    dp = 1 + max((r.dp for r in ranks or []), default=p.dp - 1)
+    summary.bubble_theory = theoretical_bubble(p.schedule, p.pp, spec.with_dp(dp).grad_accum,
+                                               p.virtual_stages)
+    plot_timeline({r: t.events for r, t in enumerate(timelines)}, rd.timeline_png)
+    if tracker:
+        tracker.log_metrics({"bubble_measured": summary.bubble_measured,
+                             "bubble_theory": summary.bubble_theory})
+        tracker.log_artifact(rd.timeline_png)
+
+
+def finish_tracking(tracker: tracking.Tracker, rd: RunDir, rows: list[StepRow],
+                    ok: bool) -> None:
+    if rows:
+        tracking.plot_loss(rows, rd.loss_png)
+        tracker.log_artifact(rd.loss_png)
+    tracker.finish(ok)

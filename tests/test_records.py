@@ -1,0 +1,189 @@
+"""The record protocol and the driver's merge logic, without Ray: python -m pytest -q
+tests/test_records.py. What a worker reports, what metrics.jsonl gets across restarts,
+and what the ranks decide from a step's flags."""
+import json
+
+import pytest
+
+from raypar.train.control import StepFlags, StepPlan
+from raypar.train.records import (CheckpointEvent, LayoutEvent, Merger, RankInfo,
+                                  RecoveryEvent, StartRecord, StepRow, Timeline, WorkerReport,
+                                  parse_row)
+from raypar.train.rundir import RunDir
+
+LAYOUT = {"dp": 2, "pp": 1, "tp": 1, "dp_mode": "ddp", "schedule": "gpipe", "virtual_stages": 1}
+
+
+def row(step, loss=None, t=None, **kw):
+    return StepRow(step=step, loss=10.0 - step if loss is None else loss, lr=1e-3,
+                   grad_norm=1.0, time=100.0 + step if t is None else t, dp=2,
+                   first_block=step, last_block=step + 1, data_s=0.0, **kw)
+
+
+def start(from_step=0, checkpoint=None, workers=2, dp=2, saved_layout=None, sitting_out=0,
+          loaded=50.0):
+    return StartRecord(checkpoint=checkpoint, from_step=from_step, skipped=[], started=1.0,
+                       loaded=loaded, load_s=0.5, layout={**LAYOUT, "dp": dp}, workers=workers,
+                       sitting_out=sitting_out, saved_layout=saved_layout)
+
+
+def steps_of(records):
+    return [r.step for r in records if isinstance(r, StepRow)]
+
+
+def test_records_round_trip_through_json_and_read_like_their_lines():
+    r = row(3, val_loss=2.5, blocks=[1, 2])
+    assert parse_row(json.loads(json.dumps(r.to_json()))) == r
+    assert r["loss"] == 7.0 and "val_loss" in r and r.get("missing") is None
+    bare = row(4)
+    assert "val_loss" not in bare and "blocks" not in bare.to_json()
+    with pytest.raises(KeyError):
+        bare["val_loss"]
+    event = RecoveryEvent(step=2, cause="resume", error="", checkpoint=None, skipped=[],
+                          load_s=None, same_layout=True)
+    line = event.to_json()
+    assert line["event"] == "recovery" and line["checkpoint"] is None and "recovery_s" not in line
+    assert parse_row(line) == event
+    report = WorkerReport(rows=[r], start=start(), timeline=Timeline([{"kind": "F"}], 1.0, 2.0),
+                          checkpoints=[CheckpointEvent(step=3, mode="sync", stall_s=1.0,
+                                                       save_s=1.0)],
+                          rank_info=RankInfo(rank=0, dp=0, pp=0, tp=0, stages=[0], layers=[[0]],
+                                             node=0, node_ip="x", node_id="n", pid=1,
+                                             block_param_bytes=8, param_bytes=16))
+    assert WorkerReport.from_json(json.loads(json.dumps(report.to_json()))) == report
+    assert WorkerReport.from_json({}).empty()
+
+
+def test_a_fresh_run_writes_each_row_once_and_no_recovery():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    out = m.merge(WorkerReport(rows=[row(1), row(2)], start=start()))
+    assert out == [row(1), row(2)]
+    assert m.merge(WorkerReport(rows=[row(3)])) == [row(3)]
+
+
+def test_restart_after_a_failure_skips_redone_steps_and_times_the_recovery():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    m.merge(WorkerReport(rows=[row(s) for s in range(1, 6)], start=start()))
+    m.failed(106.0, "worker died\nsecond line")
+    m.failed(107.0, "a later error of the same failure")  # the first one counts
+    # The group restarts from step 3: the checkpoint's own rows come again (old times),
+    # then steps 4 and 5 are redone (one with another loss), then step 6 is new.
+    out = m.merge(WorkerReport(rows=[row(3), row(4, t=110.0), row(5, loss=0.5, t=111.0)],
+                               start=start(from_step=3, checkpoint="/c/step_3",
+                                           saved_layout=LAYOUT)))
+    assert out == []  # nothing new yet: the recovery is written with the first new step
+    out = m.merge(WorkerReport(rows=[row(6, t=112.0)]))
+    event, new = out
+    assert steps_of(out) == [6]
+    assert isinstance(event, RecoveryEvent) and event.cause == "failure"
+    assert event.error == "worker died" and event.checkpoint == "/c/step_3"
+    assert event.steps_redone == 2 and event.mismatched_steps == [5]
+    assert event.recovery_s == pytest.approx(110.0 - 106.0)
+
+
+def test_sigterm_is_a_preemption_and_another_layout_does_not_count_mismatches():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    m.merge(WorkerReport(rows=[row(1), row(2)], start=start()))
+    m.failed(103.0, "a worker received SIGTERM at step 2: saved the checkpoint ...")
+    out = m.merge(WorkerReport(rows=[row(2, loss=9.0, t=104.0), row(3, t=105.0)],
+                               start=start(from_step=1, checkpoint="/c/1",
+                                           saved_layout={**LAYOUT, "dp": 1})))
+    event = out[0]
+    assert event.cause == "preemption" and not event.same_layout
+    assert event.steps_redone == 1 and event.mismatched_steps == []
+
+
+def test_resume_driver_continues_the_recorded_rows():
+    recorded = [row(1), row(2)]
+    m = Merger(started=200.0, elastic=False, recorded=recorded)
+    out = m.merge(WorkerReport(rows=[row(2), row(3, t=210.0)],
+                               start=start(from_step=2, checkpoint="/c/2")))
+    event, new = out
+    assert event.cause == "resume" and event.recovery_s == pytest.approx(10.0)
+    assert new == row(3, t=210.0)
+
+
+def test_a_fresh_start_of_a_resume_with_no_checkpoint_is_not_a_recovery():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    assert m.merge(WorkerReport(rows=[row(1)], start=start())) == [row(1)]
+
+
+def test_failing_again_before_a_new_step_writes_the_first_recovery_too():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    m.merge(WorkerReport(rows=[row(1), row(2)], start=start()))
+    m.failed(103.0, "first")
+    m.merge(WorkerReport(start=start(from_step=2, checkpoint="/c/2")))
+    m.failed(104.0, "second")
+    out = m.merge(WorkerReport(rows=[row(3, t=106.0)], start=start(from_step=2,
+                                                                    checkpoint="/c/2")))
+    first, second, new = out
+    assert (first.error, second.error) == ("first", "second")
+    assert first.recovery_s is None and second.recovery_s == pytest.approx(2.0)
+    assert new.step == 3
+
+
+def test_resize_and_layout_events_of_an_elastic_run():
+    m = Merger(started=0.0, elastic=True, recorded=[])
+    out = m.merge(WorkerReport(rows=[row(1)], start=start(workers=3, dp=3)))
+    assert isinstance(out[0], LayoutEvent) and (out[0].workers, out[0].dp) == (3, 3)
+    # Ray Train resized the group to 2 workers: no failure was seen.
+    out = m.merge(WorkerReport(rows=[row(2, t=120.0)], start=start(from_step=1, workers=2,
+                                                                    dp=2, checkpoint="/c/1")))
+    layout, recovery, new = out
+    assert (layout.workers, layout.dp) == (2, 2)
+    assert recovery.cause == "resize" and recovery.recovery_s == pytest.approx(120.0 - 101.0)
+    # The same layout again: no second layout event.
+    out = m.merge(WorkerReport(rows=[row(3)], start=start(from_step=2, workers=2, dp=2,
+                                                           checkpoint="/c/2")))
+    assert not any(isinstance(r, LayoutEvent) for r in out)
+
+
+def test_checkpoint_timings_come_before_the_rows_of_their_report():
+    m = Merger(started=0.0, elastic=False, recorded=[])
+    timing = CheckpointEvent(step=1, mode="async", stall_s=0.1, save_s=2.0)
+    assert m.merge(WorkerReport(rows=[row(2)], checkpoints=[timing])) == [timing, row(2)]
+
+
+def test_run_dir_reads_back_what_it_appends_and_drops_a_torn_line(tmp_path):
+    rd = RunDir(tmp_path)
+    assert rd.read_metrics() == ([], [])
+    event = CheckpointEvent(step=1, mode="sync", stall_s=1.0, save_s=1.0)
+    rd.append_metrics([row(1), event])
+    with open(rd.metrics, "a") as f:
+        f.write('{"step": 2, "lo')  # a crash mid-line
+    assert rd.read_metrics() == ([row(1)], [event])
+    new, offset = rd.follow_metrics(0)
+    assert new == [row(1), event] and offset < rd.metrics.stat().st_size
+    rd.drop_torn_line()
+    assert offset == rd.metrics.stat().st_size
+    rd.write_status("failed", error="boom")
+    assert rd.read_status().state == "failed" and rd.read_status().error == "boom"
+
+
+FLAGS = StepFlags()
+
+
+@pytest.mark.parametrize("flags, due, last, in_flight, async_save, expect", [
+    # nothing due: train on
+    (FLAGS, False, False, False, False, dict(save=False, report=False, stop=False, land=False)),
+    # rank 0's clock says rows are due
+    (StepFlags(report_due=True), False, False, False, False, dict(report=True, save=False)),
+    # a background save is started on schedule, and landed when rank 0 says it is written
+    (FLAGS, True, False, False, True, dict(save=True, sync=False, report=True, land=False)),
+    (StepFlags(save_landed=True), False, False, True, True, dict(land=True, save=False)),
+    # the next save lands the one in flight first
+    (FLAGS, True, False, True, True, dict(land=True, save=True, sync=False)),
+    # the last step: land, save synchronously, report, stop
+    (FLAGS, True, True, True, True, dict(land=True, save=True, sync=True, report=True,
+                                         stop=True)),
+    # a SIGTERM anywhere: a synchronous save, then stop
+    (StepFlags(sigtermed=True), False, False, False, True, dict(save=True, sync=True,
+                                                                 stop=True)),
+    # a preemption notice: save synchronously and train on
+    (StepFlags(notice=True), False, False, False, True, dict(save=True, sync=True,
+                                                              stop=False)),
+])
+def test_step_plan_follows_the_flags(flags, due, last, in_flight, async_save, expect):
+    plan = StepPlan.decide(flags, due, last, in_flight, async_save)
+    assert {k: getattr(plan, k) for k in expect} == expect
+    assert plan.n_reports == int(plan.land) + int(plan.report)
