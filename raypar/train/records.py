@@ -30,6 +30,16 @@ class Record(Mapping):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to a record of its type with the same fields, or to its JSON data."""
+        if isinstance(other, Record):
+            return type(self) is type(other) and self.to_json() == other.to_json()
+        if isinstance(other, Mapping):
+            return self.to_json() == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # mutable, like the dicts it stands for
+
     def __getitem__(self, key: str) -> Any:
         value = getattr(self, key, None) if key in self._names() else None
         if value is None:
@@ -48,7 +58,7 @@ class Record(Mapping):
 
 # -- metrics.jsonl ------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class StepRow(Record):
     """One optimizer step, as rank 0 measured it (loss: the mean over replicas)."""
     step: int
@@ -66,7 +76,7 @@ class StepRow(Record):
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
 
 
-@dataclass
+@dataclass(eq=False)
 class CheckpointEvent(Record):
     """A checkpoint save: how long it took to write, and how long it held training up."""
     step: int
@@ -76,7 +86,7 @@ class CheckpointEvent(Record):
     event: str = "checkpoint"
 
 
-@dataclass
+@dataclass(eq=False)
 class LayoutEvent(Record):
     """A worker group that trains on another layout than the one before."""
     step: int
@@ -88,7 +98,7 @@ class LayoutEvent(Record):
     event: str = "layout"
 
 
-@dataclass
+@dataclass(eq=False)
 class RecoveryEvent(Record):
     """Where training resumed after a failure, a resize or --resume, and what it cost."""
     step: int
@@ -117,7 +127,7 @@ def parse_row(data: dict[str, Any]) -> Record:
 
 # -- what a worker reports ----------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class StartRecord(Record):
     """Where a worker group starts: sent with its first report."""
     checkpoint: Optional[str]
@@ -133,7 +143,7 @@ class StartRecord(Record):
     _always: ClassVar[tuple[str, ...]] = ("checkpoint",)
 
 
-@dataclass
+@dataclass(eq=False)
 class RankInfo(Record):
     """One rank's placement, stages and memory (ranks.json holds one per training rank)."""
     rank: int
@@ -154,7 +164,7 @@ class RankInfo(Record):
     cuda_max_allocated_bytes: Optional[int] = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Timeline(Record):
     """One pipeline step of one rank: forward/backward spans per stage and micro-batch."""
     events: list[dict[str, Any]]
@@ -162,7 +172,7 @@ class Timeline(Record):
     end: float
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerReport(Record):
     """What a rank sends with ray.train.report. Every rank reports together (the call is a
     barrier); the driver reads rank 0's rows and every rank's rank_info and timeline."""
@@ -198,7 +208,7 @@ class WorkerReport(Record):
 
 # -- the run's own files ------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class Status(Record):
     """status.json: "running", "failed" (with the error) or "finished"."""
     state: str
@@ -206,7 +216,7 @@ class Status(Record):
     error: Optional[str] = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Summary(Record):
     """summary.json (a finished run), and what `run` returns."""
     steps: int

@@ -8,7 +8,7 @@ import logging
 from typing import Optional
 
 from raypar.config import RunSpec
-from raypar.parallel.pipeline import pipeline_bubble, plot_timeline, theoretical_bubble
+from raypar.parallel.timeline import pipeline_bubble, plot_timeline, theoretical_bubble
 from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
 from raypar.train.records import (CheckpointEvent, LayoutEvent, Record, RecoveryEvent, StepRow,
