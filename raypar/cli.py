@@ -13,21 +13,30 @@ User errors print one line `raypar: error: ...` and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from raypar.config import ConfigError
+from raypar.config import ConfigError, load_spec
+from raypar.train.rundir import EXPORT, RunDir
+
+# Each command imports what pulls in torch or ray (seconds) inside its function, so
+# that `--help` and a config error print in a fraction of a second.
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (on a local Ray unless --address / RAY_ADDRESS)")
+def _spec_options(p) -> None:
+    """--config and --set: the run spec, as `load_spec(args.config, args.overrides)` reads it."""
     p.add_argument("--config", help="YAML run config (default: the built-in laptop defaults, "
                    "the same as jobs/configs/laptop.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (on a local Ray unless --address / RAY_ADDRESS)")
+    _spec_options(p)
     p.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
                    "latest valid checkpoint, with its config.yaml plus any --set (the layout "
@@ -60,9 +69,7 @@ def _export_parser(sub) -> None:
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show which rank holds which stage and shard, and the "
                        "memory each needs; reject impossible layouts (starts no workers)")
-    p.add_argument("--config", help="YAML run config (default: the built-in laptop defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field (repeatable)")
+    _spec_options(p)
     p.add_argument("--address", help="Ray cluster to place the ranks on (default: "
                    "$RAY_ADDRESS; without one, no node placement is shown)")
 
@@ -89,20 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raypar.config import load_spec
     if args.resume:
         if args.config or args.run_dir:
             raise ConfigError("--resume: the run's own config.yaml and directory are used; "
                               "drop --config/--run-dir and change fields with --set")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        if not RunDir(run_dir).config.is_file():
             raise ConfigError(f"--resume: {run_dir} is not a raypar run directory "
                               f"(no config.yaml)")
-        spec = load_spec(run_dir / "config.yaml", args.overrides)
+        spec = load_spec(RunDir(run_dir).config, args.overrides)
     else:
         spec = load_spec(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    from raypar.train.trainer import run
+    from raypar.train.driver import run
     summary = run(spec, run_dir, args.address, progress=not args.no_progress,
                   resume=bool(args.resume))
     val = summary["final_val_loss"]
@@ -129,10 +135,10 @@ def _generation_source(args: argparse.Namespace):
     if source is None:
         source = ckpt.latest_valid(run_dir, ex.log)
         if source is None:
-            exported = Path(run_dir) / ex.DEFAULT_NAME
+            exported = RunDir(run_dir).export
             if not exported.is_file():
                 raise ConfigError(f"--run-dir: no checkpoint that verifies under {run_dir} "
-                                  f"(and no {ex.DEFAULT_NAME})")
+                                  f"(and no {EXPORT})")
             source = exported
     elif not Path(source).exists():
         raise ConfigError(f"--checkpoint: no such file or directory: {source}")
@@ -150,7 +156,6 @@ def _generation_source(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from raypar.config import load_spec
     from raypar.cluster import check_capacity, check_local_memory, connect
     from raypar.data.tokenizer import expected_vocab, padded_vocab
     from raypar.parallel.footprint import plan
@@ -201,8 +206,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from datetime import datetime
-
     from raypar.bench import run_bench
     out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime(
         "bench-%Y%m%d-%H%M%S")

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from raypar.parallel import schedules
+
 if TYPE_CHECKING:
     from raypar.model import GPTConfig
 
@@ -268,17 +270,14 @@ _SECTION_TYPES = {
     "train": TrainConfig, "checkpoint": CheckpointConfig, "tracking": TrackingConfig,
 }
 
-# Pipeline schedules (raypar/parallel/pipeline.py maps each onto a torch.distributed.pipelining class).
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
-INTERLEAVED = ("interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
-V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank, in a V
-ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")  # split backward (input, then weight)
+# The pipeline schedules and their rules live in one table, raypar/parallel/schedules.py
+# (torch-free, so importing it keeps config errors fast).
 
 # Allowed values and ranges per field, checked by validate(); the message says what is allowed.
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
     "parallel.dp_mode": ("ddp", "fsdp"),
-    "parallel.schedule": SCHEDULES,
+    "parallel.schedule": schedules.NAMES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
 }
@@ -402,9 +401,26 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def validate(spec: RunSpec) -> RunSpec:
     """Check values and their relations; raise ConfigError naming the first bad field."""
+    _validate_name(spec)
+    flat = spec.flat()
+    _validate_values(flat)
+    if _validate_elastic(spec):
+        return spec  # the min_replicas layout was validated in full
+    _validate_ranges(spec, flat)
+    _validate_shapes(spec)
+    _validate_pipeline(spec)
+    _validate_batch(spec)
+    _validate_data(spec)
+    return spec
+
+
+def _validate_name(spec: RunSpec) -> None:
     if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
         raise ConfigError(f"name: expected a non-empty name without '/', got {spec.name!r}")
-    flat = spec.flat()
+
+
+def _validate_values(flat: dict[str, Any]) -> None:
+    """Per-field choices and signs."""
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {flat[key]!r}")
@@ -414,6 +430,11 @@ def validate(spec: RunSpec) -> RunSpec:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+
+
+def _validate_elastic(spec: RunSpec) -> bool:
+    """parallel.elastic; when enabled, validates the whole spec at min_replicas and
+    returns True (the remaining checks are done)."""
     e = spec.parallel.elastic
     if e.min_replicas < 1:
         raise ConfigError(f"parallel.elastic.min_replicas: must be >= 1, got {e.min_replicas}")
@@ -424,23 +445,31 @@ def validate(spec: RunSpec) -> RunSpec:
         raise ConfigError(f"parallel.elastic.max_replicas: must be >= "
                           f"parallel.elastic.min_replicas={e.min_replicas}, got "
                           f"{e.max_replicas}" + ("" if e.max_replicas else " (0: not elastic)"))
-    if e.enabled:
-        if e.resize_interval_s < 0:
-            raise ConfigError(f"parallel.elastic.resize_interval_s: must be >= 0, got "
-                              f"{e.resize_interval_s}")
-        # Every group starts with at least min_replicas: that layout must be valid.
-        try:
-            validate(spec.with_dp(e.min_replicas))
-        except ConfigError as err:
-            raise ConfigError(f"parallel.elastic.min_replicas={e.min_replicas}: {err}") from None
-        return spec
+    if not e.enabled:
+        return False
+    if e.resize_interval_s < 0:
+        raise ConfigError(f"parallel.elastic.resize_interval_s: must be >= 0, got "
+                          f"{e.resize_interval_s}")
+    # Every group starts with at least min_replicas: that layout must be valid.
+    try:
+        validate(spec.with_dp(e.min_replicas))
+    except ConfigError as err:
+        raise ConfigError(f"parallel.elastic.min_replicas={e.min_replicas}: {err}") from None
+    return True
+
+
+def _validate_ranges(spec: RunSpec, flat: dict[str, Any]) -> None:
     if spec.checkpoint.max_failures < -1:
         raise ConfigError(f"checkpoint.max_failures: must be >= -1 (-1: no limit), "
                           f"got {spec.checkpoint.max_failures}")
     for key, (lo, hi) in _UNIT_INTERVAL.items():
         if not lo <= flat[key] < hi:
             raise ConfigError(f"{key}: must be in [{lo}, {hi}), got {flat[key]!r}")
-    m, p, t = spec.model, spec.parallel, spec.train
+
+
+def _validate_shapes(spec: RunSpec) -> None:
+    """Model widths against the head count and the tensor-parallel split."""
+    m, p = spec.model, spec.parallel
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model: {m.d_model} must be divisible by model.n_head={m.n_head}")
     if m.pos_encoding == "rope" and (m.d_model // m.n_head) % 2:
@@ -454,54 +483,47 @@ def validate(spec: RunSpec) -> RunSpec:
     if p.sequence_parallel and spec.data.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be "
                           f"divisible by parallel.tp={p.tp}")
-    if p.schedule in INTERLEAVED and p.pp > 1 and p.virtual_stages < 2:
-        raise ConfigError(f"parallel.virtual_stages: schedule {p.schedule} needs >= 2 stages "
-                          f"per rank, got {p.virtual_stages}")
-    if p.schedule not in INTERLEAVED and p.virtual_stages != 1:
-        raise ConfigError(f"parallel.virtual_stages: only the interleaved schedules "
-                          f"({', '.join(INTERLEAVED)}) host several stages per rank; "
-                          f"got {p.virtual_stages} with parallel.schedule={p.schedule}")
-    if p.pp > 1 and p.schedule in V_SHAPED and p.virtual_stages != 2:
-        raise ConfigError(f"parallel.virtual_stages: schedule {p.schedule} places exactly 2 "
-                          f"stages per rank, got {p.virtual_stages}")
-    if p.pp > 1 and p.schedule in ZERO_BUBBLE and p.dp > 1 and p.tp == 1 and p.dp_mode == "ddp":
+
+
+def _validate_pipeline(spec: RunSpec) -> None:
+    """The schedule, its stages and its data-parallel mode."""
+    m, p = spec.model, spec.parallel
+    problem = schedules.check(p.schedule, p.pp, p.virtual_stages)
+    if problem:
+        raise ConfigError(problem)
+    split_backward = p.pp > 1 and schedules.get(p.schedule).zero_bubble
+    if split_backward and p.dp > 1 and p.tp == 1 and p.dp_mode == "ddp":
         raise ConfigError(f"parallel.dp_mode: schedule {p.schedule} computes weight gradients "
                           f"outside DDP's hooks; use parallel.dp_mode=fsdp with it")
-    n_stages = p.pp * (p.virtual_stages if p.pp > 1 else 1)
+    n_stages = schedules.n_stages(p.pp, p.virtual_stages)
     if m.n_layer < n_stages:
         raise ConfigError(f"model.n_layer: {m.n_layer} layers cannot fill parallel.pp * "
                           f"parallel.virtual_stages = {n_stages} pipeline stages")
+
+
+def _validate_batch(spec: RunSpec) -> None:
+    """Learning rates, and the batch split into micro-batches the schedule accepts."""
+    p, t = spec.parallel, spec.train
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: {t.min_lr} must be <= train.lr={t.lr}")
     if t.global_batch % (p.dp * t.micro_batch):
         raise ConfigError(
             f"train.global_batch: {t.global_batch} must be divisible by parallel.dp * "
             f"train.micro_batch = {p.dp} * {t.micro_batch} = {p.dp * t.micro_batch}")
-    if p.pp > 1:
-        _check_microbatches(spec, n_stages)
+    count = (f"train.global_batch / (parallel.dp * train.micro_batch) = {t.global_batch} / "
+             f"({p.dp} * {t.micro_batch}) = {spec.grad_accum}")
+    problem = schedules.check(p.schedule, p.pp, p.virtual_stages, spec.grad_accum, count)
+    if problem:  # the counts torch refuses only once the schedule is built on the workers
+        raise ConfigError(problem)
+
+
+def _validate_data(spec: RunSpec) -> None:
     if spec.data.tokenizer not in ("byte", "bpe") and not spec.data.tokenizer.endswith(".json"):
         raise ConfigError(f"data.tokenizer: expected byte, bpe or a path to a tokenizer.json, "
                           f"got {spec.data.tokenizer!r}")
     if spec.data.tokenizer == "bpe" and not 257 <= spec.data.vocab_size <= 1 << 20:
         raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
                           f"got {spec.data.vocab_size}")
-    return spec
-
-
-def _check_microbatches(spec: RunSpec, n_stages: int) -> None:
-    """The micro-batch counts torch's pipeline schedules accept (torch 2.13 raises these
-    only once the schedule is built on the workers)."""
-    p, t, m = spec.parallel, spec.train, spec.grad_accum
-    need = {"1f1b": p.pp, "dualpipev": n_stages}.get(p.schedule, 1)
-    count = (f"train.global_batch / (parallel.dp * train.micro_batch) = {t.global_batch} / "
-             f"({p.dp} * {t.micro_batch}) = {m}")
-    if m < need:
-        raise ConfigError(f"train.micro_batch: schedule {p.schedule} needs at least {need} "
-                          f"micro-batches per replica (its pipeline stages), got {count}")
-    if p.schedule in ("interleaved_1f1b", "interleaved_zb") and m % max(1, m // p.pp):
-        raise ConfigError(f"train.micro_batch: schedule {p.schedule} runs the micro-batches "
-                          f"in rounds of about parallel.pp={p.pp}: their count must divide by "
-                          f"count // parallel.pp = {m // p.pp}, got {count}")
 
 
 def load_spec(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunSpec:

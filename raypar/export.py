@@ -23,11 +23,16 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from raypar.config import ConfigError
+from raypar.config import ConfigError, load_spec, model_config
+from raypar.data.tokenizer import Tokenizer, padded_vocab
 from raypar.model import GPT, GPTConfig
 from raypar.train import checkpoint as ckpt
+from raypar.train import storage
+from raypar.train.rundir import RunDir
 
 log = logging.getLogger("raypar")
 
@@ -35,7 +40,6 @@ KEY_MODEL = "raypar.model"
 KEY_TOKENIZER = "raypar.tokenizer"
 KEY_TRAIN_STATE = "raypar.train_state"
 KEY_SOURCE = "raypar.source"
-DEFAULT_NAME = Path("export") / "model.safetensors"
 
 PathLike = Union[str, Path]
 
@@ -60,16 +64,11 @@ def model_from_config(model_cfg: dict[str, Any], where: str) -> GPT:
 def run_model_config(run_dir: PathLike) -> Optional[dict[str, Any]]:
     """The model config a run directory's config.yaml and tokenizer.json describe (what
     training built), or None when the directory lacks them."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "tokenizer.json").is_file():
+    rd = RunDir(run_dir)
+    if not rd.config.is_file() or not rd.tokenizer.is_file():
         return None
-    from raypar.config import load_spec
-    from raypar.data.tokenizer import Tokenizer
-    from raypar.config import model_config
-    from raypar.data.tokenizer import padded_vocab
-
-    spec = load_spec(run_dir / "config.yaml")
-    vocab = padded_vocab(Tokenizer.from_file(run_dir / "tokenizer.json").vocab_size,
+    spec = load_spec(rd.config)
+    vocab = padded_vocab(Tokenizer.from_file(rd.tokenizer).vocab_size,
                          spec.parallel.tp)
     return dict(vars(model_config(spec, vocab)))
 
@@ -83,7 +82,7 @@ def find_checkpoint(run_dir: Optional[PathLike], checkpoint: Optional[PathLike])
         return checkpoint
     if run_dir is None:
         raise ConfigError("give a run directory or --checkpoint")
-    if not ckpt._is_uri(run_dir) and not Path(run_dir).is_dir():
+    if not storage.is_uri(run_dir) and not Path(run_dir).is_dir():
         raise ConfigError(f"no such directory: {run_dir}")
     path = ckpt.latest_valid(run_dir, log)
     if path is None:
@@ -109,8 +108,6 @@ def consolidate(path: PathLike) -> tuple[GPT, dict[str, Any]]:
 def save_safetensors(model: GPT, meta: dict[str, Any], out: PathLike,
                      train_state: Optional[dict[str, Any]] = None, source: str = "") -> Path:
     """Write model's weights and config + tokenizer metadata to `out` (atomically)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
@@ -139,10 +136,10 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
     """
     path = find_checkpoint(run_dir, checkpoint)
     if out is None:
-        if run_dir is None or ckpt._is_uri(run_dir):
+        if run_dir is None or storage.is_uri(run_dir):
             raise ConfigError("--out: needed when there is no local run directory")
-        out = Path(run_dir) / DEFAULT_NAME
-    if run_dir is not None and not ckpt._is_uri(run_dir):
+        out = RunDir(run_dir).export
+    if run_dir is not None and not storage.is_uri(run_dir):
         expected = run_model_config(run_dir)
         if expected is not None:
             ckpt.check_compatible(ckpt.read_meta(path), expected)
@@ -157,8 +154,6 @@ def load_exported(path: PathLike) -> tuple[GPT, dict[str, Any]]:
     Only the safetensors format is read: no pickle, no code. Tensors that do not
     fit the recorded config are a ConfigError naming them.
     """
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

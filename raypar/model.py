@@ -277,22 +277,10 @@ class GPT(nn.Module):
                     params.pop(id(emb.weight), None)
         return sum(p.numel() for p in params.values())
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token of the whole model (PaLM, appendix B).
-
-        6 * N + 12 * n_layer * d_model * seq_len, where N counts the parameters
-        that take part in matrix multiplies: everything but the embedding
-        lookups, the LM head included even when it is tied. The second term is
-        attention's QK^T and AV. Uses the config, so a pipeline stage reports the
-        full model's figure.
-        """
-        cfg = self.cfg
-        n = param_count(cfg) - cfg.vocab_size * cfg.d_model
-        if cfg.pos_encoding == "learned":
-            n -= cfg.seq_len * cfg.d_model
-        if cfg.tie_embeddings:
-            n += cfg.vocab_size * cfg.d_model
-        return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token of the whole model: `flops_per_token(self.cfg)`. Uses
+        the config, so a pipeline stage reports the full model's figure."""
+        return flops_per_token(self.cfg)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -362,6 +350,27 @@ def param_count(cfg: GPTConfig) -> int:
     if not cfg.tie_embeddings:
         total += cfg.vocab_size * d
     return total
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token (forward + backward) of the model cfg describes, counted
+    as PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's MFU estimate count them:
+
+        6 * N + 12 * n_layer * d_model * seq_len
+
+    6 * N: 2 FLOPs per weight in the forward matmuls and 4 in the backward. N is every
+    parameter but the token and position embedding tables (lookups, not matmuls), with
+    the LM head counted even when it is tied to the token embedding; norm weights and
+    biases are in N too (a rounding error, as in PaLM). The second term is attention's
+    two products over the context, Q K^T and scores x V: 2 * 2 * seq_len * d_model FLOPs
+    per layer forward, three times that forward + backward. Softmax, GELU and the norms'
+    own arithmetic are not counted.
+    """
+    d = cfg.d_model
+    tables = cfg.vocab_size * d + (cfg.seq_len * d if cfg.pos_encoding == "learned" else 0)
+    lm_head = cfg.vocab_size * d
+    n = param_count(cfg) - tables + (lm_head if cfg.tie_embeddings else 0)
+    return 6 * n + 12 * cfg.n_layer * d * cfg.seq_len
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

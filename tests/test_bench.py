@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from raypar.bench.gpu import _measure, flops_per_token, peak_flops
+from raypar.bench.gpu import _measure, peak_flops
 from raypar.bench.report import markdown
-from raypar.bench.suite import _row, ratio_row, windows
+from raypar.bench.stats import ratio_row, row, windows
 
 from conftest import ROOT
 
@@ -42,8 +42,8 @@ def test_ratio_row_takes_the_median_and_says_whether_the_target_holds():
 
 
 def test_markdown_has_one_line_per_row():
-    rows = [_row("memory", "dp=1", 1.02, "x", [1.0, 1.04], target="<= 1.1", met=True),
-            _row("checkpoint", "save", 250.0, "MB/s")]
+    rows = [row("memory", "dp=1", 1.02, "x", [1.0, 1.04], target="<= 1.1", met=True),
+            row("checkpoint", "save", 250.0, "MB/s")]
     report = {"mode": "quick", "seconds": 100, "rows": rows, "context": {"cuda": "skipped"},
               "machine": {"cpus": 2, "torch": "2", "ray": "2"}}
     text = markdown(report)
@@ -53,7 +53,7 @@ def test_markdown_has_one_line_per_row():
 
 
 def test_mfu_arithmetic():
-    assert flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
+    # FLOPs per token: raypar.model.flops_per_token, pinned in test_model.py.
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12

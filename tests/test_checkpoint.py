@@ -24,6 +24,7 @@ from raypar.config import ConfigError, load_spec
 from raypar.data.tokenizer import Tokenizer
 from raypar.model import GPT, GPTConfig, param_groups
 from raypar.train import checkpoint as ckpt
+from raypar.train import storage
 
 from conftest import ROOT, raypar_records
 
@@ -158,28 +159,12 @@ def test_missing_manifest_is_skipped(tmp_path, caplog):
     assert ckpt.latest_valid(tmp_path / "empty") is None
 
 
-def test_prune_keeps_newest_valid_and_newer_partial(tmp_path):
-    for step in (1, 2, 3, 4):
-        save_single(tmp_path, step)
-    partial = tmp_path / "checkpoints" / ckpt.dir_name(4)
-    (partial / "manifest-0.json").unlink()  # e.g. still being uploaded
-    invalid_old = tmp_path / "checkpoints" / ckpt.dir_name(1)
-    (invalid_old / "meta.json").unlink()
-    deleted = ckpt.prune(tmp_path, keep=1)
-    assert sorted(p.name for p in deleted) == [ckpt.dir_name(1), ckpt.dir_name(2)]
-    assert [p.name for p in ckpt.candidates(tmp_path)] == [ckpt.dir_name(4), ckpt.dir_name(3)]
-    assert ckpt.prune(tmp_path, keep=1) == []  # idempotent
-    assert ckpt.latest_valid(tmp_path).name == ckpt.dir_name(3)
-    with pytest.raises(ValueError, match="keep"):
-        ckpt.prune(tmp_path, keep=0)
-
-
 def test_pyarrow_filesystem_paths(tmp_path, monkeypatch):
     # Route plain absolute path strings through the pyarrow code path used for s3:// and gs://
     # (FileSystem.from_uri maps an absolute path to the local filesystem).
     save_single(tmp_path, 1)
     folder = save_single(tmp_path, 2)
-    monkeypatch.setattr(ckpt, "_is_uri", lambda p: isinstance(p, str))
+    monkeypatch.setattr(storage, "is_uri", lambda p: isinstance(p, str))
     root = str(tmp_path)
     assert ckpt.candidates(root) == [f"{root}/checkpoints/{ckpt.dir_name(s)}" for s in (2, 1)]
     assert ckpt.verify(str(folder)) is None
@@ -192,7 +177,6 @@ def test_pyarrow_filesystem_paths(tmp_path, monkeypatch):
     model = reference_model(seed=5)
     ckpt.load_model_state(good, model)  # through a local copy
     assert_same_weights(model, trained(seed=0)[0])
-    assert [Path(p).name for p in ckpt.prune(root, keep=1)] == []  # newer invalid one, newest valid
     assert ckpt.verify(str(tmp_path / "nowhere")) == "not a directory"
 
 

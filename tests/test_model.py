@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from raypar.model import GPT, GPTConfig, lm_loss, param_count, param_groups
+from raypar.model import GPT, GPTConfig, flops_per_token, lm_loss, param_count, param_groups
 
 V, T = 61, 16
 
@@ -92,6 +92,19 @@ def test_flops_per_token():
     cfg = GPTConfig(vocab_size=10, seq_len=4, n_layer=1, n_head=2, d_model=8)
     # Tied: the LM head's matmul counts even though its weight is the embedding.
     assert GPT(cfg).flops_per_token() == 6 * 872 + 12 * 1 * 8 * 4
+
+
+def test_flops_per_token_by_hand_untied_learned_bias():
+    # V=10, T=4, d=8, ff=32, 1 layer, bias, untied LM head, learned positions.
+    # Matmul weights (with biases): attn 4*(64+8)=288, mlp fc 8*32+32=288, proj 32*8+8=264;
+    # norms 3*(8+8)=48; LM head 10*8=80 (no bias). The tok (80) and pos (32) tables are
+    # lookups: left out. N = 288 + 288 + 264 + 48 + 80 = 968.
+    # Attention: 12 * layers * d * T = 12 * 1 * 8 * 4 = 384.
+    cfg = GPTConfig(vocab_size=10, seq_len=4, n_layer=1, n_head=2, d_model=8, bias=True,
+                    tie_embeddings=False, pos_encoding="learned")
+    assert param_count(cfg) == 968 + 80 + 32
+    assert flops_per_token(cfg) == 6 * 968 + 384
+    assert GPT(cfg).flops_per_token() == flops_per_token(cfg)
 
 
 def test_init_deterministic():

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (raypar/parallel/pipeline.py).
+"""Pipeline parallelism (raypar/parallel/pipeline.py, and timeline.py's bubble figures).
 
 Pure functions (layout, placement, stage modules, bubble formulas) are tested in
 this process. Everything that runs a schedule runs in two real processes (torch
@@ -25,9 +25,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups
-from raypar.parallel.pipeline import (SCHEDULES, Pipeline, build_stage_modules, is_tied_copy,
-                                      measured_bubble, pipeline_bubble, plot_timeline, stage_costs,
-                                      stage_ids, stage_layout, stage_rank, sync_tied_grads,
+from raypar.parallel.pipeline import Pipeline
+from raypar.parallel.schedules import NAMES as SCHEDULES
+from raypar.parallel.schedules import stage_ids, stage_rank
+from raypar.parallel.stages import (build_stage_modules, is_tied_copy, stage_costs, stage_layout,
+                                    sync_tied_grads)
+from raypar.parallel.timeline import (measured_bubble, pipeline_bubble, plot_timeline,
                                       theoretical_bubble)
 
 TINY = dict(vocab_size=128, seq_len=16, n_layer=4, n_head=4, d_model=32, dropout=0.0)

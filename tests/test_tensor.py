@@ -32,7 +32,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing import assert_close
 
 from raypar.model import GPT, GPTConfig, lm_loss, param_groups, rope_cos_sin
-from raypar.parallel.tensor import apply_tensor_parallel, grad_sq_norm, loss_context, tp_compatible
+from raypar.parallel.tensor import (apply_tensor_parallel, grad_sq_norm, loss_context,
+                                    tp_compatible, tp_shard_dim)
 
 V, T, D, H, L, B = 128, 16, 32, 4, 2, 2
 
@@ -84,6 +85,14 @@ def assert_grads_match(tp: nn.Module, dense: nn.Module, prefix: str = "") -> Non
             # Gradients keep their parameter's layout (optimizer state, dp all-reduce).
             assert p.grad.placements == p.placements, (n, p.grad.placements, p.placements)
         assert_close(full(p.grad), ref[n].grad, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def assert_shard_dims_as_declared(tp: nn.Module) -> None:
+    """tp_shard_dim (what raypar plan counts) says what apply_tensor_parallel did."""
+    for n, p in tp.named_parameters():
+        dim = tp_shard_dim(n)
+        placements = p.placements if isinstance(p, DTensor) else (Replicate(),)
+        assert placements == ((Replicate(),) if dim is None else (Shard(dim),)), (n, placements)
 
 
 def dense_sq_norm(model: nn.Module) -> torch.Tensor:
@@ -217,6 +226,7 @@ def _whole(ctx, sp, mesh=None, batch_seed=1, **kw):
         assert tp.lm_head.weight is tp.tok_emb.weight
     assert len(list(tp.parameters())) == len(list(dense.parameters()))
     assert tp.num_params() == dense.num_params()
+    assert_shard_dims_as_declared(tp)
 
     seen = []  # what each block hands to the next: plain tensors, sequence-sharded with sp
     for block in tp.layers.values():
@@ -506,6 +516,23 @@ def test_tp_compatible():
     assert msg is not None and "parallel.tp (3)" in msg and "4160" in msg and "64" in msg
     assert "\n" not in msg
     assert "parallel.tp (0)" in tp_compatible(4, 128, 0)
+
+
+def test_tp_shard_dim_names_what_the_plan_shards():
+    model = build(cfg(bias=True, pos_encoding="learned", tie_embeddings=False))
+    dims = {n: tp_shard_dim(n) for n, _ in model.named_parameters()}
+    assert dims["tok_emb.weight"] == 0 and dims["lm_head.weight"] == 0  # vocab rows
+    for i in range(L):
+        for m in ("attn.wq", "attn.wk", "attn.wv", "mlp.fc"):  # column-parallel: out features
+            assert dims[f"layers.{i}.{m}.weight"] == 0 and dims[f"layers.{i}.{m}.bias"] == 0
+        for m in ("attn.wo", "mlp.proj"):  # row-parallel: in features; the bias is whole
+            assert dims[f"layers.{i}.{m}.weight"] == 1 and dims[f"layers.{i}.{m}.bias"] is None
+    replicated = {n for n, d in dims.items() if d is None}
+    assert replicated == {"pos_emb.weight", "norm.weight", "norm.bias",
+                          *(f"layers.{i}.{m}" for i in range(L)
+                            for m in ("attn_norm.weight", "attn_norm.bias", "mlp_norm.weight",
+                                      "mlp_norm.bias", "attn.wo.bias", "mlp.proj.bias"))}
+    assert tp_shard_dim("layers.attn.wq.weight") is None  # not a block's parameter
 
 
 class _FakeMesh:

@@ -6,7 +6,7 @@
 `bare` is a single-process PyTorch training loop in the style of nanoGPT's train.py: the
 same GPT module, AdamW, gradient accumulation, global-norm clipping and warmup/cosine LR,
 on the same packed blocks, with none of raypar's machinery (no Ray, no mesh, no
-checkpoint or metrics plumbing). `torchrun` runs raypar's own per-rank `Worker` (the
+checkpoint or metrics plumbing). `torchrun` runs raypar's own per-rank `RankTrainer` (the
 same model code and layout as a raypar run) in processes that torchrun launches and
 torch.distributed connects, without Ray.
 
@@ -24,20 +24,20 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from raypar.config import from_dict, model_config
+from raypar.model import GPT, lm_loss, param_groups
+from raypar.train.trainer import RankTrainer, lr_at
 
 
 def _load(job_path: str):
-    from raypar.config import from_dict
     with open(job_path) as f:
         job = json.load(f)
     return job, from_dict(job["spec"])
 
 
 def bare(job_path: str, out_path: str) -> None:
-    from raypar.model import GPT, lm_loss, param_groups
-    from raypar.config import model_config
-    from raypar.train.loop import lr_at
-
     job, spec = _load(job_path)
     t = spec.train
     torch.set_num_threads(t.threads)
@@ -69,14 +69,10 @@ def bare(job_path: str, out_path: str) -> None:
 
 
 def under_torchrun(job_path: str, out_path: str) -> None:
-    import torch.distributed as dist
-
-    from raypar.train.loop import Worker
-
     job, spec = _load(job_path)
     dist.init_process_group("gloo")  # rank, world and rendezvous from torchrun's env
     try:
-        worker = Worker(spec, job["vocab_size"], np.load(job["blocks"]), np.load(job["val"]))
+        worker = RankTrainer(spec, job["vocab_size"], np.load(job["blocks"]), np.load(job["val"]))
         step_end, losses = [], []
         while worker.step < job["steps"]:
             row = worker.train_step()

@@ -1,4 +1,4 @@
-"""The bench's CUDA rows: raypar's Worker on one GPU in bf16, eager and with every
+"""The bench's CUDA rows: raypar's RankTrainer on one GPU in bf16, eager and with every
 transformer block compiled (torch.compile), as tokens/s and MFU (model FLOPs
 utilisation: achieved model FLOPs per second over the device's peak).
 
@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import time
 from typing import Any, Optional
+
+import ray
+import torch
+import torch.distributed as dist
+
+from raypar.bench.stats import row
+from raypar.config import RunSpec, from_dict, model_config
+from raypar.model import flops_per_token
+from raypar.train.trainer import RankTrainer
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by device name.
 PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
@@ -27,26 +36,14 @@ def peak_flops(name: str) -> Optional[float]:
     return None
 
 
-def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
-    score and value products, 12 * layers * d_model * seq_len (Chowdhery et al. 2022, B)."""
-    return 6 * n_params + 12 * n_layer * d_model * seq_len
-
-
 def _measure(spec_dict: dict, vocab: int, blocks, compiled: bool, steps: int) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from raypar.config import from_dict
-    from raypar.train.loop import Worker
-
     spec = from_dict(spec_dict)
     cuda = torch.cuda.is_available()  # always, in the GPU task; a CPU run tests the wiring
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     store = dist.HashStore()
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=0, world_size=1)
     try:
-        worker = Worker(spec, vocab, blocks, blocks[:0])
+        worker = RankTrainer(spec, vocab, blocks, blocks[:0])
         if compiled:
             for m in worker.plain:
                 for block in m.layers.values():
@@ -66,15 +63,9 @@ def _measure(spec_dict: dict, vocab: int, blocks, compiled: bool, steps: int) ->
         dist.destroy_process_group()
 
 
-def mfu_rows(bench_spec, vocab: int, blocks, steps: int, row) -> list[dict[str, Any]]:
-    import ray
-
-    from raypar.model import param_count
-    from raypar.config import model_config
-
-    spec = bench_spec(*GPU_MODEL)
-    cfg = model_config(spec, vocab)
-    fpt = flops_per_token(param_count(cfg), cfg.n_layer, cfg.d_model, cfg.seq_len)
+def mfu_rows(spec: RunSpec, vocab: int, blocks, steps: int) -> list[dict[str, Any]]:
+    """The cuda rows of spec (the bench's spec with GPU_MODEL) on the packed blocks."""
+    fpt = flops_per_token(model_config(spec, vocab))
     task = ray.remote(num_gpus=1)(_measure)
     rows = []
     for compiled in (False, True):

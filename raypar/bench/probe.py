@@ -1,7 +1,7 @@
 """Measurements inside one Ray Train worker group, for the layouts `raypar bench` compares.
 
 A raypar run starts a worker group (seconds on a small machine); the bench compares a
-dozen layouts, so one group of workers builds raypar's own per-rank `Worker` for each
+dozen layouts, so one group of workers builds raypar's own per-rank `RankTrainer` for each
 layout in turn and times its `train_step`: the same model, parallel wrappers, pipeline
 schedules and optimizer step as a run, without the run's checkpoint and report plumbing
 (which the bench measures in whole runs). Ranks beyond a layout's size wait it out.
@@ -9,7 +9,8 @@ schedules and optimizer step as a run, without the run's checkpoint and report p
 Each job: {"name", "spec" (RunSpec.to_dict()), "warmup", "steps", "profile" (time the
 collectives of one step), "timeline" (record each timed step's pipeline timeline, on the
 processes' common wall clock)}.
-Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor.
+Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor, which
+`run_probe` returns.
 """
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.profiler import ProfilerActivity, profile
+
+from raypar.config import from_dict
+from raypar.parallel.timeline import covered_length
+from raypar.train.control import Groups
+from raypar.train.trainer import RankTrainer
 
 # Profiler event names of torch.distributed collectives and point-to-point transfers:
 # c10d ops (DDP's bucket all-reduce, DTensor's functional collectives and their waits,
@@ -31,9 +40,6 @@ COMM = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|wait_tenso
 
 def _profiled_step(worker) -> tuple[float, float]:
     """(step seconds, seconds inside communication) of one profiled train_step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from raypar.parallel.pipeline import covered_length
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         worker.train_step()
@@ -71,9 +77,6 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
 
 def probe_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for the bench's probe group."""
-    from raypar.config import from_dict
-    from raypar.train.loop import Groups, Worker
-
     torch.set_num_threads(1)
     train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
     results = []
@@ -84,7 +87,7 @@ def probe_loop(config: dict[str, Any]) -> None:
         groups = Groups.build(spec)  # collective: every rank, inside the layout or not
         mine = None
         if groups.mesh is not None:
-            worker = Worker(spec, config["vocab_size"], train, val, groups)
+            worker = RankTrainer(spec, config["vocab_size"], train, val, groups)
             mine = _measure(worker, job)
             del worker
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -108,3 +111,20 @@ class Mailbox:
 
     def get(self) -> Any:
         return self.value
+
+
+def run_probe(jobs: list[dict[str, Any]], vocab_size: int, train, val,
+              storage_path: str) -> list[dict[str, Any]]:
+    """Run the jobs in one 2-worker Ray Train group (train, val: the packed blocks);
+    returns [{"name", "ranks", "seconds"}] in job order."""
+    mailbox = Mailbox.remote()
+    trainer = TorchTrainer(
+        probe_loop,
+        train_loop_config={"jobs": jobs, "vocab_size": vocab_size, "mailbox": mailbox,
+                           "train_ref": ray.put(train), "val_ref": ray.put(val)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="probe", storage_path=storage_path))
+    trainer.fit()
+    results = ray.get(mailbox.get.remote())
+    ray.kill(mailbox)
+    return results

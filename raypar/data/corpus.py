@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from typing import Optional
 
+import pyarrow.fs as pafs
+
 from raypar.config import ConfigError, DataConfig
 
 # Bump when decoding, splitting or tokenizing changes, so old caches stop matching.
@@ -88,8 +90,6 @@ def _list_local(path: str, fmt: str) -> tuple[list[str], str]:
 
 
 def _list_remote(uri: str, fmt: str) -> tuple[list[str], str]:
-    import pyarrow.fs as pafs
-
     magic = _MAGIC.search(uri)
     base = uri[:magic.start()].rsplit("/", 1)[0] if magic else uri.rstrip("/")
     try:
@@ -169,8 +169,6 @@ def filesystem_for(sources: list[str]):
     """(pyarrow filesystem or None for local files, the paths that filesystem reads)."""
     if not sources or not is_uri(sources[0]):
         return None, list(sources)
-    import pyarrow.fs as pafs
-
     fs, first = pafs.FileSystem.from_uri(sources[0])
     prefix = sources[0][:len(sources[0]) - len(first)]
     return fs, [s[len(prefix):] if s.startswith(prefix) else s for s in sources]

@@ -14,6 +14,7 @@ import json
 import threading
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raypar.data.corpus import document_id, is_validation
 
@@ -85,8 +86,6 @@ def _jsonl(out: _Docs, file: int, name: str, src: str, data: bytes, column: str)
 
 
 def _parquet(out: _Docs, file: int, name: str, src: str, data: bytes, column: str) -> None:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
     except Exception:  # pyarrow raises several types for a file that is not parquet

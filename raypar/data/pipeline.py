@@ -70,6 +70,7 @@ def _tokenize_batch(batch: pa.Table, tokenizer_json: str) -> pa.Table:
 
 def _documents(sources: list[str], fmt: str, cfg: DataConfig):
     """Ray Dataset of decoded documents (file, row, text, replaced, val, error), in source order."""
+    # Deferred: ray.data takes seconds to import, and a cached corpus never needs it.
     import ray.data
     from ray.data import DataContext
 

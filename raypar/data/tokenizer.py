@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from raypar.config import ConfigError, DataConfig
+from raypar.data.corpus import corpus_fingerprint
 
 EOT = "<|endoftext|>"
 # Tokenizers from elsewhere name their end-of-text token differently; the first found wins.
@@ -151,8 +152,6 @@ def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
     if cfg.tokenizer == _BYTE_KIND:
         return Tokenizer.byte_level()
     if cfg.tokenizer == "bpe":
-        from raypar.data.corpus import corpus_fingerprint
-
         fp = fingerprint or corpus_fingerprint(sources, cfg)
         key = hashlib.sha256(f"{fp}\nbpe vocab_size={cfg.vocab_size}".encode()).hexdigest()
         path = Path(cache_dir) / "tokenizers" / f"bpe-{key[:24]}.json"

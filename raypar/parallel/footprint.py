@@ -8,7 +8,6 @@ parallel shard divides the matrices the tensor plan shards, FSDP divides by dp.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,13 +15,10 @@ import torch
 
 from raypar.config import RunSpec, model_config
 from raypar.model import GPT
+from raypar.parallel import schedules
 from raypar.parallel.mesh import coords_of
-from raypar.parallel.pipeline import build_stage_modules, stage_ids
-
-# Parameters the tensor-parallel plan shards over tp (raypar/parallel/tensor.py).
-_TP_SHARDED = re.compile(r"(attn\.w[qkvo]|mlp\.(fc|proj))\.(weight|bias)$|^(tok_emb|lm_head)\.weight$")
-# Bias of a row-parallel layer stays replicated.
-_TP_REPLICATED_BIAS = re.compile(r"(attn\.wo|mlp\.proj)\.bias$")
+from raypar.parallel.stages import build_stage_modules
+from raypar.parallel.tensor import tp_shard_dim
 
 
 @dataclass
@@ -48,10 +44,10 @@ class RankPlan:
 
 def _stage_modules(spec: RunSpec, vocab_size: int, pp_rank: int):
     p = spec.parallel
-    virtual = p.virtual_stages if p.pp > 1 else 1
+    virtual = schedules.stages_per_rank(p.pp, p.virtual_stages)
     with torch.device("meta"):
         full = GPT(model_config(spec, vocab_size))
-    return (stage_ids(pp_rank, p.pp, virtual, p.schedule),
+    return (schedules.stage_ids(pp_rank, p.pp, virtual, p.schedule),
             build_stage_modules(full, pp_rank, p.pp, virtual, p.schedule))
 
 
@@ -65,6 +61,18 @@ def activation_bytes(spec: RunSpec, n_layers: int, vocab_size: int, last: bool,
     per_layer = 4 * tokens * (16 * m.d_model // p.tp + 2 * m.d_model)
     logits = 4 * 3 * tokens * vocab_size // p.tp if last else 0
     return in_flight * (n_layers * per_layer + logits)
+
+
+def _in_flight(spec: RunSpec) -> int:
+    """Micro-batches whose activations a rank holds at once: one without a pipeline, all
+    of them when the schedule runs every forward first (gpipe), else up to one per stage
+    in flight (the 1F1B family)."""
+    p = spec.parallel
+    if p.pp == 1:
+        return 1
+    if schedules.get(p.schedule).all_forwards_first:
+        return spec.grad_accum
+    return min(spec.grad_accum, schedules.n_stages(p.pp, p.virtual_stages))
 
 
 def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
@@ -84,7 +92,7 @@ def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
                     continue
                 seen.add(id(prm))
                 n = prm.numel()
-                if p.tp > 1 and _TP_SHARDED.search(name) and not _TP_REPLICATED_BIAS.search(name):
+                if p.tp > 1 and tp_shard_dim(name) is not None:
                     n //= p.tp
                 if p.dp_mode == "fsdp":
                     n = -(-n // p.dp)
@@ -93,14 +101,7 @@ def plan(spec: RunSpec, vocab_size: int) -> list[RankPlan]:
                     block += 4 * n
         n_layers = sum(len(m.layers) for m in modules)
         last = any(m.lm_head is not None for m in modules)
-        # Micro-batches whose activations are alive at once: one without a pipeline, all
-        # of them under gpipe, up to one per stage in flight under the 1F1B family.
-        if p.pp == 1:
-            in_flight = 1
-        elif p.schedule == "gpipe":
-            in_flight = spec.grad_accum
-        else:
-            in_flight = min(spec.grad_accum, p.pp * p.virtual_stages)
+        in_flight = _in_flight(spec)
         # With activation checkpointing only one block's activations are held at a time.
         saved_layers = 1 if spec.train.activation_checkpointing else n_layers
         in_flight_bytes = activation_bytes(spec, saved_layers, vocab_size, last, in_flight)

@@ -23,7 +23,8 @@ from raypar.config import ParallelConfig
 from raypar.model import GPT
 from raypar.parallel.data import apply_data_parallel, unwrap
 from raypar.parallel.mesh import ParallelMesh
-from raypar.parallel.pipeline import build_stage_modules, is_tied_copy, stage_ids
+from raypar.parallel.schedules import stage_ids
+from raypar.parallel.stages import build_stage_modules, is_tied_copy
 from raypar.parallel.tensor import apply_tensor_parallel
 
 

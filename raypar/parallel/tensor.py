@@ -5,9 +5,10 @@
         loss = lm_loss(model(x), y)
         loss.backward()
     norm = grad_sq_norm(params)  # then reduce over pp, sqrt, clip
+    tp_shard_dim("layers.0.attn.wo.weight")  # 1: which dim of a parameter tp shards
 
-The plan (Megatron-LM style), declared per module name and applied by torch's
-`parallelize_module`:
+The plan (Megatron-LM style), declared per module name in `_EDGE_PLAN` / `_BLOCK_PLAN`
+and applied by torch's `parallelize_module`:
 
     tok_emb                 RowwiseParallel      weight sharded by vocab rows; the
                                                  masked partial lookups are summed
@@ -78,7 +79,21 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
-__all__ = ["apply_tensor_parallel", "loss_context", "tp_compatible", "grad_sq_norm"]
+__all__ = ["apply_tensor_parallel", "loss_context", "tp_compatible", "grad_sq_norm",
+           "tp_shard_dim"]
+
+# The plan: how each module is split over tp (see the module docstring). Every other
+# module (norms, pos_emb) is replicated. apply_tensor_parallel builds torch's styles
+# from these tables and tp_shard_dim answers from them, so they agree.
+COLWISE, ROWWISE, VOCAB_ROWS = "colwise", "rowwise", "vocab_rows"
+_EDGE_PLAN = {"tok_emb": VOCAB_ROWS, "lm_head": COLWISE}
+_BLOCK_PLAN = {"attn.wq": COLWISE, "attn.wk": COLWISE, "attn.wv": COLWISE,
+               "attn.wo": ROWWISE, "mlp.fc": COLWISE, "mlp.proj": ROWWISE}
+# Dim of each parameter a style shards; a parameter not listed stays whole on every
+# tp rank (a row-parallel bias is added once, after the all-reduce).
+_SHARDED_DIMS = {COLWISE: {"weight": 0, "bias": 0},  # nn.Linear weight: (out, in)
+                 ROWWISE: {"weight": 1},
+                 VOCAB_ROWS: {"weight": 0}}          # nn.Embedding weight: (vocab, d)
 
 _SEQ = Shard(1)  # the residual stream (B, T, d) sharded on T
 _VOCAB_PARALLEL = "_raypar_vocab_parallel"  # set on an lm_head whose logits are vocab-sharded
@@ -120,6 +135,87 @@ def tp_compatible(n_head: int, vocab_size: int, tp: int) -> str | None:
     return None
 
 
+def _style_of(module_name: str) -> str | None:
+    """The plan's entry for a module of the plain model (its FQN), or None: replicated."""
+    if module_name in _EDGE_PLAN:
+        return _EDGE_PLAN[module_name]
+    head, _, rest = module_name.partition(".")
+    index, _, sub = rest.partition(".")
+    if head == "layers" and index:
+        return _BLOCK_PLAN.get(sub)
+    return None
+
+
+def tp_shard_dim(param_name: str) -> int | None:
+    """The dim over which tensor parallelism shards a parameter of the plain model (or of
+    a pipeline stage of it, by its FQN, e.g. 'layers.3.attn.wq.weight'), or None when
+    every tp rank holds it whole. Each shard is 1/tp of that dim."""
+    module_name, _, leaf = param_name.rpartition(".")
+    style = _style_of(module_name)
+    return None if style is None else _SHARDED_DIMS[style].get(leaf)
+
+
+def _sharding(style: str, **kwargs) -> ParallelStyle:
+    """torch's style for one of the plan's entries (VOCAB_ROWS: Rowwise on an embedding)."""
+    return ColwiseParallel(**kwargs) if style == COLWISE else RowwiseParallel(**kwargs)
+
+
+def _torch_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """{module name (+ '.__entry' / '.__exit' for extra hooks): style}, in the order the
+    styles must be applied: the sharding of the plan tables plus the layout changes
+    around them (sequence parallelism, stage edges)."""
+    tok_emb, pos_emb = model.tok_emb, model.pos_emb
+    norm, lm_head = model.norm, model.lm_head
+    layer_names = list(model.layers.keys())
+    # The modules that run on sequence shards, in forward order; without any, a
+    # stage has nothing to gain and runs the plain (replicated) plan.
+    sp_region = [f"layers.{n}" for n in layer_names] + (["norm"] if norm is not None else [])
+    sp = sequence_parallel and bool(sp_region)
+    seq_or_whole = _SEQ if sp else Replicate()
+
+    plan: dict[str, ParallelStyle] = {}
+    if tok_emb is not None:
+        plan["tok_emb"] = _sharding(_EDGE_PLAN["tok_emb"], input_layouts=Replicate(),
+                                    output_layouts=seq_or_whole)
+        if sp and pos_emb is not None:
+            # pos_emb(arange(T)) is (T, d): keep this rank's positions (a slice).
+            plan["pos_emb"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                                  desired_output_layouts=Shard(0))
+    elif sp:
+        # A stage boundary delivers the full hidden state: keep our sequence shard.
+        first = sp_region[0]
+        if first == "norm":
+            plan["norm.__entry"] = PrepareModuleInput(input_layouts=Replicate(),
+                                                      desired_input_layouts=_SEQ)
+        else:
+            plan[first + ".__entry"] = _FirstInput(Replicate(), _SEQ, use_local_output=True)
+
+    for n in layer_names:
+        p = f"layers.{n}"
+        if sp:
+            plan[f"{p}.attn_norm"] = SequenceParallel()
+            plan[f"{p}.attn"] = _FirstInput(_SEQ, Replicate(), use_local_output=False)
+            plan[f"{p}.mlp_norm"] = SequenceParallel()
+            plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=_SEQ,
+                                                  desired_input_layouts=Replicate())
+        for sub, style in _BLOCK_PLAN.items():
+            # A column-parallel output stays sharded on features into its row-parallel
+            # partner, which reduces (sp: reduce-scatters) its partial sums.
+            kwargs = {} if style == COLWISE else {"output_layouts": seq_or_whole}
+            plan[f"{p}.{sub}"] = _sharding(style, **kwargs)
+
+    if norm is not None and sp:
+        plan["norm"] = SequenceParallel()
+    if lm_head is not None:
+        plan["lm_head"] = _sharding(_EDGE_PLAN["lm_head"], input_layouts=seq_or_whole,
+                                    output_layouts=Shard(-1), use_local_output=False)
+    elif sp:
+        # The stage's output crosses to the next stage whole.
+        plan[sp_region[-1] + ".__exit"] = PrepareModuleOutput(
+            output_layouts=_SEQ, desired_output_layouts=Replicate(), use_local_output=True)
+    return plan
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
                           sequence_parallel: bool = False) -> nn.Module:
     """Shard `model` (a GPT or a pipeline stage of one) over the 1-D `tp_mesh`, in place.
@@ -145,61 +241,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
     problem = tp_compatible(cfg.n_head, cfg.vocab_size, tp)
     if problem:
         raise ValueError(problem)
-    tok_emb, pos_emb = model.tok_emb, model.pos_emb
-    norm, lm_head = model.norm, model.lm_head
+    tok_emb, lm_head = model.tok_emb, model.lm_head
     tied = cfg.tie_embeddings and tok_emb is not None and lm_head is not None
     if tied and lm_head.weight is not tok_emb.weight:
         raise ValueError("tie_embeddings is set but lm_head.weight is not tok_emb.weight")
 
-    layer_names = list(model.layers.keys())
-    # The modules that run on sequence shards, in forward order; without any, a
-    # stage has nothing to gain and runs the plain (replicated) plan.
-    sp_region = [f"layers.{n}" for n in layer_names] + (["norm"] if norm is not None else [])
-    sp = sequence_parallel and bool(sp_region)
-
-    plan: dict[str, object] = {}
-    if tok_emb is not None:
-        plan["tok_emb"] = RowwiseParallel(input_layouts=Replicate(),
-                                          output_layouts=_SEQ if sp else Replicate())
-        if sp and pos_emb is not None:
-            # pos_emb(arange(T)) is (T, d): keep this rank's positions (a slice).
-            plan["pos_emb"] = PrepareModuleOutput(output_layouts=Replicate(),
-                                                  desired_output_layouts=Shard(0))
-    elif sp:
-        # A stage boundary delivers the full hidden state: keep our sequence shard.
-        first = sp_region[0]
-        if first == "norm":
-            plan["norm.__entry"] = PrepareModuleInput(input_layouts=Replicate(),
-                                                      desired_input_layouts=_SEQ)
-        else:
-            plan[first + ".__entry"] = _FirstInput(Replicate(), _SEQ, use_local_output=True)
-
-    for n in layer_names:
-        p = f"layers.{n}"
-        if sp:
-            plan[f"{p}.attn_norm"] = SequenceParallel()
-            plan[f"{p}.attn"] = _FirstInput(_SEQ, Replicate(), use_local_output=False)
-            plan[f"{p}.mlp_norm"] = SequenceParallel()
-            plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=_SEQ,
-                                                  desired_input_layouts=Replicate())
-        out = _SEQ if sp else Replicate()
-        plan[f"{p}.attn.wq"] = ColwiseParallel()
-        plan[f"{p}.attn.wk"] = ColwiseParallel()
-        plan[f"{p}.attn.wv"] = ColwiseParallel()
-        plan[f"{p}.attn.wo"] = RowwiseParallel(output_layouts=out)
-        plan[f"{p}.mlp.fc"] = ColwiseParallel()
-        plan[f"{p}.mlp.proj"] = RowwiseParallel(output_layouts=out)
-
-    if norm is not None and sp:
-        plan["norm"] = SequenceParallel()
-    if lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(input_layouts=_SEQ if sp else Replicate(),
-                                          output_layouts=Shard(-1), use_local_output=False)
-    elif sp:
-        # The stage's output crosses to the next stage whole.
-        plan[sp_region[-1] + ".__exit"] = PrepareModuleOutput(
-            output_layouts=_SEQ, desired_output_layouts=Replicate(), use_local_output=True)
-
+    plan = _torch_plan(model, sequence_parallel)
     # Hooks run in registration order: an entry hook must precede the style of
     # the same module (SequenceParallel takes a plain tensor for a local shard).
     for key, style in plan.items():

@@ -24,29 +24,32 @@ not whether the bytes behind it arrived whole, and Ray records a checkpoint
 once every worker has reported, not whether the copy into storage completed
 after a node died. A per-rank list with hashes answers both.
 
-Paths: local paths everywhere; `verify`, `candidates`, `latest_valid`, `prune`
-and the readers also take `s3://`, `gs://`, ... URIs through pyarrow's
-filesystems (which Ray Train itself uses). `load` of a URI copies the folder
-to a local temporary directory first.
+Paths: local paths everywhere; `verify`, `candidates`, `latest_valid` and the
+readers also take `s3://`, `gs://`, ... URIs (raypar/train/storage.py). `load` of a
+URI copies the folder to a local temporary directory first.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+from raypar.config import ConfigError
+from raypar.model import GPTConfig
+from raypar.train import storage
+from raypar.train.storage import PathLike
 
 if TYPE_CHECKING:  # ray.train is slow to import; `raypar generate` does not need it
     from ray.train import Checkpoint
@@ -58,9 +61,7 @@ DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(rf"^{PREFIX}(\d+)$")
 _RESERVED = re.compile(r"^(manifest-\d+\.json|meta\.json|train_state\.json|\.metadata|.*\.distcp)$")
-_HASH_CHUNK = 1 << 20
 
-PathLike = Union[str, Path]
 
 
 def dir_name(step: int) -> str:
@@ -73,101 +74,6 @@ def manifest_name(rank: int) -> str:
 
 def rng_name(rank: int) -> str:
     return f"rng-{rank}.pt"
-
-
-# -- filesystem access: local paths directly, URIs through pyarrow ------------------------
-
-def _is_uri(path: PathLike) -> bool:
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def _local(path: PathLike) -> Path:
-    text = str(path)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
-
-
-def _join(path: PathLike, name: str) -> PathLike:
-    return f"{str(path).rstrip('/')}/{name}" if _is_uri(path) else _local(path) / name
-
-
-def _basename(path: PathLike) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1] if _is_uri(path) else _local(path).name
-
-
-def _pa_fs(uri: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
-
-
-def _list(path: PathLike) -> Optional[dict[str, tuple[bool, int]]]:
-    """{name: (is_dir, size)} of the direct children of path; None if path is not a folder."""
-    if not _is_uri(path):
-        p = _local(path)
-        if not p.is_dir():
-            return None
-        out = {}
-        for child in p.iterdir():
-            try:
-                st = child.stat()
-            except FileNotFoundError:  # removed while listing
-                continue
-            out[child.name] = (child.is_dir(), st.st_size)
-        return out
-    import pyarrow.fs as pafs
-
-    fs, root = _pa_fs(str(path))
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        # Object stores have no folders: a prefix with objects under it still lists.
-        if info.type != pafs.FileType.NotFound:
-            return None
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return None
-    if not infos and info.type == pafs.FileType.NotFound:
-        return None
-    return {i.base_name: (i.type == pafs.FileType.Directory, i.size or 0) for i in infos}
-
-
-@contextmanager
-def _open(path: PathLike) -> Iterator[io.RawIOBase]:
-    if not _is_uri(path):
-        with open(_local(path), "rb") as f:
-            yield f
-        return
-    fs, p = _pa_fs(str(path))
-    with fs.open_input_stream(p) as f:
-        yield f
-
-
-def _read_bytes(path: PathLike) -> bytes:
-    with _open(path) as f:
-        return f.read()
-
-
-def _read_json(path: PathLike) -> Any:
-    return json.loads(_read_bytes(path).decode("utf-8"))
-
-
-def _sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with _open(path) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _remove_tree(path: PathLike) -> None:
-    if not _is_uri(path):
-        shutil.rmtree(_local(path), ignore_errors=True)
-        return
-    fs, p = _pa_fs(str(path))
-    try:
-        fs.delete_dir(p)
-    except FileNotFoundError:
-        pass
 
 
 # -- rank and process group ----------------------------------------------------------------
@@ -197,7 +103,7 @@ def save(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any
          local_dir: Optional[PathLike] = None,
          process_group: Optional[dist.ProcessGroup] = None) -> "Checkpoint":
     """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`."""
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint  # deferred: slow to import, and only a training rank saves
 
     return Checkpoint.from_directory(str(write(state, train_state, meta, extra_files,
                                                local_dir=local_dir,
@@ -288,7 +194,7 @@ def _complete(local: Path, train_state: dict[str, Any], meta: dict[str, Any],
     files = {}
     for p in sorted(local.iterdir()):
         if p.is_file():
-            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.name] = {"size": p.stat().st_size, "sha256": storage.sha256(p)}
     manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world, "step": step,
                 "files": files}
     _write_json(local / manifest_name(rank), manifest)
@@ -316,11 +222,11 @@ def rng_state_bytes() -> bytes:
 def read_rng_state(path: PathLike, rank: int) -> Optional[dict[str, torch.Tensor]]:
     """The RNG states rank `rank` saved, or None if that rank saved none (e.g. after a
     resize). Loaded with weights_only=True: plain tensors only, no code runs."""
-    target = _join(path, rng_name(rank))
-    listing = _list(path) or {}
+    target = storage.join(path, rng_name(rank))
+    listing = storage.list_dir(path) or {}
     if rng_name(rank) not in listing:
         return None
-    state = torch.load(io.BytesIO(_read_bytes(target)), weights_only=True, map_location="cpu")
+    state = torch.load(io.BytesIO(storage.read_bytes(target)), weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{target}: not an RNG state (expected a dict of tensors)")
     return state
@@ -346,29 +252,46 @@ def verify(path: PathLike) -> Optional[str]:
     among them. Sizes are checked before any hashing, so a short file is cheap
     to find.
     """
-    listing = _list(path)
+    listing = storage.list_dir(path)
     if listing is None:
         return "not a directory"
+    manifests = _read_manifests(path, listing)
+    if isinstance(manifests, str):
+        return manifests
+    expected = _listed_files(manifests)
+    if isinstance(expected, str):
+        return expected
+    return _check_files(path, listing, expected)
+
+
+def _read_manifests(path: PathLike, listing: dict[str, tuple[bool, int]]
+                    ) -> Union[dict[int, Any], str]:
+    """Every rank's manifest, or the reason they cannot all be read."""
     first = manifest_name(0)
     if first not in listing:
         return f"{first} missing (incomplete save)"
-    manifests = {}
     try:
-        m0 = _read_json(_join(path, first))
-        world, step = int(m0["world_size"]), m0["step"]
+        m0 = storage.read_json(storage.join(path, first))
+        world, _ = int(m0["world_size"]), m0["step"]
     except (ValueError, KeyError, TypeError) as e:
         return f"{first} unreadable ({type(e).__name__})"
     if world < 1:
         return f"{first}: world_size {world}"
-    manifests[0] = m0
+    manifests = {0: m0}
     for r in range(1, world):
         name = manifest_name(r)
         if name not in listing:
             return f"{name} missing of world_size {world} (incomplete save)"
         try:
-            manifests[r] = _read_json(_join(path, name))
+            manifests[r] = storage.read_json(storage.join(path, name))
         except ValueError:
             return f"{name} unreadable"
+    return manifests
+
+
+def _listed_files(manifests: dict[int, Any]) -> Union[dict[str, dict], str]:
+    """{file name: {size, sha256}} over all manifests, or why they do not make one save."""
+    world, step = int(manifests[0]["world_size"]), manifests[0]["step"]
     expected: dict[str, dict] = {}
     for r, m in manifests.items():
         name = manifest_name(r)
@@ -385,6 +308,12 @@ def verify(path: PathLike) -> Optional[str]:
     for required in (META, TRAIN_STATE, DCP_METADATA):
         if required not in expected:
             return f"{required} not in the manifests"
+    return expected
+
+
+def _check_files(path: PathLike, listing: dict[str, tuple[bool, int]],
+                 expected: dict[str, dict]) -> Optional[str]:
+    """Every listed file present with its size (all sizes first: cheap), then its hash."""
     for fname, entry in expected.items():
         if fname not in listing or listing[fname][0]:
             return f"{fname} missing"
@@ -393,7 +322,7 @@ def verify(path: PathLike) -> Optional[str]:
             return f"{fname} has {size} bytes, manifest says {entry.get('size')}"
     for fname, entry in expected.items():
         try:
-            digest = _sha256(_join(path, fname))
+            digest = storage.sha256(storage.join(path, fname))
         except OSError as e:
             return f"{fname} unreadable ({type(e).__name__})"
         if digest != entry.get("sha256"):
@@ -403,7 +332,7 @@ def verify(path: PathLike) -> Optional[str]:
 
 def step_of(path: PathLike) -> Optional[int]:
     """N of a `step_<N>` checkpoint folder's path, else None."""
-    m = _STEP_DIR.match(_basename(path))
+    m = _STEP_DIR.match(storage.basename(path))
     return int(m.group(1)) if m else None
 
 
@@ -414,16 +343,16 @@ def candidates(root: PathLike) -> list[PathLike]:
     Ray Train puts them), the checkpoints folder itself, or one `step_<N>`
     folder. Local roots give Paths; URIs give URI strings.
     """
-    if not _is_uri(root):
-        root = _local(root)
+    if not storage.is_uri(root):
+        root = storage.local_path(root)
     if step_of(root) is not None:
-        return [root] if _list(root) is not None else []
+        return [root] if storage.list_dir(root) is not None else []
     found: dict[str, tuple[int, PathLike]] = {}
-    for base in (root, _join(root, "checkpoints")):
-        for name, (is_dir, _) in (_list(base) or {}).items():
-            m = _STEP_DIR.match(name)
-            if m and is_dir:
-                found.setdefault(name, (int(m.group(1)), _join(base, name)))
+    for base in (root, storage.join(root, "checkpoints")):
+        for name, (is_dir, _) in (storage.list_dir(base) or {}).items():
+            step = step_of(name)
+            if step is not None and is_dir:
+                found.setdefault(name, (step, storage.join(base, name)))
     return [p for _, p in sorted(found.values(), key=lambda sp: sp[0], reverse=True)]
 
 
@@ -442,61 +371,18 @@ def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar
     return None
 
 
-def prune(root: PathLike, keep: int, log: logging.Logger = logging.getLogger("raypar")
-          ) -> list[PathLike]:
-    """Delete checkpoints older than the `keep` newest valid ones; returns what was deleted.
-
-    Nothing newer than the oldest kept checkpoint is touched, valid or not (a newer
-    invalid one may be a save still being uploaded), so the newest valid checkpoint
-    always survives. Folders already gone (Ray's own num_to_keep may race us) are
-    fine. Call it from one process (the driver, or rank 0).
-    """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    kept = 0
-    deleted: list[PathLike] = []
-    for path in candidates(root):
-        if kept < keep:
-            if verify(path) is None:
-                kept += 1
-            continue
-        _remove_tree(path)
-        deleted.append(path)
-        log.info("checkpoint %s pruned", path)
-    return deleted
-
-
 # -- read and load -------------------------------------------------------------------------
 
 def read_meta(path: PathLike) -> dict[str, Any]:
-    return _read_json(_join(path, META))
+    return storage.read_json(storage.join(path, META))
 
 
 def read_train_state(path: PathLike) -> dict[str, Any]:
-    return _read_json(_join(path, TRAIN_STATE))
+    return storage.read_json(storage.join(path, TRAIN_STATE))
 
 
 def read_manifest(path: PathLike, rank: int = 0) -> dict[str, Any]:
-    return _read_json(_join(path, manifest_name(rank)))
-
-
-@contextmanager
-def local_copy(path: PathLike) -> Iterator[Path]:
-    """A local directory holding the checkpoint: path itself when local, else a
-    temporary copy (removed on exit)."""
-    if not _is_uri(path):
-        yield _local(path)
-        return
-    import pyarrow.fs as pafs
-
-    fs, src = _pa_fs(str(path))
-    tmp = Path(tempfile.mkdtemp(prefix="raypar-ckpt-dl-"))
-    try:
-        pafs.copy_files(src, str(tmp), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return storage.read_json(storage.join(path, manifest_name(rank)))
 
 
 def load(state: dict[str, Any], path: PathLike,
@@ -505,7 +391,7 @@ def load(state: dict[str, Any], path: PathLike,
     by global names). Collective over process_group (default: all ranks) when a process
     group is initialized. Loads only the keys `state` has, so {"model": ...} alone skips
     the optimizer."""
-    with local_copy(path) as local, _quiet_single_process():
+    with storage.local_copy(path) as local, _quiet_single_process():
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(local)),
                  process_group=process_group)
 
@@ -537,11 +423,6 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any]) -> None:
     The fields compared are model_cfg's; one the checkpoint lacks (saved before the
     field existed) counts as GPTConfig's default.
     """
-    import dataclasses
-
-    from raypar.config import ConfigError
-    from raypar.model import GPTConfig
-
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)
                 if f.default is not dataclasses.MISSING}
     saved = meta.get("model") or {}

@@ -26,6 +26,9 @@ from raypar.train.records import (Record, RankInfo, StepRow, Status, Summary, Ti
 
 log = logging.getLogger("raypar")
 
+# Where `raypar export` writes in a run directory, relative to it.
+EXPORT = Path("export") / "model.safetensors"
+
 # --resume: how long RUN_DIR must have gone unwritten, and how long to wait for that.
 QUIET_S, QUIET_TIMEOUT_S = 5.0, 120.0
 
@@ -118,7 +121,7 @@ class RunDir:
 
     @property
     def export(self) -> Path:
-        return self.path / "export" / "model.safetensors"
+        return self.path / EXPORT
 
     # -- metrics.jsonl --------------------------------------------------------------------------
     def read_metrics(self) -> tuple[list[StepRow], list[Record]]:

@@ -26,7 +26,8 @@ from raypar.model import GPT, lm_loss, param_groups
 from raypar.parallel.data import finish_gradient_sync, gradient_sync
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
-from raypar.parallel.pipeline import Pipeline, is_tied_copy, sync_tied_grads
+from raypar.parallel.pipeline import Pipeline
+from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
 from raypar.train.control import Groups
