@@ -40,13 +40,14 @@ class ModelConfig:
     d_ff: int = 0
     """Hidden width of the MLP; 0 means 4 * d_model."""
     dropout: float = 0.0
-    """Dropout probability on attention weights and residual branches (0 for exact parity)."""
+    """Dropout on embeddings, attention weights and residual branches (0 for exact parity)."""
     bias: bool = False
-    """Whether linear layers and norms carry a bias."""
+    """Whether linear layers and norms carry a bias (the LM head never does)."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head."""
     pos_encoding: str = "rope"
-    """Position encoding: 'rope' (rotary) or 'learned' (absolute embedding table)."""
+    """Position encoding: 'rope' (rotary, applied to q and k) or 'learned' (absolute
+    embedding table)."""
 
 
 @dataclass
@@ -259,10 +260,8 @@ def model_config(spec: RunSpec, vocab_size: int) -> "GPTConfig":
     # Deferred: raypar.model imports torch, which costs seconds, and config errors are
     # reported before anything heavy is imported.
     from raypar.model import GPTConfig
-    m = spec.model
-    return GPTConfig(vocab_size=vocab_size, seq_len=spec.data.seq_len, n_layer=m.n_layer,
-                     n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff, dropout=m.dropout,
-                     bias=m.bias, tie_embeddings=m.tie_embeddings, pos_encoding=m.pos_encoding)
+    return GPTConfig(**dataclasses.asdict(spec.model), vocab_size=vocab_size,
+                     seq_len=spec.data.seq_len)
 
 
 _SECTION_TYPES = {

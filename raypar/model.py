@@ -18,29 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raypar.config import ModelConfig
 
-@dataclass
-class GPTConfig:
+
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
+    """The model's own config: the run config's `model` section (raypar.config.ModelConfig,
+    where every field is documented) and what the data decides."""
     vocab_size: int
     """Number of token ids; the LM head predicts one logit per id."""
     seq_len: int
     """Maximum context length."""
-    n_layer: int = 4
-    """Number of transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; d_model must divide evenly by it."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    d_ff: int = 0
-    """Hidden width of the MLP; 0 means 4 * d_model."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention weights and residual branches."""
-    bias: bool = False
-    """Whether linear layers and norms carry a bias (the LM head never does)."""
-    tie_embeddings: bool = True
-    """Share the token embedding matrix with the LM head."""
-    pos_encoding: str = "rope"
-    """'rope' (rotary, applied to q and k) or 'learned' (absolute embedding table)."""
     norm_eps: float = 1e-5
     """Epsilon of every LayerNorm."""
 

@@ -15,8 +15,6 @@ from raypar.bench.stats import ratio_row, row, windows
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.ray  # every test here trains through Ray
-
 SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor": 2,
             "data": 2, "checkpoint": 6, "memory": 5}
 
@@ -82,6 +80,7 @@ def _cli(*args, env=None):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.ray
 def test_quick_bench_writes_every_row(tmp_path):
     out = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}

@@ -7,7 +7,8 @@ import pytest
 
 from raypar.train.control import StepFlags, StepPlan
 from raypar.train.records import (CheckpointEvent, LayoutEvent, Merger, RankInfo,
-                                  RecoveryEvent, StartRecord, StepRow, Timeline, WorkerReport,
+                                  RecoveryEvent, StartRecord, StepRow, Summary, Timeline,
+                                  WorkerReport,
                                   parse_row)
 from raypar.train.rundir import RunDir
 
@@ -42,7 +43,9 @@ def test_records_round_trip_through_json_and_read_like_their_lines():
     event = RecoveryEvent(step=2, cause="resume", error="", checkpoint=None, skipped=[],
                           load_s=None, same_layout=True)
     line = event.to_json()
-    assert line["event"] == "recovery" and line["checkpoint"] is None and "recovery_s" not in line
+    assert list(line)[0] == "event" and line["event"] == "recovery"
+    assert line["checkpoint"] is None and "recovery_s" not in line
+    assert event["checkpoint"] is None and "checkpoint" in event and event == dict(event)
     assert parse_row(line) == event
     report = WorkerReport(rows=[r], start=start(), timeline=Timeline([{"kind": "F"}], 1.0, 2.0),
                           checkpoints=[CheckpointEvent(step=3, mode="sync", stall_s=1.0,
@@ -52,6 +55,17 @@ def test_records_round_trip_through_json_and_read_like_their_lines():
                                              block_param_bytes=8, param_bytes=16))
     assert WorkerReport.from_json(json.loads(json.dumps(report.to_json()))) == report
     assert WorkerReport.from_json({}).empty()
+
+
+def test_rows_of_older_versions_and_unknown_events_still_read():
+    # A step row from before data_s and the block range were recorded, an event kind a
+    # newer version writes, and a recovery event from before load_s.
+    old = {"step": 4, "loss": 3.5, "lr": 1e-3, "grad_norm": 0.5, "time": 9.0, "tokens": 64}
+    assert parse_row(old) == old and parse_row(old).data_s is None
+    assert parse_row({"event": "something-new", "step": 4}) is None
+    event = parse_row({"event": "recovery", "step": 3, "cause": "failure", "error": "x",
+                       "checkpoint": None, "skipped": [], "steps_redone": 1})
+    assert event["checkpoint"] is None and event["load_s"] is None and event.same_layout
 
 
 def test_a_fresh_run_writes_each_row_once_and_no_recovery():
@@ -158,6 +172,14 @@ def test_run_dir_reads_back_what_it_appends_and_drops_a_torn_line(tmp_path):
     assert offset == rd.metrics.stat().st_size
     rd.write_status("failed", error="boom")
     assert rd.read_status().state == "failed" and rd.read_status().error == "boom"
+    assert rd.read_summary() is None
+    summary = Summary(steps=1, final_loss=9.0, final_val_loss=None, first_val_loss=None,
+                      tokens=64, seconds=1.5, run_dir=str(tmp_path), mlflow_run_id=None,
+                      mlflow_uri=None, layouts=[{"event": "layout", "dp": 2}])
+    rd.write_summary(summary)
+    written = json.loads(rd.summary.read_text())
+    assert written["final_val_loss"] is None and "ranks" not in written  # the README's fields
+    assert rd.read_summary() == summary
 
 
 FLAGS = StepFlags()

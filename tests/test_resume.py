@@ -27,8 +27,6 @@ from raypar.train.rundir import read_metrics
 
 from conftest import ROOT, raypar_records
 
-pytestmark = pytest.mark.ray  # every test here trains through Ray
-
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 20, 5
 

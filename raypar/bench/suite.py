@@ -92,7 +92,8 @@ def bench_spec(corpus: Path, cache: Path, steps: int, *overrides: str) -> RunSpe
 
 def _connect(address: Optional[str]) -> None:
     """Ray for the bench: at most two workers run at once, each on one torch thread."""
-    connect(address, 2)
+    if not connect(address, 2):
+        return  # a cluster's size is its own (an autoscaling one grows on demand)
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < 2:
         raise ConfigError(f"--address: the bench needs 2 CPUs for its 2-worker layouts; "

@@ -49,6 +49,7 @@ import torch.distributed.checkpoint as dcp
 from raypar.config import ConfigError
 from raypar.model import GPTConfig
 from raypar.train import storage
+from raypar.train.rundir import CHECKPOINTS
 from raypar.train.storage import PathLike
 
 if TYPE_CHECKING:  # ray.train is slow to import; `raypar generate` does not need it
@@ -348,7 +349,7 @@ def candidates(root: PathLike) -> list[PathLike]:
     if step_of(root) is not None:
         return [root] if storage.list_dir(root) is not None else []
     found: dict[str, tuple[int, PathLike]] = {}
-    for base in (root, storage.join(root, "checkpoints")):
+    for base in (root, storage.join(root, CHECKPOINTS)):
         for name, (is_dir, _) in (storage.list_dir(base) or {}).items():
             step = step_of(name)
             if step is not None and is_dir:

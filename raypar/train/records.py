@@ -21,12 +21,13 @@ class Record(Mapping):
     _always: ClassVar[tuple[str, ...]] = ()  # fields written even when None
 
     def to_json(self) -> dict[str, Any]:
-        """The record as JSON data; optional fields that are unset (None) are left out."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: v for k, v in out.items() if v is not None or k in self._always}
+        """The record as JSON data (an event's kind first); optional fields that are unset
+        (None) are left out, except those in _always, written as null."""
+        return {k: getattr(self, k) for k in self}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]):
+        """The record of JSON data; keys it does not know are ignored (a newer writer)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -41,37 +42,43 @@ class Record(Mapping):
     __hash__ = None  # mutable, like the dicts it stands for
 
     def __getitem__(self, key: str) -> Any:
-        value = getattr(self, key, None) if key in self._names() else None
-        if value is None:
+        if key not in self._names():
+            raise KeyError(key)
+        value = getattr(self, key)
+        if value is None and key not in self._always:
             raise KeyError(key)
         return value
 
     def __iter__(self) -> Iterator[str]:
-        return (k for k in self._names() if getattr(self, k) is not None)
+        return (k for k in self._names()
+                if getattr(self, k) is not None or k in self._always)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
     def _names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self))
+        names = tuple(f.name for f in dataclasses.fields(self))
+        return ("event", *(n for n in names if n != "event")) if "event" in names else names
 
 
 # -- metrics.jsonl ------------------------------------------------------------------------------
 
 @dataclass(eq=False)
 class StepRow(Record):
-    """One optimizer step, as rank 0 measured it (loss: the mean over replicas)."""
+    """One optimizer step, as rank 0 measured it (loss: the mean over replicas). Every
+    step row raypar writes has every field but the last two; the defaults read rows that
+    runs of older versions wrote (a field added later is absent there)."""
     step: int
     loss: float
-    lr: float
-    grad_norm: float
-    time: float  # wall clock when the step ended
-    dp: int
-    first_block: int
-    last_block: int
-    data_s: float  # seconds the step waited for its input
-    tokens_per_s: float = 0.0
-    tokens: int = 0
+    time: float = 0.0  # wall clock when the step ended
+    lr: Optional[float] = None
+    grad_norm: Optional[float] = None
+    dp: Optional[int] = None
+    first_block: Optional[int] = None
+    last_block: Optional[int] = None
+    data_s: Optional[float] = None  # seconds the step waited for its input
+    tokens_per_s: Optional[float] = None
+    tokens: Optional[int] = None
     val_loss: Optional[float] = None  # on evaluation steps
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
 
@@ -103,11 +110,11 @@ class RecoveryEvent(Record):
     """Where training resumed after a failure, a resize or --resume, and what it cost."""
     step: int
     cause: str  # "failure" | "preemption" | "resize" | "resume"
-    error: str
     checkpoint: Optional[str]
-    skipped: list[list[str]]
-    load_s: Optional[float]
-    same_layout: bool
+    error: str = ""
+    skipped: list[list[str]] = field(default_factory=list)
+    load_s: Optional[float] = None
+    same_layout: bool = True
     steps_redone: int = 0
     mismatched_steps: list[int] = field(default_factory=list)
     recovery_s: Optional[float] = None
@@ -119,10 +126,13 @@ EVENTS: dict[str, type] = {"checkpoint": CheckpointEvent, "layout": LayoutEvent,
                            "recovery": RecoveryEvent}
 
 
-def parse_row(data: dict[str, Any]) -> Record:
-    """A metrics.jsonl line's data as its record."""
+def parse_row(data: dict[str, Any]) -> Optional[Record]:
+    """A metrics.jsonl line's data as its record; None for an event kind this version does
+    not know (a newer version wrote it)."""
     kind = data.get("event")
-    return EVENTS[kind].from_json(data) if kind is not None else StepRow.from_json(data)
+    if kind is None:
+        return StepRow.from_json(data)
+    return EVENTS[kind].from_json(data) if kind in EVENTS else None
 
 
 # -- what a worker reports ----------------------------------------------------------------------

@@ -18,14 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import pyarrow.fs as pafs
-
 from raypar.config import ConfigError, RunSpec
 from raypar.train.records import (Record, RankInfo, StepRow, Status, Summary, Timeline,
                                   parse_row)
 
 log = logging.getLogger("raypar")
 
+# The folder of a run's checkpoints (when checkpoint.storage_path is not set).
+CHECKPOINTS = "checkpoints"
 # Where `raypar export` writes in a run directory, relative to it.
 EXPORT = Path("export") / "model.safetensors"
 
@@ -41,6 +41,10 @@ def _complete_lines(data: bytes) -> list[dict[str, Any]]:
     """The JSON lines of data up to its last newline (a torn last line is left out)."""
     end = data.rfind(b"\n") + 1
     return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
+def _parse(lines: list[dict[str, Any]]) -> list[Record]:
+    return [r for r in map(parse_row, lines) if r is not None]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -75,7 +79,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def ranks(self) -> Path:
@@ -128,7 +132,7 @@ class RunDir:
         """(step rows, event records) of metrics.jsonl; a torn last line is ignored."""
         if not self.metrics.exists():
             return [], []
-        records = [parse_row(r) for r in _complete_lines(self.metrics.read_bytes())]
+        records = _parse(_complete_lines(self.metrics.read_bytes()))
         return ([r for r in records if isinstance(r, StepRow)],
                 [r for r in records if not isinstance(r, StepRow)])
 
@@ -140,7 +144,7 @@ class RunDir:
             f.seek(offset)
             data = f.read()
         end = data.rfind(b"\n") + 1
-        return [parse_row(r) for r in _complete_lines(data[:end])], offset + end
+        return _parse(_complete_lines(data[:end])), offset + end
 
     def metrics_size(self) -> int:
         return self.metrics.stat().st_size if self.metrics.exists() else 0
@@ -191,6 +195,10 @@ class RunDir:
 
     def write_summary(self, summary: Summary) -> None:
         self.summary.write_text(json.dumps(summary.to_json(), indent=2))
+
+    def read_summary(self) -> Optional[Summary]:
+        return Summary.from_json(json.loads(self.summary.read_text())) \
+            if self.summary.exists() else None
 
     def holds_run(self) -> bool:
         """A run has trained (or finished) here."""
@@ -266,6 +274,9 @@ def check_storage(spec: RunSpec, run_dir: Path) -> None:
     field = "checkpoint.storage_path"
     try:
         if "://" in storage and not storage.startswith("file://"):
+            # Deferred: pyarrow costs `raypar`'s quick paths (help, config errors) a third
+            # of a second, and only a remote storage_path needs it.
+            import pyarrow.fs as pafs
             fs, root = pafs.FileSystem.from_uri(storage)
             fs.create_dir(root, recursive=True)
             probe = f"{root.rstrip('/')}/.raypar-write-test-{os.getpid()}"

@@ -78,7 +78,7 @@ def summarize(rows: list[StepRow], events: list[Record], rd: RunDir,
     return Summary(
         steps=last.step if last else 0, final_loss=last.loss if last else None,
         final_val_loss=val[-1] if val else None, first_val_loss=val[0] if val else None,
-        tokens=last.tokens if last else 0, seconds=round(seconds, 1), run_dir=str(rd.path),
+        tokens=(last.tokens or 0) if last else 0, seconds=round(seconds, 1), run_dir=str(rd.path),
         mlflow_run_id=tracker.run_id if tracker else None,
         mlflow_uri=tracker.uri if tracker else None,
         recoveries=[e.to_json() for e in events if isinstance(e, RecoveryEvent)],
