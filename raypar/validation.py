@@ -1,0 +1,166 @@
+"""Validation of a run config: each field's allowed values, then the relations between
+fields (model shapes against tp, the pipeline schedule's rules, the batch split). The
+first bad field raises ConfigError with one line that names it and what is allowed.
+
+    validate(spec)        # raypar.config.load_spec calls it on every spec it returns
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from raypar.errors import ConfigError
+from raypar.parallel import schedules
+
+if TYPE_CHECKING:
+    from raypar.config import RunSpec
+
+# The pipeline schedules and their rules live in one table, raypar/parallel/schedules.py
+# (torch-free, so importing it keeps config errors fast).
+
+# Allowed values and ranges per field, checked by validate(); the message says what is allowed.
+_CHOICES = {
+    "model.pos_encoding": ("rope", "learned"),
+    "parallel.dp_mode": ("ddp", "fsdp"),
+    "parallel.schedule": schedules.NAMES,
+    "data.format": ("auto", "text", "jsonl", "parquet"),
+    "train.dtype": ("fp32", "bf16"),
+}
+_POSITIVE = {
+    "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
+    "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
+    "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
+    "checkpoint.keep",
+}
+_NON_NEGATIVE = {
+    "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+    "train.grad_clip", "train.seed", "train.eval_every", "checkpoint.every",
+}
+_UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
+                  "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
+
+
+def validate(spec: RunSpec) -> RunSpec:
+    """Check values and their relations; raise ConfigError naming the first bad field."""
+    _validate_name(spec)
+    flat = spec.flat()
+    _validate_values(flat)
+    if _validate_elastic(spec):
+        return spec  # the min_replicas layout was validated in full
+    _validate_ranges(spec, flat)
+    _validate_shapes(spec)
+    _validate_pipeline(spec)
+    _validate_batch(spec)
+    _validate_data(spec)
+    return spec
+
+
+def _validate_name(spec: RunSpec) -> None:
+    if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
+        raise ConfigError(f"name: expected a non-empty name without '/', got {spec.name!r}")
+
+
+def _validate_values(flat: dict[str, Any]) -> None:
+    """Per-field choices and signs."""
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {flat[key]!r}")
+    for key in _POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+
+
+def _validate_elastic(spec: RunSpec) -> bool:
+    """parallel.elastic; when enabled, validates the whole spec at min_replicas and
+    returns True (the remaining checks are done)."""
+    e = spec.parallel.elastic
+    if e.min_replicas < 1:
+        raise ConfigError(f"parallel.elastic.min_replicas: must be >= 1, got {e.min_replicas}")
+    if e.max_replicas < 0:
+        raise ConfigError(f"parallel.elastic.max_replicas: must be >= 0 (0: not elastic), "
+                          f"got {e.max_replicas}")
+    if (e.enabled or e.min_replicas != 1) and e.max_replicas < e.min_replicas:
+        raise ConfigError(f"parallel.elastic.max_replicas: must be >= "
+                          f"parallel.elastic.min_replicas={e.min_replicas}, got "
+                          f"{e.max_replicas}" + ("" if e.max_replicas else " (0: not elastic)"))
+    if not e.enabled:
+        return False
+    if e.resize_interval_s < 0:
+        raise ConfigError(f"parallel.elastic.resize_interval_s: must be >= 0, got "
+                          f"{e.resize_interval_s}")
+    # Every group starts with at least min_replicas: that layout must be valid.
+    try:
+        validate(spec.with_dp(e.min_replicas))
+    except ConfigError as err:
+        raise ConfigError(f"parallel.elastic.min_replicas={e.min_replicas}: {err}") from None
+    return True
+
+
+def _validate_ranges(spec: RunSpec, flat: dict[str, Any]) -> None:
+    if spec.checkpoint.max_failures < -1:
+        raise ConfigError(f"checkpoint.max_failures: must be >= -1 (-1: no limit), "
+                          f"got {spec.checkpoint.max_failures}")
+    for key, (lo, hi) in _UNIT_INTERVAL.items():
+        if not lo <= flat[key] < hi:
+            raise ConfigError(f"{key}: must be in [{lo}, {hi}), got {flat[key]!r}")
+
+
+def _validate_shapes(spec: RunSpec) -> None:
+    """Model widths against the head count and the tensor-parallel split."""
+    m, p = spec.model, spec.parallel
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model: {m.d_model} must be divisible by model.n_head={m.n_head}")
+    if m.pos_encoding == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.n_head: rope needs an even head size, d_model/n_head = "
+                          f"{m.d_model // m.n_head}")
+    if m.n_head % p.tp:
+        raise ConfigError(f"model.n_head: {m.n_head} must be divisible by parallel.tp={p.tp}")
+    ff = m.d_ff or 4 * m.d_model
+    if ff % p.tp:
+        raise ConfigError(f"model.d_ff: the MLP width {ff} must be divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and spec.data.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel: data.seq_len={spec.data.seq_len} must be "
+                          f"divisible by parallel.tp={p.tp}")
+
+
+def _validate_pipeline(spec: RunSpec) -> None:
+    """The schedule, its stages and its data-parallel mode."""
+    m, p = spec.model, spec.parallel
+    problem = schedules.check(p.schedule, p.pp, p.virtual_stages)
+    if problem:
+        raise ConfigError(problem)
+    split_backward = p.pp > 1 and schedules.get(p.schedule).zero_bubble
+    if split_backward and p.dp > 1 and p.tp == 1 and p.dp_mode == "ddp":
+        raise ConfigError(f"parallel.dp_mode: schedule {p.schedule} computes weight gradients "
+                          f"outside DDP's hooks; use parallel.dp_mode=fsdp with it")
+    n_stages = schedules.n_stages(p.pp, p.virtual_stages)
+    if m.n_layer < n_stages:
+        raise ConfigError(f"model.n_layer: {m.n_layer} layers cannot fill parallel.pp * "
+                          f"parallel.virtual_stages = {n_stages} pipeline stages")
+
+
+def _validate_batch(spec: RunSpec) -> None:
+    """Learning rates, and the batch split into micro-batches the schedule accepts."""
+    p, t = spec.parallel, spec.train
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} must be <= train.lr={t.lr}")
+    if t.global_batch % (p.dp * t.micro_batch):
+        raise ConfigError(
+            f"train.global_batch: {t.global_batch} must be divisible by parallel.dp * "
+            f"train.micro_batch = {p.dp} * {t.micro_batch} = {p.dp * t.micro_batch}")
+    count = (f"train.global_batch / (parallel.dp * train.micro_batch) = {t.global_batch} / "
+             f"({p.dp} * {t.micro_batch}) = {spec.grad_accum}")
+    problem = schedules.check(p.schedule, p.pp, p.virtual_stages, spec.grad_accum, count)
+    if problem:  # the counts torch refuses only once the schedule is built on the workers
+        raise ConfigError(problem)
+
+
+def _validate_data(spec: RunSpec) -> None:
+    if spec.data.tokenizer not in ("byte", "bpe") and not spec.data.tokenizer.endswith(".json"):
+        raise ConfigError(f"data.tokenizer: expected byte, bpe or a path to a tokenizer.json, "
+                          f"got {spec.data.tokenizer!r}")
+    if spec.data.tokenizer == "bpe" and not 257 <= spec.data.vocab_size <= 1 << 20:
+        raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
+                          f"got {spec.data.vocab_size}")
