@@ -32,6 +32,7 @@ from raypar.data.tokenizer import Tokenizer, padded_vocab
 from raypar.model import GPT, GPTConfig
 from raypar.train import checkpoint as ckpt
 from raypar.train import storage
+from raypar.train.safe_dcp import UnsafeCheckpoint
 from raypar.train.rundir import RunDir
 
 log = logging.getLogger("raypar")
@@ -99,6 +100,8 @@ def consolidate(path: PathLike) -> tuple[GPT, dict[str, Any]]:
     model = model_from_config(meta.get("model") or {}, f"{path}/meta.json")
     try:
         ckpt.load_model_state(path, model)
+    except UnsafeCheckpoint:
+        raise  # its own line: what the file asked for
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise ConfigError(f"{path}: the saved tensors do not fit the model its meta.json "
                           f"describes ({_first_line(e)})") from None

@@ -52,6 +52,34 @@ def raypar_records(caplog, level: int = 0) -> list:
             and (r.name == "raypar" or r.name.startswith("raypar."))]
 
 
+class Payload:
+    """What an attacker pickles into a checkpoint: unpickling it runs a shell command that
+    creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def refresh_manifests(folder: Path, *names: str) -> None:
+    """Fix up the manifest entries of files an attacker rewrote, so the checkpoint still
+    passes raypar's size and hash check: the forgery is caught by what is read, not how."""
+    import hashlib
+    import json
+
+    from raypar.train import checkpoint as ckpt
+    for path in folder.glob("manifest-*.json"):
+        manifest = json.loads(path.read_text())
+        for name in set(names) & set(manifest["files"]):
+            data = (folder / name).read_bytes()
+            manifest["files"][name] = {"size": len(data),
+                                       "sha256": hashlib.sha256(data).hexdigest()}
+        path.write_text(json.dumps(manifest))
+    assert ckpt.verify(folder) is None, "the forgery must pass the manifest check"
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray with more logical CPUs than cores, so multi-worker layouts schedule."""

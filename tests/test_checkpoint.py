@@ -26,7 +26,7 @@ from raypar.model import GPT, GPTConfig, param_groups
 from raypar.train import checkpoint as ckpt
 from raypar.train import storage
 
-from conftest import ROOT, raypar_records
+from conftest import ROOT, Payload, raypar_records, refresh_manifests
 
 CFG = dict(vocab_size=257, seq_len=16, n_layer=2, n_head=2, d_model=32)
 
@@ -408,3 +408,49 @@ def test_consolidate_rejects_meta_that_does_not_fit(tmp_path):
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="do not fit"):
         ex.consolidate(folder)
+
+
+# -- a forged checkpoint cannot run code ------------------------------------------------------
+
+def test_forged_metadata_is_refused_in_generate_and_export(tmp_path, capsys):
+    folder = save_single(tmp_path, 3)
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    refresh_manifests(folder, ".metadata")
+    assert cli.main(["generate", "--run-dir", str(tmp_path), "--max-new-tokens", "2"]) == 2
+    _one_line_error(capsys, ".metadata refused", "os")
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]) == 2
+    _one_line_error(capsys, str(folder), ".metadata refused")
+    with pytest.raises(ConfigError, match=r"\.metadata refused"):
+        ckpt.load({"model": {}}, folder)
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_forged_optimizer_entry_is_refused(tmp_path):
+    """A non-tensor entry (an optimizer param_groups value) replaced by a pickle payload,
+    with DCP's metadata pointed at it: DCP itself would torch.load it with weights_only=False."""
+    import io as _io
+    from raypar.train.safe_dcp import read_metadata
+    folder = save_single(tmp_path, 3)
+    marker = tmp_path / "pwned"
+    metadata = read_metadata(folder)
+    [(index, info)] = [(i, s) for i, s in metadata.storage_data.items()
+                       if i.fqn == "optim.param_groups.0.lr"]
+    buf = _io.BytesIO()
+    torch.save(Payload(marker), buf)
+    shard = folder / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    info.offset, info.length = offset, len(buf.getvalue())
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    refresh_manifests(folder, ".metadata", info.relative_path)
+    model, opt = trained(0)
+    msd, osd = get_state_dict(model, opt)
+    with pytest.raises(ConfigError, match=r"entry optim\.param_groups\.0\.lr refused"):
+        ckpt.load({"model": msd, "optim": osd}, folder)
+    assert not marker.exists(), "the payload ran"
+    # The same checkpoint, unforged, loads model and optimizer.
+    clean = save_single(tmp_path / "clean", 3)
+    ckpt.load({"model": msd, "optim": osd}, clean)

@@ -9,6 +9,7 @@ see test_parallel).
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -25,7 +26,7 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
 
-from conftest import ROOT, raypar_records
+from conftest import ROOT, Payload, raypar_records, refresh_manifests
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS, EVERY = 20, 5
@@ -239,6 +240,20 @@ def test_truncated_shard_is_skipped_and_resume_at_tp2_continues(killed_pp_run, r
     assert f"{shard.name} has" in reasons[str(latest)], reasons
     assert any("skipped" in r.getMessage() and latest.name in r.getMessage()
                for r in raypar_records(caplog, logging.WARNING))
+
+
+def test_resume_refuses_a_forged_checkpoint_before_any_worker(killed_pp_run, tmp_path,
+                                                             capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_pp_run, run_dir)
+    latest = ckpt.latest_valid(run_dir)
+    marker = tmp_path / "pwned"
+    (latest / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    refresh_manifests(latest, ".metadata")
+    assert resume_cli(run_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ".metadata refused" in err and latest.name in err, err
+    assert not marker.exists(), "the payload ran"
 
 
 def test_resume_refuses_another_model_and_finished_runs(killed_pp_run, tmp_path, capsys):

@@ -16,8 +16,9 @@ Rank 0 adds `meta.json` (model config, run spec, tokenizer JSON) and
 its own through `extra_files`, e.g. its RNG state as `rng-<rank>.pt`
 (`rng_state_bytes` / `read_rng_state`).
 
-Nothing here unpickles: metadata is JSON, tensors come back through DCP or
-`torch.load(weights_only=True)`.
+Nothing read from storage can run code: raypar's own metadata is JSON, DCP's `.metadata`
+is read by an allow-listed unpickler and every other entry with
+`torch.load(weights_only=True)` (raypar/train/safe_dcp.py).
 
 Why our own manifest: DCP's `.metadata` says which tensors exist and where, but
 not whether the bytes behind it arrived whole, and Ray records a checkpoint
@@ -45,10 +46,12 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from raypar.config import ConfigError
 from raypar.model import GPTConfig
 from raypar.train import storage
+from raypar.train.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint, read_metadata
 from raypar.train.rundir import CHECKPOINTS
 from raypar.train.storage import PathLike
 
@@ -393,8 +396,26 @@ def load(state: dict[str, Any], path: PathLike,
     group is initialized. Loads only the keys `state` has, so {"model": ...} alone skips
     the optimizer."""
     with storage.local_copy(path) as local, _quiet_single_process():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(local)),
-                 process_group=process_group)
+        # Refused here, before DCP: DCP turns a failed metadata read into an assertion
+        # about per-rank metadata, and the reason would be lost in it.
+        read_metadata(local)
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(local)),
+                     planner=SafePlanner(str(path)), process_group=process_group)
+        except CheckpointException as e:  # a refusal on any rank: say which, in one line
+            refused = _refusal(e)
+            if refused is not None:
+                raise refused from None
+            raise
+
+
+def _refusal(e: CheckpointException) -> Optional[UnsafeCheckpoint]:
+    """The UnsafeCheckpoint inside DCP's collective exception, if that is what failed."""
+    for failure in getattr(e, "failures", {}).values():  # rank -> (exception, traceback)
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, UnsafeCheckpoint):
+            return inner
+    return None
 
 
 def load_model_state(path: PathLike, model: torch.nn.Module) -> None:

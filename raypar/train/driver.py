@@ -37,6 +37,7 @@ from raypar.train.faults import parse_fault, parse_step_delay
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Merger, Record, StepRow, WorkerReport
 from raypar.train.rundir import RunDir, check_storage, checkpoint_root, default_run_dir
+from raypar.train.safe_dcp import read_metadata
 from raypar.train.summary import announce, finish_tracking, layout_report, summarize
 
 log = logging.getLogger("raypar")
@@ -90,6 +91,7 @@ def _check_resumable(spec: RunSpec, rd: RunDir, root: str, vocab_size: int,
     latest = ckpt.latest_valid(root, log)
     if latest is not None:
         ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
+        read_metadata(latest)  # a forged one is refused here, before any worker starts
     rows, _ = rd.read_metrics()
     if rows and rows[-1].step >= spec.train.steps:
         raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "
