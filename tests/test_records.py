@@ -2,6 +2,7 @@
 tests/test_records.py. What a worker reports, what metrics.jsonl gets across restarts,
 and what the ranks decide from a step's flags."""
 import json
+import os
 
 import pytest
 
@@ -10,7 +11,8 @@ from raypar.train.records import (CheckpointEvent, LayoutEvent, Merger, RankInfo
                                   RecoveryEvent, StartRecord, StepRow, Summary, Timeline,
                                   WorkerReport,
                                   parse_row)
-from raypar.train.rundir import RunDir
+from raypar.config import ConfigError
+from raypar.train.rundir import RunDir, RunLock
 
 LAYOUT = {"dp": 2, "pp": 1, "tp": 1, "dp_mode": "ddp", "schedule": "gpipe", "virtual_stages": 1}
 
@@ -209,3 +211,50 @@ def test_step_plan_follows_the_flags(flags, due, last, in_flight, async_save, ex
     plan = StepPlan.decide(flags, due, last, in_flight, async_save)
     assert {k: getattr(plan, k) for k in expect} == expect
     assert plan.n_reports == int(plan.land) + int(plan.report)
+
+
+# -- one run per directory ------------------------------------------------------------------------
+
+def _lock_owned_by(rd, host, pid):
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.lock.write_text(json.dumps({"host": host, "pid": pid, "time": 0.0}))
+
+
+def test_a_live_run_holds_its_directory_against_train_and_resume(tmp_path, capsys):
+    import socket
+
+    from raypar import cli
+    from conftest import ROOT
+    rd = RunDir(tmp_path / "run")
+    _lock_owned_by(rd, socket.gethostname(), os.getppid())  # a live process: pytest's parent
+    tiny = str(ROOT / "jobs" / "configs" / "tiny.yaml")
+    assert cli.main(["train", "--config", tiny, "--run-dir", str(rd.path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"in use by raypar pid {os.getppid()}" in err[0], err
+    rd.config.write_text((ROOT / "jobs" / "configs" / "tiny.yaml").read_text())
+    assert cli.main(["train", "--resume", str(rd.path), "--no-progress"]) == 2
+    assert "in use by raypar pid" in capsys.readouterr().err
+    # From another host: its liveness cannot be checked from here.
+    _lock_owned_by(rd, "elsewhere", 1234)
+    with pytest.raises(ConfigError, match=r"pid 1234 on elsewhere; if that run is gone, delete"):
+        RunLock(rd).__enter__()
+    assert json.loads(rd.lock.read_text())["host"] == "elsewhere", "a refusal changes nothing"
+
+
+def test_a_stale_lock_is_taken_over_and_every_exit_releases(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    rd = RunDir(tmp_path / "run")
+    _lock_owned_by(rd, socket.gethostname(), int(gone))  # that process has exited
+    with RunLock(rd):
+        assert json.loads(rd.lock.read_text())["pid"] == os.getpid()
+    assert not rd.lock.exists() and rd.path.is_dir()  # the directory was there before
+    # A directory the lock created, left empty by a run that failed early, goes too.
+    fresh = RunDir(tmp_path / "fresh")
+    with pytest.raises(RuntimeError):
+        with RunLock(fresh):
+            raise RuntimeError("failed before writing anything")
+    assert not fresh.path.exists()

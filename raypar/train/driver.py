@@ -36,7 +36,8 @@ from raypar.train import tracking
 from raypar.train.faults import parse_fault, parse_step_delay
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Merger, Record, StepRow, WorkerReport
-from raypar.train.rundir import RunDir, check_storage, checkpoint_root, default_run_dir
+from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
+                                 default_run_dir)
 from raypar.train.safe_dcp import read_metadata
 from raypar.train.summary import announce, finish_tracking, layout_report, summarize
 
@@ -126,7 +127,6 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
         if not rd.config.is_file():
             raise ConfigError(f"--resume: {rd.path} is not a raypar run directory "
                               f"(no config.yaml)")
-        rd.wait_until_quiet()
     elif rd.holds_run():
         raise ConfigError(f"--run-dir: {rd.path} already holds a run; choose another "
                           f"directory, or continue it with --resume {rd.path}")
@@ -169,6 +169,15 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
          resume: bool) -> dict[str, Any]:
     t_start = time.time()
     _check_request(spec, rd, address, resume)
+    # One run per directory, from before it writes anything until it ends, however it ends.
+    with RunLock(rd):
+        if resume:  # a stopped run's workers may still be finishing
+            rd.wait_until_quiet()
+        return _train(spec, rd, address, progress, resume, t_start)
+
+
+def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, resume: bool,
+           t_start: float) -> dict[str, Any]:
     storage, name, root = checkpoint_root(spec, rd.path)
     uri = tracking.resolve_uri(spec, rd.path) if spec.tracking.enabled else ""
     if uri:
@@ -195,16 +204,7 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
             "step_delay_s": step_delay,
         },
         scaling_config=scaling_config(spec, use_gpu),
-        run_config=RunConfig(
-            # The same storage_path and name as before make Ray Train pick up the run's
-            # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
-            name=name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            callbacks=[MetricsSink(str(rd.path.resolve()), t_start,
-                                   elastic=spec.parallel.elastic.enabled)],
-        ),
-    )
+        run_config=_run_config(spec, rd, storage, name, t_start))
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -216,6 +216,18 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
     new_rows, events = _follow_training(threading.Thread(target=fit, daemon=True), rd,
                                         spec, tracker, progress, len(earlier))
     return _finish(spec, rd, earlier + new_rows, events, tracker, outcome, t_start)
+
+
+def _run_config(spec: RunSpec, rd: RunDir, storage: str, name: str,
+                t_start: float) -> RunConfig:
+    # The same storage_path and name as before make Ray Train pick up the run's
+    # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
+    return RunConfig(
+        name=name, storage_path=storage,
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        callbacks=[MetricsSink(str(rd.path.resolve()), t_start,
+                               elastic=spec.parallel.elastic.enabled)])
 
 
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],

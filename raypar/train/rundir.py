@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -122,6 +123,11 @@ class RunDir:
     def fault_marker(self) -> Path:
         """Written when the tests' injected fault fires (raypar/train/faults.py)."""
         return self.path / ".fault-fired"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the driver that trains in this directory (RunLock)."""
+        return self.path / ".raypar.lock"
 
     @property
     def export(self) -> Path:
@@ -292,6 +298,80 @@ def check_storage(spec: RunSpec, run_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001 - any failure to write means the same to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{field}: cannot write checkpoints to {storage} ({reason})") from None
+
+
+class RunLock:
+    """One run per directory: an exclusive lock file naming its owner (host, pid), taken
+    before the run writes anything and released on every way out of it. A lock whose
+    owner on this host is no longer running is stale and taken over; one held from
+    another host cannot be checked from here, so it is refused with its owner named."""
+
+    # A lock file younger than this with no owner written yet is being taken right now.
+    FRESH_S = 10.0
+
+    def __init__(self, rd: RunDir):
+        self.rd = rd
+        self.created_dir = False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self) -> "RunLock":
+        if not self.rd.path.exists():
+            self.rd.path.mkdir(parents=True)
+            self.created_dir = True
+        for _ in range(3):
+            try:
+                fd = os.open(self.rd.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.me, "time": time.time()}, f)
+            return self
+        raise ConfigError(f"--run-dir: {self.rd.path} is locked by another raypar "
+                          f"({self.rd.lock}); try again")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            owner = json.loads(self.rd.lock.read_text())
+            host, pid = owner["host"], int(owner["pid"])
+        except FileNotFoundError:
+            return  # released meanwhile: take it
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.time() - self.rd.lock.stat().st_mtime < self.FRESH_S:
+                raise ConfigError(f"--run-dir: {self.rd.path} is being taken by another "
+                                  f"raypar right now") from None
+            host, pid = self.me["host"], -1  # torn by a crash: stale
+        if host != self.me["host"]:
+            raise ConfigError(f"--run-dir: {self.rd.path} is in use by raypar pid {pid} on "
+                              f"{host}; if that run is gone, delete {self.rd.lock}")
+        if pid > 0 and _alive(pid):
+            raise ConfigError(f"--run-dir: {self.rd.path} is in use by raypar pid {pid} on "
+                              f"this host; stop it first, or choose another directory")
+        log.warning("%s: taking over the lock of raypar pid %d, which is no longer running",
+                    self.rd.path, pid)
+        self.rd.lock.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if json.loads(self.rd.lock.read_text()).get("pid") == self.me["pid"]:
+                self.rd.lock.unlink()
+        except (OSError, ValueError):
+            pass
+        if self.created_dir:
+            try:
+                self.rd.path.rmdir()  # only if the run never wrote anything
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def read_metrics(run_dir: os.PathLike | str) -> tuple[list[StepRow], list[Record]]:
