@@ -13,6 +13,7 @@ User errors print one line `raypar: error: ...` and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from datetime import datetime
@@ -179,8 +180,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens: must be >= 1")
-    if args.temperature < 0:
-        raise ConfigError("--temperature: must be >= 0")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature: must be a number >= 0 (0 is greedy), got "
+                          f"{args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k: must be >= 0 (0 disables top-k filtering), got {args.top_k}")
     import torch
 
     from raypar.data.tokenizer import Tokenizer

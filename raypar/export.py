@@ -121,11 +121,28 @@ def save_safetensors(model: GPT, meta: dict[str, Any], out: PathLike,
                 KEY_TRAIN_STATE: json.dumps(train_state or {}, sort_keys=True),
                 KEY_SOURCE: source}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--out: cannot write {out} ({e.strerror or type(e).__name__})") from None
     return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output file that cannot be written, in one line naming --out."""
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a directory; give the file to write")
+    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write {out} ({e.strerror or type(e).__name__})") from None
 
 
 def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
@@ -142,6 +159,7 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
         if run_dir is None or storage.is_uri(run_dir):
             raise ConfigError("--out: needed when there is no local run directory")
         out = RunDir(run_dir).export
+    check_out(Path(out))  # before the consolidation's work
     if run_dir is not None and not storage.is_uri(run_dir):
         expected = run_model_config(run_dir)
         if expected is not None:

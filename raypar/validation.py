@@ -158,6 +158,9 @@ def _validate_batch(spec: RunSpec) -> None:
 
 
 def _validate_data(spec: RunSpec) -> None:
+    if not spec.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment: must name an MLflow experiment, got an "
+                          "empty name")
     if spec.data.tokenizer not in ("byte", "bpe") and not spec.data.tokenizer.endswith(".json"):
         raise ConfigError(f"data.tokenizer: expected byte, bpe or a path to a tokenizer.json, "
                           f"got {spec.data.tokenizer!r}")

@@ -15,8 +15,9 @@ os.environ.pop("RAY_ADDRESS", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Fixtures that start (or need) a Ray instance: a test that uses one is marked `ray`.
-RAY_FIXTURES = {"ray_local", "reference", "two_rank_run", "killed_pp_run", "ray_cluster"}
+# Fixtures that start Ray (directly, or through fixtures of their own, or in a subprocess):
+# a test that uses one, even indirectly, is marked `ray`.
+RAY_FIXTURES = {"ray_local", "killed_pp_run"}
 
 
 def pytest_collection_modifyitems(config, items):

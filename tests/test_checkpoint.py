@@ -454,3 +454,16 @@ def test_forged_optimizer_entry_is_refused(tmp_path):
     # The same checkpoint, unforged, loads model and optimizer.
     clean = save_single(tmp_path / "clean", 3)
     ckpt.load({"model": msd, "optim": osd}, clean)
+
+
+def test_export_out_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    save_single(tmp_path, 2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    a_dir = tmp_path / "a-dir"
+    a_dir.mkdir()
+    for out in (blocker / "m.safetensors", a_dir, Path("/proc/raypar/m.safetensors")):
+        assert cli.main(["export", str(tmp_path), "--out", str(out)]) == 2
+        _one_line_error(capsys, "--out", str(out))
+    assert list(a_dir.iterdir()) == [] and blocker.read_text() == "x"
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.probe"))

@@ -47,6 +47,7 @@ def assert_user_error(proc, *fragments):
     ("train.global_batch=7", ["train.global_batch", "divisible"]),
     ("train.lr=fast", ["train.lr", "number"]),
     ("model.n_layers=3", ["model.n_layers", "unknown key"]),
+    ("tracking.experiment=", ["tracking.experiment", "empty"]),
 ])
 def test_invalid_config_exits_2(override, fragments, tmp_path):
     proc = raypar("train", "--config", TINY, "--set", override, "--run-dir", str(tmp_path / "r"))
@@ -87,6 +88,12 @@ def test_layout_larger_than_this_machine(tmp_path):
 
 def test_generate_without_checkpoint(tmp_path):
     assert_user_error(raypar("generate", "--run-dir", str(tmp_path)), "--run-dir", "no checkpoint")
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "-3"), ("--temperature", "nan"),
+                                         ("--temperature", "-1"), ("--temperature", "inf")])
+def test_generate_flags_are_named(flag, value, tmp_path):
+    assert_user_error(raypar("generate", "--run-dir", str(tmp_path), flag, value), flag, value)
 
 
 def test_plan_shows_every_rank_and_its_memory():

@@ -23,6 +23,7 @@ from raypar.data import (Tokenizer, block_order, build_tokenizer, global_batch_i
 from raypar.data.corpus import builtin_sources, document_id, resolve_format
 from raypar.data.decode import decode_utf8
 from raypar.data.packing import stream_length
+from raypar.data.tokenizer import expected_vocab
 
 from conftest import raypar_records
 
@@ -151,6 +152,9 @@ def test_bad_tokenizer_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"^data\.tokenizer: .* not a valid tokenizer"):
         build_tokenizer(DataConfig(tokenizer=str(bad)), [], tmp_path, iter)
+    # The memory check reads it before Ray starts: the same one line there.
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: .* not a valid tokenizer"):
+        expected_vocab(DataConfig(tokenizer=str(bad)))
 
 
 def test_decode_counts_replaced_bytes():

@@ -258,3 +258,12 @@ def test_a_stale_lock_is_taken_over_and_every_exit_releases(tmp_path):
         with RunLock(fresh):
             raise RuntimeError("failed before writing anything")
     assert not fresh.path.exists()
+
+
+def test_a_garbage_line_in_metrics_is_one_line_naming_file_and_line(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.append_metrics([row(1)])
+    with open(rd.metrics, "a") as f:
+        f.write("this is not json\n")
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl: line 2 is not a JSON record"):
+        rd.read_metrics()

@@ -160,7 +160,12 @@ def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
         tok = train_bpe(text_iter_factory(), cfg.vocab_size)
         tok.save(path)
         return tok
-    path = Path(cfg.tokenizer).expanduser()
+    return _user_file(cfg.tokenizer)
+
+
+def _user_file(name: str) -> Tokenizer:
+    """The tokenizer.json file data.tokenizer names, or one line saying what is wrong."""
+    path = Path(name).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.tokenizer: no such file: {path}")
     try:
@@ -186,7 +191,4 @@ def expected_vocab(cfg: DataConfig) -> int:
         return 257
     if cfg.tokenizer == "bpe":
         return cfg.vocab_size
-    path = Path(cfg.tokenizer).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.tokenizer: no such file: {cfg.tokenizer}")
-    return Tokenizer.from_file(path).vocab_size
+    return _user_file(cfg.tokenizer).vocab_size

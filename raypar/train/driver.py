@@ -127,6 +127,7 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
         if not rd.config.is_file():
             raise ConfigError(f"--resume: {rd.path} is not a raypar run directory "
                               f"(no config.yaml)")
+        rd.read_metrics()  # a damaged metrics.jsonl is refused before Ray starts
     elif rd.holds_run():
         raise ConfigError(f"--run-dir: {rd.path} already holds a run; choose another "
                           f"directory, or continue it with --resume {rd.path}")

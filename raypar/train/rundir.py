@@ -38,10 +38,23 @@ def default_run_dir(spec: RunSpec) -> Path:
     return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _complete_lines(data: bytes) -> list[dict[str, Any]]:
-    """The JSON lines of data up to its last newline (a torn last line is left out)."""
+def _complete_lines(data: bytes, where: Path) -> list[dict[str, Any]]:
+    """The JSON lines of data up to its last newline (a torn last line is left out); a line
+    that is not a JSON record is one ConfigError naming the file and the line."""
     end = data.rfind(b"\n") + 1
-    return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            record = e
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: line {n} is not a JSON record ({line[:40]!r}); "
+                              f"fix or remove it")
+        out.append(record)
+    return out
 
 
 def _parse(lines: list[dict[str, Any]]) -> list[Record]:
@@ -138,7 +151,7 @@ class RunDir:
         """(step rows, event records) of metrics.jsonl; a torn last line is ignored."""
         if not self.metrics.exists():
             return [], []
-        records = _parse(_complete_lines(self.metrics.read_bytes()))
+        records = _parse(_complete_lines(self.metrics.read_bytes(), self.metrics))
         return ([r for r in records if isinstance(r, StepRow)],
                 [r for r in records if not isinstance(r, StepRow)])
 
@@ -150,7 +163,7 @@ class RunDir:
             f.seek(offset)
             data = f.read()
         end = data.rfind(b"\n") + 1
-        return _parse(_complete_lines(data[:end])), offset + end
+        return _parse(_complete_lines(data[:end], self.metrics)), offset + end
 
     def metrics_size(self) -> int:
         return self.metrics.stat().st_size if self.metrics.exists() else 0
