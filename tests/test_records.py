@@ -267,3 +267,29 @@ def test_a_garbage_line_in_metrics_is_one_line_naming_file_and_line(tmp_path):
         f.write("this is not json\n")
     with pytest.raises(ConfigError, match=r"metrics\.jsonl: line 2 is not a JSON record"):
         rd.read_metrics()
+
+
+def test_a_failed_run_names_its_root_cause():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from raypar.train.driver import root_cause
+    # Ray Train's wrappers say "Training failed due to worker errors:" and little else on
+    # their first line; the user needs the exception at the bottom.
+    failed = WorkerGroupError("see below", {1: MemoryError("cannot allocate"),
+                                            0: ValueError("boom\nsecond line")})
+    assert root_cause(failed) == "ValueError: boom"
+    assert root_cause(ControllerError(RuntimeError("no nodes"))) == "RuntimeError: no nodes"
+
+    class TaskError(Exception):  # Ray's task errors: the traceback as text, the error as .cause
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last):\n  File ...\nKeyError: 'x'")
+            self.cause = cause
+
+    assert root_cause(WorkerGroupError("", {0: TaskError(KeyError("x"))})) == "KeyError: 'x'"
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as e:
+        assert root_cause(e) == "OSError: [Errno 28] No space left on device"

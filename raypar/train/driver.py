@@ -231,6 +231,27 @@ def _run_config(spec: RunSpec, rd: RunDir, storage: str, name: str,
                                elastic=spec.parallel.elastic.enabled)])
 
 
+def root_cause(err: BaseException) -> str:
+    """One line for a failed fit(): the exception at the bottom of Ray Train's wrappers (a
+    worker's, the lowest rank's; or the controller's), as `Type: message`."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+    err = getattr(err, "controller_failure", None) or err
+    seen = {id(err)}
+    while True:  # Ray's task errors carry the user's exception as .cause
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        err, _ = inner, seen.add(id(inner))
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):
+        lines = lines[-1:]  # a traceback as text: its last line is the error itself
+    text = lines[0] if lines else ""
+    name = type(err).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],
             tracker: Optional[tracking.Tracker], outcome: dict[str, Any],
             t_start: float) -> dict[str, Any]:
@@ -240,9 +261,12 @@ def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record]
     if tracker:
         finish_tracking(tracker, rd, rows, ok)
     if not ok:
-        rd.write_status("failed", error=str(outcome.get("error", "incomplete")))
         err = outcome.get("error")
-        raise RuntimeError(f"training failed: {err}") from err
+        cause = root_cause(err) if err is not None else "incomplete"
+        if err is not None:  # the whole story, for whoever reads run.log
+            log.error("training failed: %s", cause, exc_info=err)
+        rd.write_status("failed", error=cause)
+        raise RuntimeError(f"training failed: {cause}") from err
     rd.write_summary(summary)
     rd.write_status("finished")
     return summary.to_json()
