@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -126,9 +126,10 @@ def save_safetensors(model: GPT, meta: dict[str, Any], out: PathLike,
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk its own way
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"--out: cannot write {out} ({e.strerror or type(e).__name__})") from None
+        reason = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
+        raise ConfigError(f"--out: cannot write {out} ({reason})") from None
     return out
 
 
@@ -159,14 +160,24 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
         if run_dir is None or storage.is_uri(run_dir):
             raise ConfigError("--out: needed when there is no local run directory")
         out = RunDir(run_dir).export
-    check_out(Path(out))  # before the consolidation's work
-    if run_dir is not None and not storage.is_uri(run_dir):
-        expected = run_model_config(run_dir)
-        if expected is not None:
-            ckpt.check_compatible(ckpt.read_meta(path), expected)
-    model, meta = consolidate(path)
-    train_state = ckpt.read_train_state(path)
-    return save_safetensors(model, meta, out, train_state, source=str(path))
+    out = Path(out)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        check_out(out)  # before the consolidation's work
+        if run_dir is not None and not storage.is_uri(run_dir):
+            expected = run_model_config(run_dir)
+            if expected is not None:
+                ckpt.check_compatible(ckpt.read_meta(path), expected)
+        model, meta = consolidate(path)
+        train_state = ckpt.read_train_state(path)
+        return save_safetensors(model, meta, out, train_state, source=str(path))
+    except BaseException:
+        for folder in created:  # what check_out made, innermost first: nothing left behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def load_exported(path: PathLike) -> tuple[GPT, dict[str, Any]]:

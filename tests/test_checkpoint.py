@@ -5,6 +5,7 @@ Checkpoints are written from one process (no process group) or from two processe
 (torch.multiprocessing spawn + gloo), each rank into its own directory, then merged
 into one folder the way Ray Train merges the ranks' uploads.
 """
+import io
 import json
 import logging
 import pickle
@@ -419,8 +420,10 @@ def test_forged_metadata_is_refused_in_generate_and_export(tmp_path, capsys):
     refresh_manifests(folder, ".metadata")
     assert cli.main(["generate", "--run-dir", str(tmp_path), "--max-new-tokens", "2"]) == 2
     _one_line_error(capsys, ".metadata refused", "os")
-    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]) == 2
+    new_dir = tmp_path / "new" / "sub"
+    assert cli.main(["export", str(tmp_path), "--out", str(new_dir / "m.safetensors")]) == 2
     _one_line_error(capsys, str(folder), ".metadata refused")
+    assert not (tmp_path / "new").exists(), "a failed export leaves no directories behind"
     with pytest.raises(ConfigError, match=r"\.metadata refused"):
         ckpt.load({"model": {}}, folder)
     assert not marker.exists(), "the payload ran"
@@ -467,3 +470,38 @@ def test_export_out_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pa
         _one_line_error(capsys, "--out", str(out))
     assert list(a_dir.iterdir()) == [] and blocker.read_text() == "x"
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.probe"))
+
+
+def test_forged_metadata_cannot_touch_allowed_classes_or_point_outside(tmp_path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from raypar.train import safe_dcp
+    folder = save_single(tmp_path, 3)
+    good = (folder / ".metadata").read_bytes()
+    # BUILD applied to an admitted class itself: would set Metadata.injected for the process.
+    forged = (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
+              b"N}X\x08\x00\x00\x00injectedK\x01s\x86b.")
+    (folder / ".metadata").write_bytes(forged)
+    refresh_manifests(folder, ".metadata")
+    with pytest.raises(ConfigError, match="refused: it sets the state of a type"):
+        ckpt.load({"model": {}}, folder)
+    assert not hasattr(Metadata, "injected")
+    # An entry pointing outside the checkpoint (a file the user can read elsewhere).
+    (folder / ".metadata").write_bytes(good)
+    refresh_manifests(folder, ".metadata")
+    metadata = safe_dcp.read_metadata(folder)
+    info = next(iter(metadata.storage_data.values()))
+    info.relative_path = "../../secret.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    refresh_manifests(folder, ".metadata")
+    with pytest.raises(ConfigError, match="points outside the checkpoint"):
+        ckpt.load({"model": {}}, folder)
+    # Beyond the end of a listed file.
+    info.relative_path, info.length = "__0_0.distcp", 10**12
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    refresh_manifests(folder, ".metadata")
+    with pytest.raises(ConfigError, match="which no manifest lists"):
+        ckpt.load({"model": {}}, folder)
+    # Paths as Python 3.13 pickles them come back as text, no pathlib class handed out.
+    unpickler = safe_dcp._MetadataUnpickler(io.BytesIO(b""))
+    assert unpickler.find_class("pathlib._local", "PosixPath")("/a", "b") == "/a/b"

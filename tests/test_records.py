@@ -215,49 +215,47 @@ def test_step_plan_follows_the_flags(flags, due, last, in_flight, async_save, ex
 
 # -- one run per directory ------------------------------------------------------------------------
 
-def _lock_owned_by(rd, host, pid):
-    rd.path.mkdir(parents=True, exist_ok=True)
-    rd.lock.write_text(json.dumps({"host": host, "pid": pid, "time": 0.0}))
-
-
 def test_a_live_run_holds_its_directory_against_train_and_resume(tmp_path, capsys):
-    import socket
-
     from raypar import cli
     from conftest import ROOT
+    tiny = ROOT / "jobs" / "configs" / "tiny.yaml"
     rd = RunDir(tmp_path / "run")
-    _lock_owned_by(rd, socket.gethostname(), os.getppid())  # a live process: pytest's parent
-    tiny = str(ROOT / "jobs" / "configs" / "tiny.yaml")
-    assert cli.main(["train", "--config", tiny, "--run-dir", str(rd.path), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"in use by raypar pid {os.getppid()}" in err[0], err
-    rd.config.write_text((ROOT / "jobs" / "configs" / "tiny.yaml").read_text())
-    assert cli.main(["train", "--resume", str(rd.path), "--no-progress"]) == 2
-    assert "in use by raypar pid" in capsys.readouterr().err
-    # From another host: its liveness cannot be checked from here.
-    _lock_owned_by(rd, "elsewhere", 1234)
-    with pytest.raises(ConfigError, match=r"pid 1234 on elsewhere; if that run is gone, delete"):
-        RunLock(rd).__enter__()
-    assert json.loads(rd.lock.read_text())["host"] == "elsewhere", "a refusal changes nothing"
+    with RunLock(rd):  # a run that trains here (the lock is per open file, so this process
+        # is refused too, as another would be)
+        assert cli.main(["train", "--config", str(tiny), "--run-dir", str(rd.path),
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by raypar pid {os.getpid()} on" in err[0], err
+        rd.config.write_text(tiny.read_text())
+        assert cli.main(["train", "--resume", str(rd.path), "--no-progress"]) == 2
+        assert "is in use by raypar pid" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="in use"):
+            RunLock(rd).__enter__()
+    with RunLock(rd):  # released: the next run takes it
+        pass
 
 
-def test_a_stale_lock_is_taken_over_and_every_exit_releases(tmp_path):
-    import socket
+def test_a_crashed_runs_lock_is_free_and_unused_directories_go(tmp_path):
     import subprocess
     import sys
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
     rd = RunDir(tmp_path / "run")
-    _lock_owned_by(rd, socket.gethostname(), int(gone))  # that process has exited
+    # A run that takes the lock and dies without releasing anything.
+    code = ("import os, sys; sys.path.insert(0, %r); from raypar.train.rundir import RunDir, "
+            "RunLock; RunLock(RunDir(%r)).__enter__(); os._exit(1)") % (os.getcwd(), str(rd.path))
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 1
+    assert rd.lock.exists()
     with RunLock(rd):
         assert json.loads(rd.lock.read_text())["pid"] == os.getpid()
-    assert not rd.lock.exists() and rd.path.is_dir()  # the directory was there before
-    # A directory the lock created, left empty by a run that failed early, goes too.
-    fresh = RunDir(tmp_path / "fresh")
+    # Directories the lock created, left empty by a run that failed early, go again.
+    fresh = RunDir(tmp_path / "a" / "b" / "fresh")
     with pytest.raises(RuntimeError):
         with RunLock(fresh):
             raise RuntimeError("failed before writing anything")
-    assert not fresh.path.exists()
+    assert not (tmp_path / "a").exists()
+    # One that wrote something stays, lock file and all.
+    with RunLock(rd):
+        rd.write_status("running")
+    assert rd.status.exists()
 
 
 def test_a_garbage_line_in_metrics_is_one_line_naming_file_and_line(tmp_path):
@@ -286,6 +284,16 @@ def test_a_failed_run_names_its_root_cause():
             self.cause = cause
 
     assert root_cause(WorkerGroupError("", {0: TaskError(KeyError("x"))})) == "KeyError: 'x'"
+    # Rank 1 died (its health check failed); rank 0 only lost its connection to it.
+
+    class HealthCheckFailed(Exception):
+        def __init__(self, failure):
+            super().__init__("A worker health check failed.")
+            self.health_check_failure = failure
+
+    died = WorkerGroupError("", {0: RuntimeError("[gloo] Connection closed by peer"),
+                                 1: HealthCheckFailed(SystemError("the actor died: OOM"))})
+    assert root_cause(died) == "SystemError: the actor died: OOM"
     try:
         try:
             raise OSError(28, "No space left on device")

@@ -57,6 +57,7 @@ from raypar.train.storage import PathLike
 
 if TYPE_CHECKING:  # ray.train is slow to import; `raypar generate` does not need it
     from ray.train import Checkpoint
+    from torch.distributed.checkpoint.metadata import Metadata
 
 PREFIX = "step_"
 META = "meta.json"
@@ -396,17 +397,28 @@ def load(state: dict[str, Any], path: PathLike,
     group is initialized. Loads only the keys `state` has, so {"model": ...} alone skips
     the optimizer."""
     with storage.local_copy(path) as local, _quiet_single_process():
-        # Refused here, before DCP: DCP turns a failed metadata read into an assertion
+        # Checked here, before DCP: DCP turns a failed metadata read into an assertion
         # about per-rank metadata, and the reason would be lost in it.
-        read_metadata(local)
+        metadata = checked_metadata(local)
         try:
-            dcp.load(state, storage_reader=SafeReader(str(local)),
+            dcp.load(state, storage_reader=SafeReader(local, metadata),
                      planner=SafePlanner(str(path)), process_group=process_group)
         except CheckpointException as e:  # a refusal on any rank: say which, in one line
             refused = _refusal(e)
             if refused is not None:
                 raise refused from None
             raise
+
+
+def checked_metadata(path: PathLike) -> "Metadata":
+    """The checkpoint's DCP metadata, read without running code, every entry pointing into
+    a file its manifests list (raypar/train/safe_dcp.py)."""
+    manifests = _read_manifests(path, storage.list_dir(path) or {})
+    listed = _listed_files(manifests) if not isinstance(manifests, str) else manifests
+    if isinstance(listed, str):
+        raise ConfigError(f"checkpoint {path}: not a valid checkpoint ({listed})")
+    return read_metadata(path, {name: int(entry.get("size", -1))
+                                for name, entry in listed.items()})
 
 
 def _refusal(e: CheckpointException) -> Optional[UnsafeCheckpoint]:

@@ -38,7 +38,6 @@ from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Merger, Record, StepRow, WorkerReport
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
                                  default_run_dir)
-from raypar.train.safe_dcp import read_metadata
 from raypar.train.summary import announce, finish_tracking, layout_report, summarize
 
 log = logging.getLogger("raypar")
@@ -92,7 +91,7 @@ def _check_resumable(spec: RunSpec, rd: RunDir, root: str, vocab_size: int,
     latest = ckpt.latest_valid(root, log)
     if latest is not None:
         ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
-        read_metadata(latest)  # a forged one is refused here, before any worker starts
+        ckpt.checked_metadata(latest)  # a forged one is refused here, before any worker
     rows, _ = rd.read_metrics()
     if rows and rows[-1].step >= spec.train.steps:
         raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "
@@ -174,6 +173,8 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
     with RunLock(rd):
         if resume:  # a stopped run's workers may still be finishing
             rd.wait_until_quiet()
+        elif rd.holds_run():  # one that started and ended since the check above
+            raise ConfigError(f"--run-dir: {rd.path} already holds a run")
         return _train(spec, rd, address, progress, resume, t_start)
 
 
@@ -189,6 +190,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     if resume:
         _check_resumable(spec, rd, root, vocab_size, corpus.tokenizer.to_json())
     _open_run_dir(spec, rd, corpus, resume)
+    rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
     tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
     if tracker:
@@ -236,20 +238,35 @@ def root_cause(err: BaseException) -> str:
     worker's, the lowest rank's; or the controller's), as `Type: message`."""
     failures = getattr(err, "worker_failures", None)
     if failures:
-        err = failures[min(failures)]
-    err = getattr(err, "controller_failure", None) or err
-    seen = {id(err)}
-    while True:  # Ray's task errors carry the user's exception as .cause
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException) or id(inner) in seen:
-            break
-        err, _ = inner, seen.add(id(inner))
+        causes = [_innermost(failures[rank]) for rank in sorted(failures)]
+        # A rank that died takes its peers' collectives down with it: name the rank whose
+        # failure is not one of those echoes, when there is one.
+        err = next((c for c in causes if not _collective_echo(c)), causes[0])
+    else:
+        err = _innermost(getattr(err, "controller_failure", None) or err)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if any(ln.startswith("Traceback") for ln in lines):
         lines = lines[-1:]  # a traceback as text: its last line is the error itself
     text = lines[0] if lines else ""
     name = type(err).__name__
     return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """Down Ray's wrappers: a task error's .cause, a health check's failure, __cause__."""
+    seen = {id(err)}
+    while True:
+        inner = (getattr(err, "cause", None) or getattr(err, "health_check_failure", None)
+                 or err.__cause__)
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return err
+        err, _ = inner, seen.add(id(inner))
+
+
+def _collective_echo(err: BaseException) -> bool:
+    text = str(err)
+    return type(err).__name__ == "DistBackendError" or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],

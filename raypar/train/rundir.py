@@ -9,6 +9,7 @@ generate all go through this one. What each file holds is in the README (The run
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -38,9 +39,10 @@ def default_run_dir(spec: RunSpec) -> Path:
     return Path("runs") / f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _complete_lines(data: bytes, where: Path) -> list[dict[str, Any]]:
+def _complete_lines(data: bytes, where: Path, strict: bool = True) -> list[dict[str, Any]]:
     """The JSON lines of data up to its last newline (a torn last line is left out); a line
-    that is not a JSON record is one ConfigError naming the file and the line."""
+    that is not a JSON record is one ConfigError naming the file and the line (strict), or
+    is skipped with a warning."""
     end = data.rfind(b"\n") + 1
     out = []
     for n, line in enumerate(data[:end].splitlines(), 1):
@@ -51,6 +53,10 @@ def _complete_lines(data: bytes, where: Path) -> list[dict[str, Any]]:
         except ValueError as e:
             record = e
         if not isinstance(record, dict):
+            if not strict:
+                log.warning("%s: skipped a line that is not a JSON record (%r)", where,
+                            line[:40])
+                continue
             raise ConfigError(f"{where}: line {n} is not a JSON record ({line[:40]!r}); "
                               f"fix or remove it")
         out.append(record)
@@ -163,7 +169,7 @@ class RunDir:
             f.seek(offset)
             data = f.read()
         end = data.rfind(b"\n") + 1
-        return _parse(_complete_lines(data[:end], self.metrics)), offset + end
+        return _parse(_complete_lines(data[:end], self.metrics, strict=False)), offset + end
 
     def metrics_size(self) -> int:
         return self.metrics.stat().st_size if self.metrics.exists() else 0
@@ -314,77 +320,52 @@ def check_storage(spec: RunSpec, run_dir: Path) -> None:
 
 
 class RunLock:
-    """One run per directory: an exclusive lock file naming its owner (host, pid), taken
-    before the run writes anything and released on every way out of it. A lock whose
-    owner on this host is no longer running is stale and taken over; one held from
-    another host cannot be checked from here, so it is refused with its owner named."""
-
-    # A lock file younger than this with no owner written yet is being taken right now.
-    FRESH_S = 10.0
+    """One run per directory: an exclusive lock on RUN_DIR/.raypar.lock (flock), taken
+    before the run writes anything and held until it ends. The kernel lets it go when the
+    process ends, however it ends, so a crashed run never leaves a stale lock behind. The
+    file names the holder (host, pid) for the refusal's message."""
 
     def __init__(self, rd: RunDir):
         self.rd = rd
-        self.created_dir = False
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.created: list[Path] = []  # directories the lock made (gone again if unused)
+        self.fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        if not self.rd.path.exists():
-            self.rd.path.mkdir(parents=True)
-            self.created_dir = True
-        for _ in range(3):
-            try:
-                fd = os.open(self.rd.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({**self.me, "time": time.time()}, f)
-            return self
-        raise ConfigError(f"--run-dir: {self.rd.path} is locked by another raypar "
-                          f"({self.rd.lock}); try again")
+        missing = [p for p in (self.rd.path, *self.rd.path.parents) if not p.exists()]
+        self.rd.path.mkdir(parents=True, exist_ok=True)
+        self.created = missing
+        fd = os.open(self.rd.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"--run-dir: {self.rd.path} is in use by {self._holder()}; "
+                              f"stop that run first, or choose another directory") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "time": time.time()}).encode())
+        return self
 
-    def _take_over_if_stale(self) -> None:
+    def _holder(self) -> str:
         try:
             owner = json.loads(self.rd.lock.read_text())
-            host, pid = owner["host"], int(owner["pid"])
-        except FileNotFoundError:
-            return  # released meanwhile: take it
+            return f"raypar pid {owner['pid']} on {owner['host']}"
         except (OSError, ValueError, KeyError, TypeError):
-            if time.time() - self.rd.lock.stat().st_mtime < self.FRESH_S:
-                raise ConfigError(f"--run-dir: {self.rd.path} is being taken by another "
-                                  f"raypar right now") from None
-            host, pid = self.me["host"], -1  # torn by a crash: stale
-        if host != self.me["host"]:
-            raise ConfigError(f"--run-dir: {self.rd.path} is in use by raypar pid {pid} on "
-                              f"{host}; if that run is gone, delete {self.rd.lock}")
-        if pid > 0 and _alive(pid):
-            raise ConfigError(f"--run-dir: {self.rd.path} is in use by raypar pid {pid} on "
-                              f"this host; stop it first, or choose another directory")
-        log.warning("%s: taking over the lock of raypar pid %d, which is no longer running",
-                    self.rd.path, pid)
-        self.rd.lock.unlink(missing_ok=True)
+            return "another raypar"
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            if json.loads(self.rd.lock.read_text()).get("pid") == self.me["pid"]:
-                self.rd.lock.unlink()
-        except (OSError, ValueError):
-            pass
-        if self.created_dir:
-            try:
-                self.rd.path.rmdir()  # only if the run never wrote anything
-            except OSError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.rd.path.iterdir()] == [self.rd.lock.name]:
+            self.rd.lock.unlink()  # the run wrote nothing: leave no directory behind
+            for path in self.created:  # innermost first
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+        os.close(self.fd)  # releases the lock
+        self.fd = None
 
 
 def read_metrics(run_dir: os.PathLike | str) -> tuple[list[StepRow], list[Record]]:

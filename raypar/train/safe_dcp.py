@@ -6,8 +6,11 @@ Both would run whatever a forged file asks for, and the manifests' hashes do not
 whoever can write the folder can rewrite them too. So raypar reads both itself:
 
 - `.metadata` through an unpickler that admits only the types DCP's metadata is made of
-  (its metadata dataclasses, the filesystem's storage info, torch.Size, dtypes, layouts,
-  a path) and refuses any other global by name;
+  (its metadata dataclasses, the filesystem's storage info, torch.Size, dtypes, layouts;
+  a path becomes its text) and refuses any other global by name; it fills in instances
+  of those dataclasses only (a pickle's BUILD could otherwise set attributes on an
+  admitted class itself); and every entry must point into a file the manifests list,
+  within its size, with no transforms;
 - non-tensor entries with `torch.load(weights_only=True)`, which admits only tensors and
   plain containers of numbers and strings.
 
@@ -16,9 +19,11 @@ UnsafeCheckpoint naming the file and what it asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,22 +31,35 @@ import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-# Private, but the one function DCP's own planner uses to put a value back into a nested
-# state dict; re-implementing its path rules would be the riskier choice.
+# Private names: _StorageInfo and _get_layout are what DCP's metadata pickles refer to;
+# set_element is the one function DCP's own planner puts a value back into a nested state
+# dict with (re-implementing its path rules would be the riskier choice).
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.serialization import _get_layout as _layout
 
 from raypar.errors import ConfigError
 from raypar.train import storage
 from raypar.train.storage import PathLike
 
 METADATA = ".metadata"
-# Globals a DCP .metadata pickle refers to besides the metadata module's own classes and
-# torch's dtypes (found by recording find_class over checkpoints of every layout).
-_ALLOWED = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # a layout by its name, from a fixed table
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # StorageMeta.checkpoint_id
+
+
+def _path(*parts: str) -> str:
+    """What a pickled path becomes: its text. No pathlib class is handed to the pickle."""
+    return os.path.join(*parts)
+
+
+# The globals a DCP .metadata pickle refers to besides the metadata module's own classes
+# and torch's dtypes (found by recording find_class over checkpoints of every layout), and
+# what each is given as.
+_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): _layout,
+    # StorageMeta.checkpoint_id (pathlib moved its classes to pathlib._local in 3.13)
+    **{(module, name): _path for module in ("pathlib", "pathlib._local")
+       for name in ("PosixPath", "PurePosixPath")},
 }
 
 
@@ -49,45 +67,102 @@ class UnsafeCheckpoint(ConfigError):
     """A checkpoint file asked for something a checkpoint never holds: refused unread."""
 
 
-def _allowed(module: str, name: str) -> bool:
-    if (module, name) in _ALLOWED:
-        return True
-    if module == dcp_metadata.__name__:
-        obj = getattr(dcp_metadata, name, None)
-        return isinstance(obj, type) and obj.__module__ == module
-    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+def _metadata_class(name: str) -> Optional[type]:
+    obj = getattr(dcp_metadata, name, None)
+    return obj if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__ else None
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _instance_types() -> tuple[type, ...]:
+    """The classes whose instances a metadata pickle may fill in (BUILD)."""
+    return (_StorageInfo, *(c for c in map(_metadata_class, dir(dcp_metadata))
+                            if c is not None and dataclasses.is_dataclass(c)))
+
+
+# The pure-Python unpickler, because its opcodes can be overridden one by one: the C one
+# only lets find_class be replaced, and BUILD (set the state of the object on the stack)
+# would otherwise let a pickle set attributes on an allowed class or function itself.
+class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
     def find_class(self, module: str, name: str) -> Any:
-        if not _allowed(module, name):
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-        return super().find_class(module, name)
+        if (module, name) in _GLOBALS:
+            return _GLOBALS[(module, name)]
+        if module == dcp_metadata.__name__ and _metadata_class(name) is not None:
+            return _metadata_class(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # under the state BUILD applies to it
+        if isinstance(target, type) or not isinstance(target, _instance_types()):
+            raise pickle.UnpicklingError(f"it sets the state of a {type(target).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
-def read_metadata(path: PathLike) -> Metadata:
+def read_metadata(path: PathLike, files: Optional[dict[str, int]] = None) -> Metadata:
     """A checkpoint folder's DCP metadata (a local path or a URI), read with the
-    allow-listed unpickler."""
+    allow-listed unpickler. files ({name: size}, from the manifests): every entry must point
+    into one of them, within its size."""
+    where = f"checkpoint {path}: {METADATA}"
     try:
         with storage.open_read(storage.join(path, METADATA)) as f:
-            metadata = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError) as e:
-        raise UnsafeCheckpoint(f"checkpoint {path}: {METADATA} refused: {e}, which a "
-                               f"checkpoint never holds (a tampered or foreign file)") from None
+            data = f.read()
+    except OSError as e:
+        raise UnsafeCheckpoint(f"{where} cannot be read ({e.strerror or type(e).__name__})"
+                               ) from None
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{where} refused: {e}, which a checkpoint never holds (a "
+                               f"tampered or foreign file)") from None
+    except Exception as e:  # noqa: BLE001 - anything else a damaged pickle raises
+        raise UnsafeCheckpoint(f"{where} is damaged ({type(e).__name__})") from None
     if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpoint(f"checkpoint {path}: {METADATA} refused: it holds a "
-                               f"{type(metadata).__name__}, not DCP metadata")
+        raise UnsafeCheckpoint(f"{where} refused: it holds a {type(metadata).__name__}, not "
+                               f"DCP metadata")
+    problem = _bad_entry(metadata, files)
+    if problem:
+        raise UnsafeCheckpoint(f"{where} refused: {problem}")
     return metadata
 
 
+def _bad_entry(metadata: Metadata, files: Optional[dict[str, int]]) -> Optional[str]:
+    """Why an entry of the metadata points somewhere a checkpoint's data never is."""
+    if not isinstance(metadata.storage_data, dict):
+        return "its storage_data is not a table"
+    for index, info in metadata.storage_data.items():
+        if not isinstance(info, _StorageInfo):
+            return f"the entry of {getattr(index, 'fqn', index)} is not storage info"
+        name, offset, length = info.relative_path, info.offset, info.length
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            return f"an entry points outside the checkpoint ({name!r})"
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and length >= 0):
+            return f"an entry of {name} has offset {offset!r} and length {length!r}"
+        if info.transform_descriptors:
+            return f"an entry of {name} asks for transforms {info.transform_descriptors!r}"
+        if files is not None and (name not in files or offset + length > files[name]):
+            return (f"an entry points to {name} bytes {offset}..{offset + length}, which no "
+                    f"manifest lists")
+    return None
+
+
 class SafeReader(dcp.FileSystemReader):
-    """DCP's filesystem reader, with the metadata read by `read_metadata` above."""
+    """DCP's filesystem reader, handing DCP the metadata `read_metadata` already checked
+    (read once: a file changed in between cannot slip through)."""
+
+    def __init__(self, path: PathLike, metadata: Metadata):
+        super().__init__(str(path))
+        self.checked = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:  # per-rank metadata: raypar never writes it
             raise UnsafeCheckpoint(f"checkpoint {self.path}: per-rank DCP metadata is not "
                                    f"read")
-        metadata = read_metadata(str(self.path))
+        metadata = self.checked
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
