@@ -20,6 +20,7 @@ UnsafeCheckpoint naming the file and what it asked for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
@@ -72,6 +73,7 @@ def _metadata_class(name: str) -> Optional[type]:
     return obj if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__ else None
 
 
+@functools.cache  # once per process: BUILD runs for every entry of a large checkpoint
 def _instance_types() -> tuple[type, ...]:
     """The classes whose instances a metadata pickle may fill in (BUILD)."""
     return (_StorageInfo, *(c for c in map(_metadata_class, dir(dcp_metadata))
@@ -87,8 +89,9 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _GLOBALS:
             return _GLOBALS[(module, name)]
-        if module == dcp_metadata.__name__ and _metadata_class(name) is not None:
-            return _metadata_class(name)
+        cls = _metadata_class(name) if module == dcp_metadata.__name__ else None
+        if cls is not None:
+            return cls
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"it refers to {module}.{name}")
