@@ -42,6 +42,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
                    "latest valid checkpoint, with its config.yaml plus any --set (the layout "
                    "may change: parallel.dp/tp/pp/dp_mode...)")
+    p.add_argument("--restart", action="store_true", help="with --resume: train the run again "
+                   "from step 0 in its directory (e.g. when no checkpoint verifies); its old "
+                   "records and checkpoints move to RUN_DIR/restarted-<time>/")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.restart and not args.resume:
+        raise ConfigError("--restart: give it with --resume RUN_DIR (it starts that run over)")
     if args.resume:
         if args.config or args.run_dir:
             raise ConfigError("--resume: the run's own config.yaml and directory are used; "
@@ -109,9 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         spec = load_spec(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
+    # Ray's C++ crash handler would answer a SIGTERM that lands while ray.init runs (before
+    # raypar's own handler is back, raypar/train/stopping.py) with an abort and a stack dump;
+    # read when ray is imported, so set before. (Set RAY_DISABLE_FAILURE_SIGNAL_HANDLER=0
+    # to keep it, e.g. to debug a crash of the local Ray's processes.)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from raypar.train.driver import run
     summary = run(spec, run_dir, args.address, progress=not args.no_progress,
-                  resume=bool(args.resume))
+                  resume=bool(args.resume), restart=args.restart)
     val = summary["final_val_loss"]
     print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
           + (f", val_loss {summary['first_val_loss']:.4f} -> {val:.4f}" if val is not None else "")
@@ -157,11 +167,11 @@ def _generation_source(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, args.overrides)  # (a config error before seconds of imports)
     from raypar.cluster import check_capacity, check_local_memory, connect
     from raypar.data.tokenizer import expected_vocab, padded_vocab
     from raypar.parallel.footprint import plan
     from raypar.plan import format_plan, place_on_nodes
-    spec = load_spec(args.config, args.overrides)
     vocab = padded_vocab(expected_vocab(spec.data), spec.parallel.tp)
     plans = plan(spec, vocab)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -240,8 +250,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except RuntimeError as e:
         print(f"raypar: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
-
+        # A run stopped by a signal (raypar.train.stopping.Interrupted) exits 128 + signal.
+        signum = getattr(e, "signum", None)
+        return 128 + signum if isinstance(signum, int) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

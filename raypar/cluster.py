@@ -35,8 +35,10 @@ def available_memory_bytes() -> int:
 
 
 def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
-    """Estimated memory of all the layout's workers together (raypar/parallel/footprint.py)."""
-    return sum(WORKER_BASE_BYTES + r.total_bytes for r in plan(spec, vocab_size))
+    """Estimated memory of all the layout's workers together (raypar/parallel/footprint.py),
+    summed over its pipeline ranks times the dp * tp ranks that share each one's footprint
+    (never rank by rank: a world of any size is answered at once)."""
+    return plan(spec, vocab_size).total_bytes(per_worker=WORKER_BASE_BYTES)
 
 
 def connect(address: Optional[str], workers: int) -> bool:
@@ -59,8 +61,42 @@ def connect(address: Optional[str], workers: int) -> bool:
     # torch thread each and time-share the cores, which is slower but exact.
     # address="local": always a fresh instance, never a `ray start` cluster that happens to
     # run on this machine (that one is reached with --address / RAY_ADDRESS).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), **common)
+    check_home_writable()
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), **common)
+    except OSError as e:  # a file Ray writes while starting (its session folder, a token)
+        where = f"cannot write {e.filename}" if e.filename else "cannot start"
+        raise ConfigError(f"local Ray: {where} ({e.strerror or e}); make HOME and the "
+                          f"temporary directory (RAY_TMPDIR) writable") from None
     return True
+
+
+def check_home_writable() -> None:
+    """Refuse, before Ray starts, a HOME where a new local Ray cannot save its token.
+
+    ray.init() of a local cluster turns token authentication on and, when no token is
+    configured, writes a new one to ~/.ray/auth_token: with HOME unwritable that write
+    fails as a traceback from inside ray.init().
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # Ray reads the token from there and writes nothing under HOME
+    folder = os.path.join(os.path.expanduser("~"), ".ray")
+    token = os.path.join(folder, "auth_token")
+    if os.path.isfile(token) and os.path.getsize(token) > 0:
+        return
+    probe = os.path.join(folder, f".raypar-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)  # what Ray is about to do anyway
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"HOME: cannot write {token} ({e.strerror or type(e).__name__}), where a local "
+            f"Ray keeps its authentication token; set HOME to a writable directory, or "
+            f"RAY_AUTH_TOKEN_PATH to a file holding a token") from None
 
 
 def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:

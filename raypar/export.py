@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from raypar.config import ConfigError, load_spec, model_config
-from raypar.data.tokenizer import Tokenizer, padded_vocab
+from raypar.data.tokenizer import Tokenizer, padded_vocab, parse_tokenizer
 from raypar.model import GPT, GPTConfig
 from raypar.train import checkpoint as ckpt
 from raypar.train import storage
@@ -54,10 +55,50 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def model_from_config(model_cfg: dict[str, Any], where: str) -> GPT:
-    """A freshly initialized GPT for a config dict; a bad dict is a ConfigError naming `where`."""
+# Sizes a model config must give as positive integers (d_ff may be 0: 4 * d_model).
+_POSITIVE = ("n_layer", "n_head", "d_model", "vocab_size", "seq_len")
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false",
+               str: "a string"}
+
+
+def _bad_value(key: str, value: Any, typ: type) -> Optional[str]:
+    """Why `value` cannot be model config field `key` of type `typ`, or None."""
+    if typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    else:  # JSON true is a Python bool, which is also an int: only a bool field takes it
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+    if not ok:
+        return f"{key}={value!r} is not {_TYPE_NAMES[typ]}"
+    if (key in _POSITIVE and value <= 0) or (key == "d_ff" and value < 0):
+        return f"{key}={value!r} must be {'> 0' if key in _POSITIVE else '>= 0'}"
+    if (key == "dropout" and not 0 <= value < 1) or (key == "norm_eps" and value <= 0):
+        return f"{key}={value!r} is out of range"
+    return None
+
+
+def check_model_config(model_cfg: Any, where: str) -> None:
+    """Refuse a model config (read from a file) whose keys or value types are not GPTConfig's,
+    before anything is built from it: a string where a size belongs, a negative width."""
+    if not isinstance(model_cfg, dict):
+        raise ConfigError(f"{where}: the model config is a {type(model_cfg).__name__}, "
+                          f"expected a JSON object")
+    hints = get_type_hints(GPTConfig)
+    for key, value in model_cfg.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: invalid model config (unknown key {key!r})")
+        problem = _bad_value(key, value, hints[key])
+        if problem:
+            raise ConfigError(f"{where}: invalid model config ({problem})")
+
+
+def model_from_config(model_cfg: dict[str, Any], where: str, device: str = "cpu") -> GPT:
+    """A freshly initialized GPT for a config dict; a bad dict is a ConfigError naming `where`.
+    On device "meta" it holds only names and shapes: nothing is allocated."""
+    check_model_config(model_cfg, where)
     try:
-        return GPT(GPTConfig(**model_cfg))
+        with torch.device(device):
+            return GPT(GPTConfig(**model_cfg))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: invalid model config ({_first_line(e)})") from None
 
@@ -98,6 +139,7 @@ def consolidate(path: PathLike) -> tuple[GPT, dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read meta.json ({_first_line(e)})") from None
     model = model_from_config(meta.get("model") or {}, f"{path}/meta.json")
+    check_tokenizer(meta.get("tokenizer"), vars(model.cfg), f"{path}/meta.json: its tokenizer")
     try:
         ckpt.load_model_state(path, model)
     except UnsafeCheckpoint:
@@ -180,38 +222,102 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
         raise
 
 
-def load_exported(path: PathLike) -> tuple[GPT, dict[str, Any]]:
-    """A GPT (eval mode) from an exported file, and {"model", "tokenizer", "train_state"}.
-
-    Only the safetensors format is read: no pickle, no code. Tensors that do not
-    fit the recorded config are a ConfigError naming them.
-    """
+def _read_header(path: PathLike) -> tuple[dict[str, str], dict[str, tuple[str, tuple]]]:
+    """(metadata, {tensor name: (dtype, shape)}) of a safetensors file; no tensor is read.
+    The library checks that the header's offsets exactly cover the file."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return (f.metadata() or {},
+                    {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()})
     except Exception as e:  # SafetensorError and OSError for unreadable or foreign files
         raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _exported_meta(path: PathLike, metadata: dict[str, str]) -> dict[str, Any]:
+    """{"model", "tokenizer", "train_state"} from an exported file's metadata, each checked
+    to be what raypar writes there: a tampered entry is one line naming the file and key."""
     if KEY_MODEL not in metadata or KEY_TOKENIZER not in metadata:
         raise ConfigError(f"{path}: not a raypar export (no {KEY_MODEL} / {KEY_TOKENIZER} metadata)")
-    try:
-        model_cfg = json.loads(metadata[KEY_MODEL])
-        train_state = json.loads(metadata.get(KEY_TRAIN_STATE) or "{}")
-    except ValueError:
-        raise ConfigError(f"{path}: {KEY_MODEL} metadata is not JSON") from None
-    model = model_from_config(model_cfg, str(path))
+    parsed = {}
+    for key, default in ((KEY_MODEL, None), (KEY_TRAIN_STATE, "{}")):
+        try:
+            parsed[key] = json.loads(metadata.get(key) or default)
+        except ValueError:
+            raise ConfigError(f"{path}: {key} metadata is not JSON") from None
+    if not isinstance(parsed[KEY_TRAIN_STATE], dict):
+        raise ConfigError(f"{path}: {KEY_TRAIN_STATE} metadata is not a JSON object")
+    model_cfg = parsed[KEY_MODEL]
+    check_model_config(model_cfg, f"{path}: {KEY_MODEL} metadata")
+    check_tokenizer(metadata[KEY_TOKENIZER], model_cfg, f"{path}: {KEY_TOKENIZER} metadata")
+    return {"model": model_cfg, "tokenizer": metadata[KEY_TOKENIZER],
+            "train_state": parsed[KEY_TRAIN_STATE]}
+
+
+def check_tokenizer(text: Any, model_cfg: dict[str, Any], where: str) -> None:
+    """The tokenizer JSON beside a model must parse, and its ids must fit the model's
+    vocabulary (a larger one would index past the embedding when generating)."""
+    tok = parse_tokenizer(text if isinstance(text, str) else "", where)
+    vocab = model_cfg.get("vocab_size")
+    if isinstance(vocab, int) and tok.vocab_size > vocab:
+        raise ConfigError(f"{where}: the tokenizer has {tok.vocab_size} ids but the model's "
+                          f"vocab_size is {vocab}")
+
+
+def _expected_tensors(path: PathLike, model_cfg: dict[str, Any],
+                      n_stored: int) -> dict[str, torch.Tensor]:
+    """What the config needs stored, as meta tensors (names and shapes, no memory)."""
+    n_layer = model_cfg.get("n_layer", GPTConfig.__dataclass_fields__["n_layer"].default)
+    if n_layer > n_stored:  # every layer stores tensors: refuse before building n_layer blocks
+        raise ConfigError(f"{path}: {KEY_MODEL} metadata claims n_layer={n_layer} but the "
+                          f"file holds {n_stored} tensors")
+    model = model_from_config(model_cfg, f"{path}: {KEY_MODEL} metadata", device="meta")
     expected = model.state_dict()
     if model.cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    problems = [f"missing {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k} has shape {tuple(tensors[k].shape)}, config needs {tuple(v.shape)}"
-                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    return expected
+
+
+# Tensor dtypes (safetensors' names) that copy into the model's float weights.
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _check_header(path: PathLike, header: dict[str, tuple[str, tuple]],
+                  expected: dict[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes in the header against the config, before any allocation."""
+    problems = [f"missing {k}" for k in expected if k not in header]
+    problems += [f"unexpected {k}" for k in header if k not in expected]
+    for k, v in expected.items():
+        if k not in header:
+            continue
+        dtype, shape = header[k]
+        if shape != tuple(v.shape):
+            problems.append(f"{k} has shape {shape}, config needs {tuple(v.shape)}")
+        elif dtype not in _FLOAT_DTYPES:
+            problems.append(f"{k} has dtype {dtype}, expected one of {', '.join(_FLOAT_DTYPES)}")
     if problems:
         raise ConfigError(f"{path}: tensors do not match its model config: "
                           + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
-    with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k])
-    return model.eval(), {"model": model_cfg, "tokenizer": metadata[KEY_TOKENIZER],
-                          "train_state": train_state}
+
+
+def load_exported(path: PathLike) -> tuple[GPT, dict[str, Any]]:
+    """A GPT (eval mode) from an exported file, and {"model", "tokenizer", "train_state"}.
+
+    Only the safetensors format is read: no pickle, no code. The metadata, and the
+    header's tensor names, shapes and dtypes, are checked against the recorded config
+    before the model is built or a tensor read: a tampered file is a ConfigError naming
+    it, and allocates nothing the file does not hold.
+    """
+    metadata, header = _read_header(path)
+    meta = _exported_meta(path, metadata)
+    expected = _expected_tensors(path, meta["model"], len(header))
+    _check_header(path, header, expected)
+    model = model_from_config(meta["model"], str(path))
+    params = model.state_dict()
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+            for k in expected:  # one at a time: never the whole file twice in memory
+                params[k].copy_(f.get_tensor(k))
+    except Exception as e:  # the file changed since its header was read
+        raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    return model.eval(), meta

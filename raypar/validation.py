@@ -38,12 +38,30 @@ _NON_NEGATIVE = {
 _UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
                   "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
 
+# Sizes no run can have: refused up front, so nothing downstream (the memory plan, the
+# data order, the workers) meets a number it cannot hold or loop over.
+MAX_WORKERS = 1_000_000
+"""Workers (dp * pp * tp, or max_replicas * pp * tp): ten times the accelerators of the
+largest clusters built (~100k GPUs)."""
+MAX_LAYERS = 100_000
+"""Blocks: 100 times the deepest transformer trained (DeepNet, 1,000 layers)."""
+MAX_PARAMS = 2**50
+"""Parameters (~1.1e15, ~1000x the largest models): fp32 weights, gradients and two Adam
+moments take 16 B each, so 2**54 B = 16 PiB of training state."""
+MAX_GLOBAL_BATCH = 2**24
+"""Sequences per step (16.8M): the largest published batches are ~4-16M tokens, i.e.
+~10^4 sequences; every worker holds a step's int64 block indices (8 B each, a few
+copies), which stays at ~0.5 GiB here and grows without bound past it."""
+INT64_MAX = 2**63 - 1
+"""Stream positions (step * global_batch) and block indices are int64 arrays."""
+
 
 def validate(spec: RunSpec) -> RunSpec:
     """Check values and their relations; raise ConfigError naming the first bad field."""
     _validate_name(spec)
     flat = spec.flat()
     _validate_values(flat)
+    _validate_bounds(spec)
     if _validate_elastic(spec):
         return spec  # the min_replicas layout was validated in full
     _validate_ranges(spec, flat)
@@ -70,6 +88,46 @@ def _validate_values(flat: dict[str, Any]) -> None:
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+
+
+def _validate_bounds(spec: RunSpec) -> None:
+    """Sizes beyond any cluster, model or index arithmetic (see MAX_*)."""
+    p, t, e = spec.parallel, spec.train, spec.parallel.elastic
+    if spec.world_size > MAX_WORKERS:
+        field = "parallel.elastic.max_replicas" if e.enabled else "parallel"
+        dp, name = (e.max_replicas, "max_replicas") if e.enabled else (p.dp, "dp")
+        raise ConfigError(f"{field}: {name}*pp*tp = {dp}*{p.pp}*{p.tp} = {spec.world_size} "
+                          f"workers; at most {MAX_WORKERS:,} are allowed")
+    if spec.model.n_layer > MAX_LAYERS:
+        raise ConfigError(f"model.n_layer: must be <= {MAX_LAYERS:,}, got {spec.model.n_layer}")
+    n = model_param_count(spec)
+    if n > MAX_PARAMS:
+        raise ConfigError(f"model: n_layer={spec.model.n_layer}, d_model={spec.model.d_model}, "
+                          f"d_ff={spec.model.d_ff} make {n:.3g} parameters; at most 2**50 "
+                          f"(~{MAX_PARAMS:.2g}) are allowed")
+    if t.global_batch > MAX_GLOBAL_BATCH:
+        raise ConfigError(f"train.global_batch: must be <= {MAX_GLOBAL_BATCH:,} (2**24) "
+                          f"sequences per step, got {t.global_batch}")
+    for key, count in (("train.steps", t.steps), ("train.eval_batches", t.eval_batches)):
+        if count * t.global_batch > INT64_MAX:
+            raise ConfigError(f"{key}: {key} * train.global_batch = {count} * {t.global_batch} "
+                              f"blocks must be < 2**63 (int64 block positions)")
+
+
+def model_param_count(spec: RunSpec) -> int:
+    """The model's parameter count as raypar/model.py's param_count gives it (kept
+    torch-free here), with the vocabulary the config asks for: the trained BPE's size,
+    the byte tokenizer's 257, none for a tokenizer file (unknown until read; a file's
+    vocabulary is small next to any bound)."""
+    m, d = spec.model, spec.model.d_model
+    f, b = m.d_ff or 4 * d, int(m.bias)
+    # A BPE size out of its range is _validate_data's to name: count its largest here.
+    vocab = {"bpe": min(spec.data.vocab_size, 1 << 20), "byte": 257}.get(spec.data.tokenizer, 0)
+    norm = d + b * d
+    per_layer = 2 * norm + 4 * (d * d + b * d) + d * f + b * f + f * d + b * d
+    tables = vocab * d * (1 if m.tie_embeddings else 2)
+    learned = spec.data.seq_len * d if m.pos_encoding == "learned" else 0
+    return tables + learned + m.n_layer * per_layer + norm
 
 
 def _validate_elastic(spec: RunSpec) -> bool:
@@ -167,3 +225,21 @@ def _validate_data(spec: RunSpec) -> None:
     if spec.data.tokenizer == "bpe" and not 257 <= spec.data.vocab_size <= 1 << 20:
         raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
                           f"got {spec.data.vocab_size}")
+
+
+def check_corpus_fits(spec: RunSpec, n_train_blocks: int) -> None:
+    """Refuse a global batch larger than the corpus: call it once the corpus is packed.
+
+    A step reads train.global_batch consecutive positions of the block stream, one
+    seeded permutation of the n_train_blocks blocks per epoch (raypar/data/packing.py).
+    A larger batch reads blocks twice within a step, and a batch of many epochs costs a
+    permutation per epoch on every worker at every step (2**24 sequences over 10 blocks:
+    over a minute per step), so it is a config error, not a slow run.
+    """
+    t = spec.train
+    if t.global_batch > n_train_blocks:
+        raise ConfigError(
+            f"train.global_batch: {t.global_batch} sequences per step, but the corpus packs "
+            f"into {n_train_blocks} training blocks of data.seq_len + 1 = "
+            f"{spec.data.seq_len + 1} tokens; at most {n_train_blocks} are allowed (lower "
+            f"train.global_batch or data.seq_len, or add data)")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raypar.config import (ConfigError, RunSpec, choose_dp, from_dict, load_spec,
-                           parse_override, validate)
+                           model_config, parse_override, validate)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -192,3 +192,48 @@ def test_random_overrides_never_raise_anything_but_config_error(pairs):
         assert "\n" not in str(e) and str(e)
     else:
         assert isinstance(spec, RunSpec) and spec.world_size >= 1
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["parallel.dp=1000000000", "train.global_batch=2000000000"],
+     "parallel: dp*pp*tp = 1000000000*2*1 = 2000000000 workers; at most 1,000,000 are allowed"),
+    (["parallel.elastic={min_replicas: 1, max_replicas: 600000}"],
+     "parallel.elastic.max_replicas: max_replicas*pp*tp = 600000*2*1 = 1200000 workers"),
+    (["model.n_layer=100001"], "model.n_layer: must be <= 100,000, got 100001"),
+    (["model.d_model=40000000", "model.n_head=1"], "model: n_layer=4, d_model=40000000"),
+    (["model.d_model=10000000", "model.n_head=1", "model.n_layer=1"],
+     "model: n_layer=1, d_model=10000000, d_ff=0 make 1.2e+15 parameters; at most 2**50"),
+    (["train.global_batch=10000000000"],
+     "train.global_batch: must be <= 16,777,216 (2**24) sequences per step, got 10000000000"),
+    (["train.steps=1000000000000", "train.global_batch=16000000"],
+     "train.steps: train.steps * train.global_batch = 1000000000000 * 16000000 blocks must "
+     "be < 2**63"),
+    (["train.eval_batches=1000000000000", "train.global_batch=16000000"],
+     "train.eval_batches: train.eval_batches * train.global_batch"),
+])
+def test_absurd_sizes_are_config_errors(overrides, error):
+    """Sizes no cluster, model or int64 index can hold are refused in one line, before
+    anything is planned or started."""
+    with pytest.raises(ConfigError) as e:
+        load_spec(None, overrides)
+    assert str(e.value).startswith(error) and "\n" not in str(e.value)
+
+
+def test_the_largest_allowed_sizes_are_valid():
+    spec = load_spec(None, ["parallel.dp=500000", "model.n_layer=100000",
+                            "train.global_batch=16000000", "train.micro_batch=16"])
+    assert spec.world_size == 1_000_000 and spec.grad_accum == 2
+    from raypar.model import param_count
+    from raypar.validation import model_param_count
+    assert model_param_count(spec) == param_count(model_config(spec, spec.data.vocab_size))
+
+
+def test_a_global_batch_larger_than_the_corpus_is_refused():
+    from raypar.validation import check_corpus_fits
+    spec = load_spec(None, ["train.global_batch=64"])
+    check_corpus_fits(spec, 64)
+    with pytest.raises(ConfigError) as e:
+        check_corpus_fits(spec, 63)
+    assert str(e.value).startswith("train.global_batch: 64 sequences per step, but the corpus "
+                                   "packs into 63 training blocks of data.seq_len + 1 = 129 "
+                                   "tokens; at most 63 are allowed")

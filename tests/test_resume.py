@@ -152,6 +152,66 @@ def test_sigterm_saves_a_checkpoint_and_a_partial_replica_sits_out(
     assert "3 workers, training on dp=2 x pp=1 x tp=1; 1 sit out" in log
 
 
+def stop_driver(args, run_dir, sig, after_step, again_after=None):
+    """Run `raypar train ARGS` in a process of its own, on this module's Ray, with slowed
+    steps; once metrics.jsonl has a row of after_step, send it sig (and the same again
+    again_after seconds later). Returns (exit code, seconds from the signal to the exit,
+    stderr)."""
+    import ray
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raypar.cli", "train", *map(str, args), "--no-progress",
+         "--address", ray.get_runtime_context().gcs_address],
+        env=dict(os.environ, RAYPAR_STEP_DELAY_S="0.5"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(r["step"] >= after_step for r in read_metrics(run_dir)[0]):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, f"no step {after_step} within 300 s"
+        time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    if again_after is not None:
+        time.sleep(again_after)
+        proc.send_signal(sig)
+    err = proc.communicate(timeout=180)[1]
+    return proc.returncode, time.monotonic() - sent, err
+
+
+def test_sigint_and_sigterm_stop_the_run_which_resumes_exactly(
+        reference, small_corpus, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--config", TINY, "--run-dir", run_dir]
+    for s in (f"data.path={small_corpus}", f"data.cache_dir={cache_dir}",
+              f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "train.log_blocks=true"):
+        args += ["--set", s]
+    resume = ["--resume", run_dir]
+    stops = []
+    for sig, cmd, again in ((signal.SIGINT, args, None), (signal.SIGTERM, resume, None),
+                            (signal.SIGINT, resume, 0.3)):
+        after = max([r["step"] for r in read_metrics(run_dir)[0]], default=0) + 2
+        code, took, err = stop_driver(cmd, run_dir, sig, after, again)
+        rows, _ = read_metrics(run_dir)
+        stopped_at = rows[-1]["step"]
+        assert code == 128 + sig and took < 60, (code, took, err)
+        assert err.strip().splitlines()[-1] == (
+            f"raypar: stopped by {sig.name} at step {stopped_at} of {STEPS}; continue with: "
+            f"raypar train --resume {run_dir}"), err
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "stopped" and stopped_at < STEPS
+        record = json.loads((run_dir / "mlflow.json").read_text())
+        assert MlflowClient(record["uri"]).get_run(record["run_id"]).info.status == "KILLED"
+        if again is None:  # asked once: the workers saved the step they stopped at
+            assert ckpt.step_of(ckpt.latest_valid(run_dir)) == stopped_at
+        stops.append(stopped_at)
+    assert stops == sorted(stops) and len(set(stops)) == 3, stops
+    assert resume_cli(run_dir) == 0
+    rows, recovered = recoveries(run_dir)
+    assert_same_run(rows, reference)  # the same layout throughout: bit-exact
+    assert all(e["cause"] == "resume" and e["mismatched_steps"] == [] for e in recovered)
+    assert mlflow_steps(run_dir)[1] == list(range(1, STEPS + 1)), "one MLflow run, each step once"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
 def kill_driver_after(args, run_dir, step):
     """Run `raypar train ARGS` in its own process group and SIGKILL all of it (driver, its
     local Ray, its workers) as soon as the checkpoint of `step` verifies."""
@@ -240,6 +300,57 @@ def test_truncated_shard_is_skipped_and_resume_at_tp2_continues(killed_pp_run, r
     assert f"{shard.name} has" in reasons[str(latest)], reasons
     assert any("skipped" in r.getMessage() and latest.name in r.getMessage()
                for r in raypar_records(caplog, logging.WARNING))
+
+
+def flip_a_byte(checkpoint):
+    shard = sorted(checkpoint.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoints_leave_the_run_resumable_then_restartable(
+        ray_local, small_corpus, cache_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run(spec_for(small_corpus, cache_dir, "parallel.dp=1", "checkpoint.keep=2",
+                 "train.steps=15"), run_dir, progress=False)
+    first, _ = read_metrics(run_dir)
+    flip_a_byte(run_dir / "checkpoints" / ckpt.dir_name(15))
+    # Skips step_15 and resumes from step_10; the longer schedule changes the learning rate
+    # of steps 11-15, whose old rows move aside. The step trained again is saved in a new
+    # folder, so Ray Train retires the corrupt one (keep=2) without touching the new one.
+    assert resume_cli(run_dir, "train.steps=20") == 0
+    rows, events = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21)), "each step exactly once"
+    assert [r["loss"] for r in rows[:10]] == [r["loss"] for r in first[:10]]
+    [recovered] = [e for e in events if e["event"] == "recovery"]
+    assert recovered["step"] == 10 and recovered["mismatched_steps"] == [], recovered
+    assert [ckpt.step_of(p) for p, _ in recovered["skipped"]] == [15]
+    moved = [json.loads(line) for line in (run_dir / "metrics.superseded.jsonl").open()]
+    assert moved[0]["from_step"] == 10 and moved[0]["changed"] == ["train.steps"]
+    assert [r["step"] for r in moved[1:] if "event" not in r] == [11, 12, 13, 14, 15]
+    # Ray Train's bookkeeping lists exactly what storage holds: the next start can load it.
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if ckpt.step_of(p))
+    assert kept == [ckpt.dir_name(15, {ckpt.dir_name(15)}), ckpt.dir_name(20)], kept
+    snapshot = json.loads((run_dir / "checkpoints" / "checkpoint_manager_snapshot.json")
+                          .read_text())
+    assert sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]) == kept
+    # Every checkpoint corrupt: --resume refuses in one line and names --restart, which
+    # trains from step 0 with the old records and checkpoints moved aside, not deleted.
+    for name in kept:
+        flip_a_byte(run_dir / "checkpoints" / name)
+    assert resume_cli(run_dir, "train.steps=30") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--restart" in err and "none of the 2" in err, err
+    assert cli.main(["train", "--resume", str(run_dir), "--restart", "--no-progress",
+                     "--set", "train.steps=5"]) == 0
+    rows, events = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 6)) and rows[0]["loss"] == first[0]["loss"]
+    assert not [e for e in events if e["event"] == "recovery"]
+    [aside] = run_dir.glob("restarted-*")
+    assert len(read_metrics(aside)[0]) == 20
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir() if ckpt.step_of(p)) == kept
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
 def test_resume_refuses_a_forged_checkpoint_before_any_worker(killed_pp_run, tmp_path,

@@ -11,11 +11,13 @@ is the same on every run and machine.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
 import posixpath
 import re
+import stat
 import sysconfig
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -71,13 +73,55 @@ def _kind(fmt: str) -> str:
     return f"{'corpus' if fmt == 'auto' else fmt} ({' '.join(_extensions(fmt))})"
 
 
+def _not_a_file(path: str, st: os.stat_result) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(st.st_mode)), "not a regular file")
+    return f"data.path: {path} is {kind}, not a regular file; remove it or narrow data.path"
+
+
+def local_stat(path: str) -> os.stat_result:
+    """os.stat of a corpus file, or one line naming it when it cannot be read as a file.
+
+    Checked before anything opens it: opening a FIFO would block the run forever, and a
+    broken link would otherwise surface as a traceback from inside Ray Data.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            what = "a symlink loop"
+        elif os.path.islink(path):
+            what = f"a dangling symlink (to {os.readlink(path)}, which does not exist)"
+        else:
+            what = f"unreadable ({e.strerror})"
+        raise ConfigError(f"data.path: {path} is {what}; remove it or narrow data.path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"data.path: {path} is a directory where a file was expected")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(_not_a_file(path, st))
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"data.path: {path} is not readable (permission denied)")
+    return st
+
+
+def _glob_files(pattern: str) -> list[str]:
+    """The glob's matches that are files; a matched directory is skipped (`**` lists them)."""
+    found = []
+    for p in glob.glob(pattern, recursive=True):
+        if not os.path.isdir(p):
+            local_stat(p)  # refuses what is not a readable regular file
+            found.append(p)
+    return found
+
+
 def _list_local(path: str, fmt: str) -> tuple[list[str], str]:
     """(files, what was searched); a directory or glob keeps files of the wanted format."""
     path = os.path.expanduser(path)
     if _MAGIC.search(path):
-        found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-        return [os.path.abspath(p) for p in found], f"files matching {path}"
-    if os.path.isfile(path):
+        return [os.path.abspath(p) for p in _glob_files(path)], f"files matching {path}"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        local_stat(path)
         return [os.path.abspath(path)], path
     if not os.path.isdir(path):
         raise ConfigError(f"data.path: no such file or directory: {path}")
@@ -86,6 +130,8 @@ def _list_local(path: str, fmt: str) -> tuple[list[str], str]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [os.path.join(root, f) for f in files
                   if not f.startswith(".") and _wanted(f, fmt)]
+    for p in found:
+        local_stat(p)  # os.walk lists broken links and FIFOs among the files
     return [os.path.abspath(p) for p in found], f"{_kind(fmt)} files under {path}"
 
 
@@ -151,7 +197,7 @@ def file_stats(sources: list[str]) -> list[FileStat]:
     if not sources or not is_uri(sources[0]):
         out = []
         for p in sources:
-            st = os.stat(p)
+            st = local_stat(p)  # the file may have changed since it was listed
             out.append(FileStat(p, st.st_size, st.st_mtime_ns))
         return out
     fs, paths = filesystem_for(sources)

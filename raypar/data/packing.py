@@ -81,14 +81,21 @@ def block_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def stream_indices(start: int, count: int, n_blocks: int, seed: int) -> np.ndarray:
-    """Block indices at global stream positions [start, start + count)."""
-    pos = np.arange(start, start + count, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, n_blocks)
+    """Block indices at global stream positions [start, start + count).
+
+    The positions are consecutive, so each epoch they touch is one slice of the output
+    and of that epoch's permutation: memory is the output plus one permutation, and a
+    batch spanning many epochs of a tiny corpus costs one pass per epoch, not one pass
+    over the whole batch per epoch.
+    """
+    start, count, n_blocks = int(start), int(count), int(n_blocks)
     out = np.empty(count, dtype=np.int64)
-    # A batch may straddle an epoch boundary (or span several epochs of a tiny corpus).
-    for epoch in np.unique(epochs):
-        sel = epochs == epoch
-        out[sel] = _permutation(int(n_blocks), int(seed), int(epoch))[offsets[sel]]
+    done = 0
+    while done < count:  # one epoch's stretch per turn
+        epoch, offset = divmod(start + done, n_blocks)
+        take = min(count - done, n_blocks - offset)
+        out[done:done + take] = _permutation(n_blocks, int(seed), epoch)[offset:offset + take]
+        done += take
     return out
 
 

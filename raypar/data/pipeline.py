@@ -132,19 +132,93 @@ def _load_cached(entry: Path) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
         return None
 
 
-def _save_cached(entry: Path, train: np.ndarray, val: np.ndarray, stats: dict) -> None:
+def _save_cached(entry: Path, train: np.ndarray, val: np.ndarray, stats: dict,
+                 cfg: DataConfig) -> None:
     # Fill a private directory, then rename it into place: readers see all or nothing.
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry left by a crash
-    tmp.mkdir(parents=True)
-    np.save(tmp / "train.npy", train)
-    np.save(tmp / "val.npy", val)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(entry, ignore_errors=True)  # an unreadable entry left by a crash
+        tmp.mkdir(parents=True)
+        np.save(tmp / "train.npy", train)
+        np.save(tmp / "val.npy", val)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    except OSError as e:  # e.g. the disk filled up since check_cache_dir looked
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(cache_dir_error(cfg, entry.parent.parent, e)) from None
     try:
         os.replace(tmp, entry)
     except OSError:  # another run got there first with the same content
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_dir_error(cfg: DataConfig, cache: Path, e: OSError) -> str:
+    """The one line for a cache directory that cannot be written."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if cfg.cache_dir:
+        return (f"data.cache_dir: cannot write {cache} ({reason}); set data.cache_dir to a "
+                f"writable directory")
+    # Unset, it lies under HOME: either fix does.
+    return (f"data.cache_dir: cannot write the default {cache} ({reason}); set data.cache_dir, "
+            f"or HOME, to a writable directory")
+
+
+class _NeedsWork(Exception):
+    """Raised instead of reading the corpus: the cache cannot answer on its own."""
+
+
+def _needs_work():
+    raise _NeedsWork
+
+
+def _cache_hit(cfg: DataConfig, sources: list[str], stats: list, cache: Path) -> bool:
+    """Whether the cache already holds this config's tokenizer and packed corpus, so
+    prepare_corpus would only read from it (no Ray Data work, no write)."""
+    fp = corpus_fingerprint(sources, cfg, stats)
+    try:
+        tok = build_tokenizer(cfg, sources, cache, _needs_work, fingerprint=fp)
+    except _NeedsWork:  # a bpe tokenizer that is not trained yet
+        return False
+    entry = cache / "corpus" / _cache_key(fp, tok, cfg.seq_len)[:24]
+    return all((entry / name).is_file() for name in ("train.npy", "val.npy", "stats.json"))
+
+
+def _probe_dir(folder: Path) -> None:
+    """Create folder if needed and write a file in it; OSError when that fails. Folders it
+    made are removed again: the check leaves nothing behind."""
+    made: list[Path] = []
+    probe = folder / f".raypar-probe-{os.getpid()}"
+    try:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    finally:
+        for p in made:  # innermost first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def check_cache_dir(cfg: DataConfig, sources: Optional[list[str]] = None,
+                    stats: Optional[list] = None, cache_dir: Optional[Path] = None) -> None:
+    """Refuse a cache directory this run must write but cannot, before any work: in one
+    line naming data.cache_dir. A read-only cache that already holds this config's
+    prepared corpus passes: a cache hit only reads. Pass the resolved sources and their
+    file_stats when you have them, to save listing the corpus again."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
+    if sources is None:
+        sources = resolve_sources(cfg.path, cfg.format)
+    stats = stats if stats is not None else file_stats(sources)
+    if _cache_hit(cfg, sources, stats, cache):
+        return
+    folders = ["corpus", "tokenizers"] if cfg.tokenizer == "bpe" else ["corpus"]
+    for name in folders:
+        try:
+            _probe_dir(cache / name)
+        except OSError as e:
+            raise ConfigError(cache_dir_error(cfg, cache, e)) from None
 
 
 def _report(stats: dict) -> None:
@@ -166,8 +240,10 @@ def prepare_corpus(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Prepare
     fmt = resolve_format(sources, cfg.format)
     stats_f = file_stats(sources)
     check_not_empty(sources, stats_f)
-    fp = corpus_fingerprint(sources, cfg, stats_f)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
+    # Before any work: an unwritable cache would otherwise fail only after all of it.
+    check_cache_dir(cfg, sources, stats_f, cache)
+    fp = corpus_fingerprint(sources, cfg, stats_f)
     docs_ds = None
 
     def documents():
@@ -177,7 +253,6 @@ def prepare_corpus(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Prepare
         return docs_ds
 
     tok = build_tokenizer(cfg, sources, cache, lambda: _train_texts(documents()), fingerprint=fp)
-    block_len = cfg.seq_len + 1
     key = _cache_key(fp, tok, cfg.seq_len)
     entry = cache / "corpus" / key[:24]
     cached = _load_cached(entry)
@@ -193,11 +268,30 @@ def prepare_corpus(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Prepare
         where = "" if fmt == "text" else f" in data.text_column={cfg.text_column!r}"
         raise ConfigError(f"data.path: the corpus is empty: {len(sources)} {fmt} files hold "
                           f"no text{where}")
+    train, val, counts = split_and_pack(docs, is_val, tok, cfg)
+    stats = dict(n_files=len(sources), **counts, replaced_bytes=int(replaced.sum()),
+                 files_with_replacements=len(np.unique(files[replaced > 0])), format=fmt)
+    _save_cached(entry, train, val, stats, cfg)
+    _report(stats)
+    return PreparedCorpus(tok, train, val, stats, key)
+
+
+def split_and_pack(docs: list[np.ndarray], is_val, tok: Tokenizer,
+                   cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(train blocks, val blocks, their counts) from tokenized documents and their split;
+    a split too small for one block is a ConfigError naming the field that made it so."""
+    block_len = cfg.seq_len + 1
     train_docs = [d for d, v in zip(docs, is_val) if not v]
     val_docs = [d for d, v in zip(docs, is_val) if v]
     train = pack(train_docs, tok.eot_id, block_len, tok.vocab_size)
     val = pack(val_docs, tok.eot_id, block_len, tok.vocab_size)
     n_train, n_val = stream_length(train_docs), stream_length(val_docs)
+    if len(train) == 0 and cfg.val_fraction > 0 and n_train + n_val >= block_len:
+        # The corpus holds a block; the validation share took it.
+        raise ConfigError(f"data.val_fraction: {cfg.val_fraction} sends {len(val_docs)} of "
+                          f"{len(docs)} documents to validation and leaves the training split "
+                          f"{n_train} tokens, fewer than data.seq_len+1 = {block_len}; lower "
+                          f"data.val_fraction")
     if len(train) == 0:
         raise ConfigError(f"data.seq_len: the training split has {n_train} tokens, fewer than "
                           f"data.seq_len+1 = {block_len}; lower data.seq_len or add data")
@@ -205,14 +299,9 @@ def prepare_corpus(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Prepare
         raise ConfigError(f"data.val_fraction: the validation split ({len(val_docs)} documents, "
                           f"{n_val} tokens) holds no block of data.seq_len+1 = {block_len} "
                           f"tokens; raise data.val_fraction, lower data.seq_len, or set it to 0")
-    stats = dict(
-        n_files=len(sources), n_docs=len(docs), train_docs=len(train_docs),
-        val_docs=len(val_docs), train_tokens=n_train - len(train_docs),
-        val_tokens=n_val - len(val_docs), replaced_bytes=int(replaced.sum()),
-        files_with_replacements=len(np.unique(files[replaced > 0])),
+    return train, val, dict(
+        n_docs=len(docs), train_docs=len(train_docs), val_docs=len(val_docs),
+        train_tokens=n_train - len(train_docs), val_tokens=n_val - len(val_docs),
         dropped_tokens=(n_train - train.size) + (n_val - val.size),
-        train_blocks=len(train), val_blocks=len(val), format=fmt, tokenizer=tok.kind,
+        train_blocks=len(train), val_blocks=len(val), tokenizer=tok.kind,
         vocab_size=tok.vocab_size)
-    _save_cached(entry, train, val, stats)
-    _report(stats)
-    return PreparedCorpus(tok, train, val, stats, key)

@@ -88,11 +88,16 @@ class Tokenizer:
         return self._hf.to_str()
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str, where: str = "data.tokenizer: the tokenizer") -> "Tokenizer":
+        """Parse to_json's output or a HF tokenizer.json; `where` names the source in the
+        ConfigError for a tokenizer without an end-of-text token."""
         head = text.lstrip()[:200]
-        if '"raypar_tokenizer"' in head and json.loads(text).get("raypar_tokenizer") == _BYTE_KIND:
-            return cls()
-        return cls(HFTokenizer.from_str(text))
+        if '"raypar_tokenizer"' in head:
+            obj = json.loads(text)
+            if isinstance(obj, dict) and obj.get("raypar_tokenizer") == _BYTE_KIND:
+                return cls()
+        hf = HFTokenizer.from_str(text)
+        return cls(hf, _find_eot(hf, where))
 
     def save(self, path: str | Path) -> None:
         _atomic_write(Path(path), self.to_json())
@@ -110,13 +115,25 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
-def _find_eot(hf: HFTokenizer) -> int:
+def _find_eot(hf: HFTokenizer, where: str = "data.tokenizer: the tokenizer") -> int:
     for name in _EOT_CANDIDATES:
         tid = hf.token_to_id(name)
         if tid is not None:
             return tid
-    raise ConfigError(f"data.tokenizer: the tokenizer has no end-of-text token; "
+    raise ConfigError(f"{where} has no end-of-text token; "
                       f"expected one of {', '.join(_EOT_CANDIDATES)}")
+
+
+def parse_tokenizer(text: str, where: str) -> Tokenizer:
+    """The tokenizer a JSON text holds, or a ConfigError that starts with `where` (the
+    field or file it came from) and says what is wrong, in one line."""
+    try:
+        return Tokenizer.from_json(text, where)
+    except ConfigError:
+        raise
+    except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot use
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where} is not a valid tokenizer ({first})") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -158,7 +175,11 @@ def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
         if path.is_file():
             return Tokenizer.from_file(path)
         tok = train_bpe(text_iter_factory(), cfg.vocab_size)
-        tok.save(path)
+        try:
+            tok.save(path)
+        except OSError as e:  # pipeline.check_cache_dir looked first; the disk may have filled
+            raise ConfigError(f"data.cache_dir: cannot write {path} ({e.strerror or e}); set "
+                              f"data.cache_dir to a writable directory") from None
         return tok
     return _user_file(cfg.tokenizer)
 
@@ -169,12 +190,10 @@ def _user_file(name: str) -> Tokenizer:
     if not path.is_file():
         raise ConfigError(f"data.tokenizer: no such file: {path}")
     try:
-        return Tokenizer.from_file(path)
-    except ConfigError:
-        raise
-    except Exception as e:  # tokenizers raises its own Exception type for bad JSON
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"data.tokenizer: {path} is not a valid tokenizer.json ({first})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.tokenizer: cannot read {path} ({e})") from None
+    return parse_tokenizer(text, f"data.tokenizer: {path}")
 
 
 def padded_vocab(n: int, tp: int = 1) -> int:

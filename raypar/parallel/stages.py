@@ -72,48 +72,111 @@ def stage_layout(n_layer: int, n_stages: int, head_cost: float = 0.0,
     last stage. The split minimises the most expensive stage (the pipeline's pace);
     among those, the most even one (least sum of squared costs); remaining ties give
     earlier stages more blocks (exactly balanced layers with no extra costs: the
-    leftovers go to the first stages).
+    leftovers go to the first stages). The sizes come from `stage_sizes`.
+    """
+    layout, start = [], 0
+    for k in stage_sizes(n_layer, n_stages, head_cost, embed_cost):
+        layout.append(list(range(start, start + k)))
+        start += k
+    return layout
+
+
+# The split was once a dynamic program over every split (O(stages * layers^2): minutes
+# at 100k layers); these tolerances keep its answers. It admitted stages up to 1e-9
+# over the bottleneck, and kept the larger first stage unless another split was better
+# by 1e-9 in the sum of squares: moving one block changes that sum by twice the cost
+# gap, so two cost levels within 5e-10 are one level here.
+_EPS = 1e-9
+_TIE = _EPS / 2
+
+
+def stage_sizes(n_layer: int, n_stages: int, head_cost: float = 0.0,
+                embed_cost: float = 0.0) -> list[int]:
+    """Blocks per global stage under `stage_layout`'s rule, in O(log n_layer) steps.
+
+    Only three kinds of stage exist: the first (+embed_cost), the middle ones (no
+    extra) and the last (+head_cost); within a kind, stages are interchangeable, so
+    the bottleneck is the least cost at which the kinds' capacities hold every block
+    (a binary search), and the most even split fills the stages up cost level by cost
+    level (the sum of squares is convex and separable), the last level's blocks going
+    to the earliest stages.
     """
     if n_stages < 1:
         raise ValueError(f"n_stages must be >= 1, got {n_stages}")
     if n_layer < n_stages:
         raise ValueError(f"{n_layer} layers cannot fill {n_stages} pipeline stages "
                          f"(every stage needs at least one block)")
-    L, S, eps = n_layer, n_stages, 1e-9
+    if not (math.isfinite(head_cost) and math.isfinite(embed_cost)):
+        raise ValueError(f"stage costs must be finite, got head {head_cost}, embed {embed_cost}")
+    if n_stages == 1:
+        return [n_layer]
+    # (extra cost, how many stages) of the first, middle and last kinds, in stage order.
+    kinds = [(embed_cost, 1), (0.0, n_stages - 2), (head_cost, 1)]
+    bound = _least_bottleneck(n_layer, n_stages, kinds) + _EPS
+    caps = [_count_upto(a, n_layer - n_stages + 1, bound, strict=False) for a, _ in kinds]
+    return _even_fill(n_layer - n_stages, kinds, caps)
 
-    def cost(s: int, k: int) -> float:
-        return k + (embed_cost if s == 0 else 0.0) + (head_cost if s == S - 1 else 0.0)
 
-    def sizes(s: int, i: int) -> range:  # blocks stage s may take from layer i on
-        return range(L - i - (S - 1 - s), 0, -1)  # largest first; leave 1 per later stage
+def _count_upto(extra: float, limit: int, level: float, strict: bool) -> int:
+    """How many of k = 1..limit have cost k + extra <= level (< level when strict),
+    compared in floating point exactly as the costs are added."""
+    def ok(k: int) -> bool:
+        return k + extra < level if strict else k + extra <= level
+    k = min(max(math.floor(level - extra), 0), limit)  # an estimate, off by one at most
+    while k < limit and ok(k + 1):
+        k += 1
+    while k > 0 and not ok(k):
+        k -= 1
+    return k
 
-    # Pass 1: the least achievable bottleneck, best[s][i] for layers i.. on stages s..
-    inf = math.inf
-    best = [[inf] * (L + 1) for _ in range(S + 1)]
-    best[S][L] = 0.0
-    for s in range(S - 1, -1, -1):
-        for i in range(s, L - (S - 1 - s)):
-            best[s][i] = min(max(cost(s, k), best[s + 1][i + k]) for k in sizes(s, i))
-    bound = best[0][0] + eps
-    # Pass 2: the most even split under that bottleneck (sum of squares is additive).
-    sq = [[inf] * (L + 1) for _ in range(S + 1)]
-    pick = [[0] * (L + 1) for _ in range(S + 1)]
-    sq[S][L] = 0.0
-    for s in range(S - 1, -1, -1):
-        for i in range(s, L - (S - 1 - s)):
-            for k in sizes(s, i):
-                c = cost(s, k)
-                if c > bound:
-                    continue
-                v = c * c + sq[s + 1][i + k]
-                if v < sq[s][i] - eps:  # strict: ties keep the larger k (earlier stage)
-                    sq[s][i], pick[s][i] = v, k
-    layout, i = [], 0
-    for s in range(S):
-        k = pick[s][i]
-        layout.append(list(range(i, i + k)))
-        i += k
-    return layout
+
+def _least_bottleneck(n_layer: int, n_stages: int, kinds: list[tuple[float, int]]) -> float:
+    """The least cost B such that every stage can hold >= 1 block at cost <= B and all
+    the stages together hold n_layer blocks; B is the cost of some kind's k blocks."""
+    limit = n_layer - n_stages + 1
+
+    def fits(level: float) -> bool:
+        caps = [(_count_upto(a, limit, level, strict=False), n) for a, n in kinds if n]
+        return all(c >= 1 for c, _ in caps) and sum(c * n for c, n in caps) >= n_layer
+
+    best = math.inf
+    for a, n in kinds:
+        if not n or not fits(limit + a):
+            continue
+        lo, hi = 1, limit  # the least k whose cost fits, by bisection
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid + a) else (mid + 1, hi)
+        best = min(best, lo + a)
+    return best
+
+
+def _even_fill(extra: int, kinds: list[tuple[float, int]], caps: list[int]) -> list[int]:
+    """Stage sizes: every stage starts with one block; the `extra` others go one at a
+    time to a stage of least cost (one more block on a stage of cost c adds 2c + 1 to
+    the sum of squares), within each kind's cap. The lowest cost levels are all taken;
+    of the last level's blocks, the earliest stages get theirs."""
+    spans = [(a, n, cap - 1) for (a, n), cap in zip(kinds, caps)]  # a stage's extra slots
+
+    def taken(level: float, strict: bool) -> int:
+        return sum(n * _count_upto(a, room, level, strict) for a, n, room in spans)
+
+    last = math.inf  # the cost level from which the extra-th block is drawn
+    for a, n, room in spans:
+        if extra and n and room and taken(room + a, strict=False) >= extra:
+            lo, hi = 1, room
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if taken(mid + a, strict=False) >= extra else (mid + 1, hi)
+            last = min(last, lo + a)
+    sizes, left = [], extra - (taken(last - _TIE, strict=True) if extra else 0)
+    for a, n, room in spans:
+        k = 1 + (_count_upto(a, room, last - _TIE, strict=True) if extra else 0)
+        tie = k <= room and abs(k + a - last) <= _TIE  # its next block is on the last level
+        more = min(left, n) if tie else 0
+        sizes += [k + 1] * more + [k] * (n - more)
+        left -= more
+    return sizes
 
 
 # --------------------------------------------------------------------------- stage modules

@@ -2,7 +2,8 @@
 
 Each rank writes its shard into a local temporary directory; `ray.train.report`
 uploads every rank's directory into one checkpoint folder in the run's storage
-(Ray merges them), named `step_<8 digits>`. So that a crash half-way through an
+(Ray merges them), named `step_<8 digits>` (`step_<8 digits>.<k>` for a step trained
+again after a restart whose first folder is still there, see `dir_name`). So that a crash half-way through an
 upload can never be mistaken for a checkpoint, every rank also writes
 `manifest-<rank>.json`: the name, byte size and sha256 of every file it wrote,
 with the step and the world size. A folder is a checkpoint only when the
@@ -41,7 +42,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Collection, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -64,13 +65,28 @@ META = "meta.json"
 TRAIN_STATE = "train_state.json"
 DCP_METADATA = ".metadata"
 MANIFEST_FORMAT = 1
-_STEP_DIR = re.compile(rf"^{PREFIX}(\d+)$")
+_STEP_DIR = re.compile(rf"^{PREFIX}(\d+)(?:\.(\d+))?$")
 _RESERVED = re.compile(r"^(manifest-\d+\.json|meta\.json|train_state\.json|\.metadata|.*\.distcp)$")
 
 
 
-def dir_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
+def dir_name(step: int, taken: Collection[str] = ()) -> str:
+    """The folder a checkpoint of `step` is stored in: `step_<N>`, or `step_<N>.<k>` when
+    a folder of that name is among `taken` (the storage listing when this worker group
+    started). A step is trained again after a restart when its first checkpoint was
+    skipped as corrupt; Ray Train's bookkeeping deletes checkpoints by folder, so reusing
+    the folder would let it delete the new checkpoint when it retires the old one (and
+    its snapshot would then list a folder that is gone, which stops every later start)."""
+    name, k = f"{PREFIX}{step:08d}", 1
+    while name in taken:
+        k += 1
+        name = f"{PREFIX}{step:08d}.{k}"
+    return name
+
+
+def _order(path: PathLike) -> tuple[int, int]:
+    m = _STEP_DIR.match(storage.basename(path))
+    return (int(m.group(1)), int(m.group(2) or 1)) if m else (-1, 0)
 
 
 def manifest_name(rank: int) -> str:
@@ -352,13 +368,12 @@ def candidates(root: PathLike) -> list[PathLike]:
         root = storage.local_path(root)
     if step_of(root) is not None:
         return [root] if storage.list_dir(root) is not None else []
-    found: dict[str, tuple[int, PathLike]] = {}
+    found: dict[str, PathLike] = {}
     for base in (root, storage.join(root, CHECKPOINTS)):
         for name, (is_dir, _) in (storage.list_dir(base) or {}).items():
-            step = step_of(name)
-            if step is not None and is_dir:
-                found.setdefault(name, (step, storage.join(base, name)))
-    return [p for _, p in sorted(found.values(), key=lambda sp: sp[0], reverse=True)]
+            if step_of(name) is not None and is_dir:
+                found.setdefault(name, storage.join(base, name))
+    return sorted(found.values(), key=_order, reverse=True)
 
 
 def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar"),

@@ -81,16 +81,17 @@ def _device() -> torch.device:
 class StepFlags:
     """The flags every rank contributes once per step, combined by max over all ranks:
     rank 0's decisions (its clock decides when rows are due, and when a background save has
-    landed), Ray Train's preemption notice, and any rank's SIGTERM. Training and sitting-out
-    ranks then act on the same values."""
+    landed, and whether the driver asked the run to stop), Ray Train's preemption notice,
+    and any rank's SIGTERM. Training and sitting-out ranks then act on the same values."""
     report_due: bool = False
     save_landed: bool = False
     notice: bool = False
     sigtermed: bool = False
+    stop: bool = False
 
     def exchange(self) -> "StepFlags":
         mine = [int(self.report_due), int(self.save_landed), int(self.notice),
-                int(self.sigtermed or SIGTERM.is_set())]
+                int(self.sigtermed or SIGTERM.is_set()), int(self.stop)]
         if dist.get_world_size() > 1:
             t = torch.tensor(mine, dtype=torch.int64, device=_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -219,21 +220,23 @@ class StepPlan:
 
     @classmethod
     def decide(cls, flags: StepFlags, save_due: bool, last: bool, in_flight: bool,
-               async_save: bool) -> "StepPlan":
+               async_save: bool, save_on_stop: bool = False) -> "StepPlan":
         preempted = flags.sigtermed
         # A preemption notice: save now and train on; when the node goes, the group
         # restarts from this checkpoint (Ray Train's own recommendation). A SIGTERM: save,
-        # then stop.
-        save = save_due or preempted or flags.notice
+        # then stop. The driver's stop (Ctrl-C): save if the run saves at all and the step
+        # is not saved yet (save_on_stop), then stop.
+        asked = flags.stop and save_on_stop
+        save = save_due or preempted or flags.notice or asked
         return cls(
             # A background save is reported as soon as rank 0 has written it, or before the
             # next save starts, at the end, or before a preemption's save.
-            land=in_flight and (save or last or flags.save_landed),
+            land=in_flight and (save or last or flags.save_landed or flags.stop),
             save=save,
             # The last checkpoint, and a preemption's, are written before anything goes on.
-            sync=not async_save or last or preempted or flags.notice,
-            report=save or last or flags.report_due,
-            stop=last or preempted)
+            sync=not async_save or last or preempted or flags.notice or asked,
+            report=save or last or flags.report_due or flags.stop,
+            stop=last or preempted or flags.stop)
 
     @property
     def n_reports(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -23,22 +24,24 @@ import ray.train
 from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
-from tqdm import tqdm
 
 from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
-from raypar.config import ConfigError, RunSpec, model_config
+from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import prepare_corpus, resolve_sources
 from raypar.data.corpus import check_not_empty, file_stats
-from raypar.data.pipeline import PreparedCorpus
+from raypar.data.pipeline import PreparedCorpus, check_cache_dir
 from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
+from raypar.train import restart as restart_mod
 from raypar.train import tracking
 from raypar.train.faults import parse_fault, parse_step_delay
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Merger, Record, StepRow, WorkerReport
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
                                  default_run_dir)
-from raypar.train.summary import announce, finish_tracking, layout_report, summarize
+from raypar.train.stopping import Interrupted, SignalGuard, StopFlag, Stopped, end_ray
+from raypar.train.summary import Follower, finish_tracking, layout_report, summarize
+from raypar.validation import check_corpus_fits
 
 log = logging.getLogger("raypar")
 
@@ -82,13 +85,27 @@ class MetricsSink(ray.train.UserCallback):
         self.rd.append_metrics(self.merger.merge(reports[0]))
 
 
-def _check_resumable(spec: RunSpec, rd: RunDir, root: str, vocab_size: int,
-                     tokenizer_json: str) -> None:
-    """--resume: the same tokenizer and model as the checkpoints, and steps left to train."""
+def _latest_checkpoint(spec: RunSpec, rd: RunDir) -> Optional[str]:
+    """--resume: the checkpoint it continues from. Checkpoints none of which verifies are
+    refused: training on from step 0 would be a new run, which only --restart starts."""
+    root = checkpoint_root(spec, rd.path)[2]
+    found = ckpt.candidates(root)
+    latest = ckpt.latest_valid(root, log)
+    if found and latest is None:
+        raise ConfigError(
+            f"--resume: none of the {len(found)} checkpoints under {root} verifies (see the "
+            f"warnings above); to train again from step 0 in this directory, with the old "
+            f"records moved aside: raypar train --resume {rd.path} --restart")
+    return None if latest is None else str(latest)
+
+
+def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size: int,
+                    tokenizer_json: str) -> None:
+    """--resume: the same tokenizer and model as the checkpoints, steps left to train, and
+    the rows of steps this run trains again on another course moved aside."""
     if rd.tokenizer.exists() and json.loads(rd.tokenizer.read_text()) != json.loads(tokenizer_json):
         raise ConfigError("data: this config builds a different tokenizer than the run's "
                           f"{rd.tokenizer}; resume with the run's data settings")
-    latest = ckpt.latest_valid(root, log)
     if latest is not None:
         ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
         ckpt.checked_metadata(latest)  # a forged one is refused here, before any worker
@@ -96,30 +113,44 @@ def _check_resumable(spec: RunSpec, rd: RunDir, root: str, vocab_size: int,
     if rows and rows[-1].step >= spec.train.steps:
         raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "
                           f"steps; raise it with --set train.steps=N to train further")
+    from_step = ckpt.read_train_state(latest)["step"] if latest is not None else 0
+    if rows and rows[-1].step > from_step:
+        # config.yaml still holds the run's settings: this --resume writes its own later.
+        fields = restart_mod.changed_course(load_spec(rd.config), spec, from_step, rows[-1].step)
+        if fields:
+            rd.drop_torn_line()
+            restart_mod.supersede(rd, from_step, fields)
 
 
 def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = None,
-        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+        progress: bool = True, resume: bool = False, restart: bool = False) -> dict[str, Any]:
     """Train one model; returns the summary that is also written to summary.json.
 
     resume=True continues the run in run_dir (the driver died, or it failed, or it
     should train for more steps): workers load its latest valid checkpoint, under this
-    spec's layout, and metrics.jsonl and the MLflow run go on where they stopped."""
+    spec's layout, and metrics.jsonl and the MLflow run go on where they stopped.
+    restart=True (with resume) trains run_dir's run again from step 0, its old records
+    and checkpoints moved aside (raypar/train/restart.py)."""
     logger = logging.getLogger("raypar")
     before = list(logger.handlers)
     try:
-        return _run(spec, RunDir(run_dir or default_run_dir(spec)), address, progress, resume)
+        return _run(spec, RunDir(run_dir or default_run_dir(spec)), address, progress, resume,
+                    restart)
     finally:  # this run's run.log handler: a later run in this process logs elsewhere
         for handler in [h for h in logger.handlers if h not in before]:
             logger.removeHandler(handler)
             handler.close()
 
 
-def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bool) -> None:
+def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bool,
+                   restart: bool) -> Optional[str]:
     """What can be refused before Ray starts: the data path, a layout this machine cannot
-    hold, a run directory that is not what the command expects, unwritable storage."""
+    hold, a run directory that is not what the command expects, unwritable storage, a
+    --resume without a checkpoint that verifies. Returns the checkpoint --resume loads."""
     sources = resolve_sources(spec.data.path, spec.data.format)
-    check_not_empty(sources, file_stats(sources))
+    stats = file_stats(sources)
+    check_not_empty(sources, stats)
+    check_cache_dir(spec.data, sources, stats)  # not after minutes of preparation
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
     if resume:
@@ -131,12 +162,15 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
         raise ConfigError(f"--run-dir: {rd.path} already holds a run; choose another "
                           f"directory, or continue it with --resume {rd.path}")
     check_storage(spec, rd.path)
+    return _latest_checkpoint(spec, rd) if resume and not restart else None
 
 
-def _prepare(spec: RunSpec, address: Optional[str]) -> tuple[PreparedCorpus, int, bool]:
+def _prepare(spec: RunSpec, address: Optional[str],
+             guard: SignalGuard) -> tuple[PreparedCorpus, int, bool]:
     """Connect to Ray, check the cluster can hold the layout, prepare the corpus. Returns
     (corpus, padded vocabulary size, use_gpu)."""
     is_local = connect(address, spec.world_size)
+    guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False
     use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
@@ -144,6 +178,7 @@ def _prepare(spec: RunSpec, address: Optional[str]) -> tuple[PreparedCorpus, int
                    use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     corpus = prepare_corpus(spec.data, cache)
+    check_corpus_fits(spec, len(corpus.train))
     if len(corpus.val) == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
@@ -166,37 +201,76 @@ def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, resume: boo
 
 
 def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
-         resume: bool) -> dict[str, Any]:
+         resume: bool, restart: bool) -> dict[str, Any]:
     t_start = time.time()
-    _check_request(spec, rd, address, resume)
+    latest = _check_request(spec, rd, address, resume, restart)
     # One run per directory, from before it writes anything until it ends, however it ends.
-    with RunLock(rd):
-        if resume:  # a stopped run's workers may still be finishing
-            rd.wait_until_quiet()
-        elif rd.holds_run():  # one that started and ended since the check above
-            raise ConfigError(f"--run-dir: {rd.path} already holds a run")
-        return _train(spec, rd, address, progress, resume, t_start)
+    with SignalGuard() as guard, RunLock(rd):
+        try:
+            if resume:  # a stopped run's workers may still be finishing
+                rd.wait_until_quiet()
+            elif rd.holds_run():  # one that started and ended since the check above
+                raise ConfigError(f"--run-dir: {rd.path} already holds a run")
+            if restart:
+                restart_mod.move_aside(rd, checkpoint_root(spec, rd.path)[2])
+                resume = False
+            return _train(spec, rd, address, progress, resume, latest, t_start, guard)
+        except (Stopped, SystemExit) as stop:  # before any worker trained
+            # (While ray.init runs, its own SIGTERM handler is in place: sys.exit(15).)
+            if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
+                raise
+            signum = getattr(stop, "signum", signal.SIGTERM)
+            name = signal.Signals(signum).name
+            if rd.status.exists():
+                rd.write_status("stopped", error=f"{name} before training started")
+            raise Interrupted(f"stopped by {name} before training started", signum) from None
 
 
 def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, resume: bool,
-           t_start: float) -> dict[str, Any]:
+           latest: Optional[str], t_start: float, guard: SignalGuard) -> dict[str, Any]:
     storage, name, root = checkpoint_root(spec, rd.path)
     uri = tracking.resolve_uri(spec, rd.path) if spec.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
     fault = parse_fault(rd)
     step_delay = parse_step_delay()
-    corpus, vocab_size, use_gpu = _prepare(spec, address)
+    corpus, vocab_size, use_gpu = _prepare(spec, address, guard)
     if resume:
-        _check_resumable(spec, rd, root, vocab_size, corpus.tokenizer.to_json())
+        _prepare_resume(spec, rd, latest, vocab_size, corpus.tokenizer.to_json())
     _open_run_dir(spec, rd, corpus, resume)
     rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
     tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
-    if tracker:
-        tracker.log_artifact(rd.config)
-        tracker.backfill(earlier)
+    follower = Follower(rd, spec, tracker, progress, len(earlier))
+    outcome: dict[str, Any] = {}
+    try:
+        if tracker:
+            tracker.log_artifact(rd.config)
+            tracker.backfill(earlier)
+        thread = _fit_thread(spec, rd, corpus, vocab_size, use_gpu, fault, step_delay, guard,
+                             outcome, t_start)
+        follower.follow(thread, guard)
+    except Stopped:  # a second signal, or workers that did not stop in time
+        end_ray()
+        try:  # the job's actors may write for a moment after the driver let go of them
+            rd.wait_until_quiet(quiet_s=1.0, timeout_s=10.0)
+        except ConfigError:
+            pass
+        follower.poll()  # what the workers wrote before they went
+    follower.close()
+    if guard.flag is not None:
+        guard.flag.clear()
+    return _finish(spec, rd, earlier + follower.rows, follower.events, tracker, outcome,
+                   t_start, guard.signum)
 
+
+def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, vocab_size: int,
+                use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
+                outcome: dict[str, Any], t_start: float) -> threading.Thread:
+    """The thread that runs Ray Train's fit(), its result or error into outcome. From here
+    on a signal asks the workers to stop."""
+    storage, name, root = checkpoint_root(spec, rd.path)
+    flag = StopFlag()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -204,11 +278,10 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
             "tokenizer_json": corpus.tokenizer.to_json(),
             "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
-            "step_delay_s": step_delay,
+            "step_delay_s": step_delay, "stop_flag": flag,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))
-    outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
@@ -216,9 +289,8 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             outcome["error"] = e
 
-    new_rows, events = _follow_training(threading.Thread(target=fit, daemon=True), rd,
-                                        spec, tracker, progress, len(earlier))
-    return _finish(spec, rd, earlier + new_rows, events, tracker, outcome, t_start)
+    guard.training(flag)
+    return threading.Thread(target=fit, daemon=True)
 
 
 def _run_config(spec: RunSpec, rd: RunDir, storage: str, name: str,
@@ -271,12 +343,20 @@ def _collective_echo(err: BaseException) -> bool:
 
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],
             tracker: Optional[tracking.Tracker], outcome: dict[str, Any],
-            t_start: float) -> dict[str, Any]:
-    ok = "error" not in outcome and bool(rows) and rows[-1].step == spec.train.steps
+            t_start: float, signum: Optional[int]) -> dict[str, Any]:
+    complete = bool(rows) and rows[-1].step == spec.train.steps
+    ok = "error" not in outcome and complete
+    stopped = signum is not None and not ok
     summary = summarize(rows, events, rd, tracker, time.time() - t_start)
     layout_report(spec, rd, summary, tracker)
     if tracker:
-        finish_tracking(tracker, rd, rows, ok)
+        finish_tracking(tracker, rd, rows, "FINISHED" if ok else "KILLED" if stopped
+                        else "FAILED")
+    if stopped:
+        step, name = rows[-1].step if rows else 0, signal.Signals(signum).name
+        rd.write_status("stopped", error=f"{name} at step {step}")
+        raise Interrupted(f"stopped by {name} at step {step} of {spec.train.steps}; continue "
+                          f"with: raypar train --resume {rd.path}", signum)
     if not ok:
         err = outcome.get("error")
         cause = root_cause(err) if err is not None else "incomplete"
@@ -287,34 +367,3 @@ def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record]
     rd.write_summary(summary)
     rd.write_status("finished")
     return summary.to_json()
-
-
-def _follow_training(thread: threading.Thread, rd: RunDir, spec: RunSpec,
-                     tracker: Optional[tracking.Tracker], progress: bool, done: int
-                     ) -> tuple[list[StepRow], list[Record]]:
-    """Run fit() on a thread while this one tails metrics.jsonl into tqdm and MLflow.
-    Returns the new (step rows, events)."""
-    offset = rd.metrics_size()
-    rows: list[StepRow] = []
-    events: list[Record] = []
-    bar = tqdm(total=spec.train.steps, initial=done, desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    thread.start()
-    while True:
-        alive = thread.is_alive()
-        new, offset = rd.follow_metrics(offset)
-        for event in (r for r in new if not isinstance(r, StepRow)):
-            events.append(event)
-            announce(spec, event, tracker)
-        new = [r for r in new if isinstance(r, StepRow)]
-        if new:
-            rows.extend(new)
-            if tracker:
-                tracker.log_rows(new)
-            bar.update(len(new))
-            bar.set_postfix(loss=f"{new[-1].loss:.4f}", tok_s=f"{new[-1].tokens_per_s:.0f}")
-        if not alive:
-            break
-        thread.join(timeout=0.5)
-    bar.close()
-    return rows, events

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import ray
 import ray.train
@@ -28,6 +28,7 @@ from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
 from raypar.train.records import CheckpointEvent, RankInfo, StartRecord, StepRow, Timeline, \
     WorkerReport
 from raypar.train.saver import Saver
+from raypar.train.stopping import StopPoll
 from raypar.train.trainer import RankTrainer
 
 log = logging.getLogger("raypar")
@@ -45,7 +46,8 @@ class Reporter:
     Ray's worker-side queue holds one report, so every earlier one has reached the driver,
     but the last one sent may still die with the worker."""
 
-    def __init__(self):
+    def __init__(self, taken: Collection[str] = ()):
+        self.taken = set(taken)  # checkpoint folders in storage when this group started
         self.next = WorkerReport()  # what goes with the next report
         self.unconfirmed: list[StepRow] = []
         self.last_sent = time.perf_counter()
@@ -64,7 +66,7 @@ class Reporter:
         report, self.next = self.next, WorkerReport()
         report.checkpoints = timings
         self.notice = control.report(report.to_json(), checkpoint=checkpoint,
-                                     checkpoint_dir_name=ckpt.dir_name(step),
+                                     checkpoint_dir_name=ckpt.dir_name(step, self.taken),
                                      delete_local_checkpoint_after_upload=True) or self.notice
         self.unconfirmed, self.last_sent = report.rows, time.perf_counter()
 
@@ -83,9 +85,10 @@ def rank_info(trainer: RankTrainer) -> RankInfo:
         **(trainer.memory or {}))
 
 
-def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
+def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[str]]:
     """The newest checkpoint under root that verifies; each newer one that does not is
-    skipped with a warning. Returns (path or None, [[skipped path, reason], ...]).
+    skipped with a warning. Returns (path or None, [[skipped path, reason], ...], the
+    names of every checkpoint folder there: a new save never reuses one, ckpt.dir_name).
 
     Why the storage listing and not only `ray.train.get_checkpoint()`: Ray Train
     registers a checkpoint when its controller collects the report, up to one health
@@ -94,19 +97,20 @@ def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]]]:
     metrics row the driver may not have had (train_state.json "rows"), so no row is lost."""
     skipped: list[list[str]] = []
     path = ckpt.latest_valid(root, log, skipped)
-    return (str(path) if path is not None else None), skipped
+    taken = [ckpt.storage.basename(c) for c in ckpt.candidates(root)]
+    return (str(path) if path is not None else None), skipped, taken
 
 
 def _start(config: dict[str, Any], groups: Groups, trainer: RankTrainer, started: float,
-           choice: tuple[Optional[str], list[list[str]]]) -> Reporter:
+           choice: tuple[Optional[str], list[list[str]], list[str]]) -> Reporter:
     """Load the chosen checkpoint; the first report says where this worker group starts
     (the driver tells a restart from a fresh start and counts the steps redone), and the
     checkpoint's own rows go out again: that report may have died with a worker before Ray
     collected it (the driver skips the steps it knows)."""
-    path, skipped = choice
+    path, skipped, taken = choice
     t_load = time.perf_counter()
     saved = trainer.load(path) if path is not None else {}
-    reporter = Reporter()
+    reporter = Reporter(taken)
     reporter.next.start = StartRecord(
         checkpoint=path, from_step=trainer.step, skipped=skipped, started=started,
         loaded=time.time(), load_s=time.perf_counter() - t_load,
@@ -155,13 +159,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     saver = Saver(spec, trainer, groups, meta, config.get("fault"))
     reporter = _start(config, groups, trainer, started, choice)
     notice_saved = False
+    stop_asked = StopPoll(config.get("stop_flag") if rank == 0 else None)
+    flags = StepFlags()
     plan = StepPlan(land=False, save=False, sync=True, report=False,
                     stop=trainer.step >= spec.train.steps)
     while not plan.stop:
         _step(trainer, reporter, config)
         notice = rank == 0 and reporter.notice is not None and not notice_saved
         flags = StepFlags(report_due=rank == 0 and reporter.due(),
-                          save_landed=rank == 0 and saver.landed(), notice=notice).exchange()
+                          save_landed=rank == 0 and saver.landed(), notice=notice,
+                          stop=stop_asked()).exchange()
         if flags.notice:
             notice_saved = True
             if rank == 0:
@@ -169,7 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             trainer.step, reporter.notice)
         last = trainer.step == spec.train.steps
         plan = StepPlan.decide(flags, saver.due(), last, saver.inflight is not None,
-                               spec.checkpoint.async_save)
+                               spec.checkpoint.async_save,
+                               save_on_stop=spec.checkpoint.every > 0 and not saver.due())
         if rank == 0:
             control.share_plan(plan.n_reports, plan.stop, groups)
         if plan.land:
@@ -186,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reporter.send(None, trainer.step, saver.take_timings())
     # Every rank has uploaded its part of the last checkpoint before any of them exits.
     control.barrier()
-    if trainer.step < spec.train.steps:
+    if trainer.step < spec.train.steps and not flags.stop:  # (the driver's stop: return)
         if SIGTERM.is_set():
             control.exit_after_sigterm()
         raise control.Preempted(f"a worker received SIGTERM at step {trainer.step}: saved the "

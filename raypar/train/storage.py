@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -115,3 +116,15 @@ def local_copy(path: PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+    """Rename a folder (local), or copy it and delete the original (object stores, which
+    cannot rename a prefix)."""
+    if not is_uri(src):
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, src_path = pa_fs(str(src))
+    _, dst_path = pa_fs(str(dst))
+    pafs.copy_files(src_path, dst_path, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(src_path)

@@ -1,11 +1,14 @@
-"""What the driver tells the user about a run as it goes and when it ends: the log line of
-each event in metrics.jsonl, the summary, and the per-rank and pipeline report (into the
+"""What the driver tells the user about a run as it goes and when it ends: the progress bar
+fed from metrics.jsonl (Follower), the log line of each event in it, the summary, and the per-rank and pipeline report (into the
 summary, MLflow and pipeline_timeline.png).
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import threading
+from typing import TYPE_CHECKING, Optional
+
+from tqdm import tqdm
 
 from raypar.config import RunSpec
 from raypar.parallel.timeline import pipeline_bubble, plot_timeline, theoretical_bubble
@@ -14,6 +17,9 @@ from raypar.train import tracking
 from raypar.train.records import (CheckpointEvent, LayoutEvent, Record, RecoveryEvent, StepRow,
                                   Summary)
 from raypar.train.rundir import RunDir
+
+if TYPE_CHECKING:
+    from raypar.train.stopping import SignalGuard
 
 log = logging.getLogger("raypar")
 
@@ -111,8 +117,50 @@ def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
 
 
 def finish_tracking(tracker: tracking.Tracker, rd: RunDir, rows: list[StepRow],
-                    ok: bool) -> None:
+                    status: str) -> None:
+    """The loss plot, and the MLflow run ended as status (FINISHED, FAILED, KILLED)."""
     if rows:
         tracking.plot_loss(rows, rd.loss_png)
         tracker.log_artifact(rd.loss_png)
-    tracker.finish(ok)
+    tracker.finish(status)
+
+
+class Follower:
+    """While fit() runs on its thread, this one tails metrics.jsonl into the progress bar
+    and MLflow, and keeps the new step rows and events."""
+
+    def __init__(self, rd: RunDir, spec: RunSpec, tracker: Optional[tracking.Tracker],
+                 progress: bool, done: int):
+        self.rd, self.spec, self.tracker = rd, spec, tracker
+        self.offset = rd.metrics_size()
+        self.rows: list[StepRow] = []
+        self.events: list[Record] = []
+        self.bar = tqdm(total=spec.train.steps, initial=done, desc="train", unit="step",
+                        disable=not progress, dynamic_ncols=True)
+
+    def follow(self, thread: threading.Thread, guard: "SignalGuard") -> None:
+        thread.start()
+        while True:
+            alive = thread.is_alive()
+            self.poll()
+            if not alive:
+                return
+            guard.check()
+            thread.join(timeout=0.5)
+
+    def poll(self) -> None:
+        new, self.offset = self.rd.follow_metrics(self.offset)
+        for event in (r for r in new if not isinstance(r, StepRow)):
+            self.events.append(event)
+            announce(self.spec, event, self.tracker)
+        new = [r for r in new if isinstance(r, StepRow)]
+        if new:
+            self.rows.extend(new)
+            if self.tracker:
+                self.tracker.log_rows(new)
+            self.bar.update(len(new))
+            self.bar.set_postfix(loss=f"{new[-1].loss:.4f}",
+                                 tok_s=f"{new[-1].tokens_per_s:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()

@@ -141,8 +141,9 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
-    def finish(self, ok: bool) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+    def finish(self, status: str) -> None:
+        """End the MLflow run as FINISHED, FAILED or KILLED (a run stopped by a signal)."""
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
