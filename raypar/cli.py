@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -245,9 +246,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"raypar: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # (raypar.train.stopping.Stopped carries its signal)
         print("raypar: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except RuntimeError as e:
         print(f"raypar: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         # A run stopped by a signal (raypar.train.stopping.Interrupted) exits 128 + signal.

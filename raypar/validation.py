@@ -108,10 +108,14 @@ def _validate_bounds(spec: RunSpec) -> None:
     if t.global_batch > MAX_GLOBAL_BATCH:
         raise ConfigError(f"train.global_batch: must be <= {MAX_GLOBAL_BATCH:,} (2**24) "
                           f"sequences per step, got {t.global_batch}")
-    for key, count in (("train.steps", t.steps), ("train.eval_batches", t.eval_batches)):
+    for key, count in (("train.steps", t.steps),):
         if count * t.global_batch > INT64_MAX:
             raise ConfigError(f"{key}: {key} * train.global_batch = {count} * {t.global_batch} "
                               f"blocks must be < 2**63 (int64 block positions)")
+    if t.eval_batches * t.global_batch > MAX_GLOBAL_BATCH:
+        raise ConfigError(f"train.eval_batches: eval_batches * global_batch = {t.eval_batches} "
+                          f"* {t.global_batch} sequences per evaluation; at most "
+                          f"{MAX_GLOBAL_BATCH:,} (2**24) are allowed")
 
 
 def model_param_count(spec: RunSpec) -> int:
@@ -227,19 +231,22 @@ def _validate_data(spec: RunSpec) -> None:
                           f"got {spec.data.vocab_size}")
 
 
-def check_corpus_fits(spec: RunSpec, n_train_blocks: int) -> None:
-    """Refuse a global batch larger than the corpus: call it once the corpus is packed.
+MAX_EPOCHS_PER_STEP = 1000
+"""A step may read the corpus several times over (a small file and a laptop's batch), but a
+step of many epochs costs a permutation per epoch on every worker (2**24 sequences over 10
+blocks: over a minute per step)."""
 
-    A step reads train.global_batch consecutive positions of the block stream, one
-    seeded permutation of the n_train_blocks blocks per epoch (raypar/data/packing.py).
-    A larger batch reads blocks twice within a step, and a batch of many epochs costs a
-    permutation per epoch on every worker at every step (2**24 sequences over 10 blocks:
-    over a minute per step), so it is a config error, not a slow run.
-    """
+
+def check_corpus_fits(spec: RunSpec, n_train_blocks: int) -> None:
+    """Refuse a global batch that would read the corpus more than MAX_EPOCHS_PER_STEP times
+    in one step: call it once the corpus is packed. (A step reads train.global_batch
+    consecutive positions of the block stream, one seeded permutation of the
+    n_train_blocks blocks per epoch, raypar/data/packing.py.)"""
     t = spec.train
-    if t.global_batch > n_train_blocks:
+    most = n_train_blocks * MAX_EPOCHS_PER_STEP
+    if t.global_batch > most:
         raise ConfigError(
             f"train.global_batch: {t.global_batch} sequences per step, but the corpus packs "
             f"into {n_train_blocks} training blocks of data.seq_len + 1 = "
-            f"{spec.data.seq_len + 1} tokens; at most {n_train_blocks} are allowed (lower "
-            f"train.global_batch or data.seq_len, or add data)")
+            f"{spec.data.seq_len + 1} tokens; at most {most} ({MAX_EPOCHS_PER_STEP} passes "
+            f"over it) are allowed (lower train.global_batch or data.seq_len, or add data)")

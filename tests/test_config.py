@@ -209,7 +209,7 @@ def test_random_overrides_never_raise_anything_but_config_error(pairs):
      "train.steps: train.steps * train.global_batch = 1000000000000 * 16000000 blocks must "
      "be < 2**63"),
     (["train.eval_batches=1000000000000", "train.global_batch=16000000"],
-     "train.eval_batches: train.eval_batches * train.global_batch"),
+     "train.eval_batches: eval_batches * global_batch"),
 ])
 def test_absurd_sizes_are_config_errors(overrides, error):
     """Sizes no cluster, model or int64 index can hold are refused in one line, before
@@ -221,19 +221,23 @@ def test_absurd_sizes_are_config_errors(overrides, error):
 
 def test_the_largest_allowed_sizes_are_valid():
     spec = load_spec(None, ["parallel.dp=500000", "model.n_layer=100000",
-                            "train.global_batch=16000000", "train.micro_batch=16"])
+                            "train.global_batch=16000000", "train.micro_batch=16",
+                            "train.eval_batches=1"])
     assert spec.world_size == 1_000_000 and spec.grad_accum == 2
     from raypar.model import param_count
     from raypar.validation import model_param_count
     assert model_param_count(spec) == param_count(model_config(spec, spec.data.vocab_size))
 
 
-def test_a_global_batch_larger_than_the_corpus_is_refused():
+def test_a_global_batch_of_many_passes_over_the_corpus_is_refused():
     from raypar.validation import check_corpus_fits
-    spec = load_spec(None, ["train.global_batch=64"])
-    check_corpus_fits(spec, 64)
+    spec = load_spec(None, ["train.global_batch=64000"])
+    check_corpus_fits(spec, 64)  # a small corpus read many times a step is a valid run
+    check_corpus_fits(load_spec(None, ["train.global_batch=16"]), 5)
     with pytest.raises(ConfigError) as e:
         check_corpus_fits(spec, 63)
-    assert str(e.value).startswith("train.global_batch: 64 sequences per step, but the corpus "
-                                   "packs into 63 training blocks of data.seq_len + 1 = 129 "
-                                   "tokens; at most 63 are allowed")
+    assert str(e.value).startswith("train.global_batch: 64000 sequences per step, but the "
+                                   "corpus packs into 63 training blocks of data.seq_len + 1 "
+                                   "= 129 tokens; at most 63000 (1000 passes over it)")
+    with pytest.raises(ConfigError, match=r"^train.eval_batches: eval_batches \* global_batch"):
+        load_spec(None, ["train.eval_batches=1000000000"])

@@ -36,16 +36,20 @@ def test_a_signal_before_training_stops_at_once_and_handlers_come_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_while_training_the_first_signal_asks_the_second_forces(capsys, monkeypatch):
+def test_while_training_the_first_signal_asks_the_second_forces(capfd, monkeypatch):
     flag = FakeFlag()
     with stopping.SignalGuard() as guard:
         guard.training(flag)
         os.kill(os.getpid(), signal.SIGINT)  # asks the workers; nothing raised here
         assert flag.set_to == signal.SIGINT and guard.signum == signal.SIGINT
-        assert "save a checkpoint and stop" in capsys.readouterr().err
+        assert "save a checkpoint and stop" in capfd.readouterr().err
         guard.check()  # within the grace period: keep waiting
         with pytest.raises(stopping.Stopped):
             os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # stopping now: a third one changes nothing
+    with stopping.SignalGuard() as guard:
+        guard.training(FakeFlag())
+        os.kill(os.getpid(), signal.SIGTERM)
         monkeypatch.setattr(stopping, "STOP_GRACE_S", 0.0)
         with pytest.raises(stopping.Stopped):
             guard.check()  # the workers had their time
@@ -72,6 +76,11 @@ def test_a_stop_request_saves_then_stops_every_rank(save_on_stop):
                            async_save=True, save_on_stop=save_on_stop)
     assert plan.stop and plan.report and plan.land, "a background save in flight lands first"
     assert plan.save == save_on_stop and (plan.sync or not save_on_stop)
+    # A stop on a step whose save is due anyway, saving in the background: it is written
+    # before the workers stop, not left in flight.
+    due = StepPlan.decide(StepFlags(stop=True), save_due=True, last=False, in_flight=False,
+                          async_save=True, save_on_stop=save_on_stop)
+    assert due.save and due.sync and due.stop
     quiet = StepPlan.decide(StepFlags(), save_due=False, last=False, in_flight=False,
                             async_save=False, save_on_stop=True)
     assert not (quiet.stop or quiet.save)

@@ -234,7 +234,7 @@ class StepPlan:
             land=in_flight and (save or last or flags.save_landed or flags.stop),
             save=save,
             # The last checkpoint, and a preemption's, are written before anything goes on.
-            sync=not async_save or last or preempted or flags.notice or asked,
+            sync=not async_save or last or preempted or flags.notice or flags.stop,
             report=save or last or flags.report_due or flags.stop,
             stop=last or preempted or flags.stop)
 

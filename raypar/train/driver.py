@@ -209,6 +209,8 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
         try:
             if resume:  # a stopped run's workers may still be finishing
                 rd.wait_until_quiet()
+                if not restart:  # they may have saved a newer checkpoint meanwhile
+                    latest = _latest_checkpoint(spec, rd)
             elif rd.holds_run():  # one that started and ended since the check above
                 raise ConfigError(f"--run-dir: {rd.path} already holds a run")
             if restart:
@@ -219,9 +221,11 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
             # (While ray.init runs, its own SIGTERM handler is in place: sys.exit(15).)
             if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
                 raise
+            guard.settle()
             signum = getattr(stop, "signum", signal.SIGTERM)
             name = signal.Signals(signum).name
-            if rd.status.exists():
+            status = rd.read_status()  # this run's "running", not a finished run's record
+            if status is not None and status.state == "running":
                 rd.write_status("stopped", error=f"{name} before training started")
             raise Interrupted(f"stopped by {name} before training started", signum) from None
 
@@ -240,28 +244,33 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     _open_run_dir(spec, rd, corpus, resume)
     rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
-    tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
-    follower = Follower(rd, spec, tracker, progress, len(earlier))
+    tracker: Optional[tracking.Tracker] = None
+    follower: Optional[Follower] = None
     outcome: dict[str, Any] = {}
-    try:
+    try:  # from here a stop ends the MLflow run too
+        tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
+        follower = Follower(rd, spec, tracker, progress, len(earlier))
         if tracker:
             tracker.log_artifact(rd.config)
             tracker.backfill(earlier)
         thread = _fit_thread(spec, rd, corpus, vocab_size, use_gpu, fault, step_delay, guard,
                              outcome, t_start)
         follower.follow(thread, guard)
-    except Stopped:  # a second signal, or workers that did not stop in time
-        end_ray()
+        guard.settle()  # fit() has ended: the records are written whatever comes now
+    except Stopped:  # a signal before the workers trained, a second one, or workers
+        end_ray()    # that did not stop in time
         try:  # the job's actors may write for a moment after the driver let go of them
             rd.wait_until_quiet(quiet_s=1.0, timeout_s=10.0)
         except ConfigError:
             pass
-        follower.poll()  # what the workers wrote before they went
-    follower.close()
+        if follower is not None:
+            follower.poll()  # what the workers wrote before they went
     if guard.flag is not None:
         guard.flag.clear()
-    return _finish(spec, rd, earlier + follower.rows, follower.events, tracker, outcome,
-                   t_start, guard.signum)
+    rows, events = (follower.rows, follower.events) if follower else ([], [])
+    if follower:
+        follower.close()
+    return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum)
 
 
 def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, vocab_size: int,

@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = trainer.step == spec.train.steps
         plan = StepPlan.decide(flags, saver.due(), last, saver.inflight is not None,
                                spec.checkpoint.async_save,
-                               save_on_stop=spec.checkpoint.every > 0 and not saver.due())
+                               save_on_stop=spec.checkpoint.every > 0)
         if rank == 0:
             control.share_plan(plan.n_reports, plan.stop, groups)
         if plan.land:

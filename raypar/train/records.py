@@ -220,7 +220,7 @@ class WorkerReport(Record):
 
 @dataclass(eq=False)
 class Status(Record):
-    """status.json: "running", "failed" (with the error) or "finished"."""
+    """status.json: "running", "failed" (with the error), "stopped" (by a signal) or "finished"."""
     state: str
     time: float
     error: Optional[str] = None

@@ -44,8 +44,7 @@ def move_aside(rd: RunDir, checkpoint_root: str) -> Path:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{k}"
     aside = rd.path / f"restarted-{stamp}"
     aside.mkdir()
-    for name in _RECORDS:
-        path = getattr(rd, name)
+    for path in [getattr(rd, name) for name in _RECORDS] + [rd.path / SUPERSEDED]:
         if path.exists():
             os.replace(path, aside / path.name)
     if storage.list_dir(checkpoint_root) is not None:
@@ -77,6 +76,8 @@ def supersede(rd: RunDir, from_step: int, fields: list[str]) -> int:
     (appended, after a line saying why). Returns how many step rows moved."""
     keep, moved, rows = [], [], 0
     for line in rd.metrics.read_bytes().splitlines(keepends=True):
+        if not line.strip():
+            continue
         data = json.loads(line)
         if data.get("step", 0) > from_step:
             moved.append(line)

@@ -21,8 +21,8 @@ a busy laptop, so the first stop request waited for it.
 """
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -36,9 +36,9 @@ _POLL_S = 0.5
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Stopped(BaseException):
-    """Raised on the driver's main thread: stop now. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+class Stopped(KeyboardInterrupt):
+    """Raised on the driver's main thread: stop now. A KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it, and the CLI answers it as one."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -101,6 +101,7 @@ class SignalGuard:
         self.signum: Optional[int] = None
         self.flag: Optional[StopFlag] = None
         self.asked_at: Optional[float] = None
+        self.settled = False  # stopping now, or training ended: later signals are ignored
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "SignalGuard":
@@ -122,21 +123,37 @@ class SignalGuard:
     def training(self, flag: StopFlag) -> None:
         self.flag = flag
 
+    def settle(self) -> None:
+        """From here on the run ends its own way (the records are being written): a later
+        signal must not cut that short."""
+        self.settled = True
+
+    def _stop_now(self, signum: int) -> None:
+        self.settled = True
+        raise Stopped(signum)
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.settled:
+            return
         first = self.signum is None
         if first:
             self.signum = signum
         if not first or self.flag is None:
-            raise Stopped(signum)
+            self._stop_now(signum)
         self.asked_at = time.monotonic()
-        self.flag.set(signum)
-        print(f"raypar: {signal.Signals(signum).name}: the workers save a checkpoint and stop "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        try:
+            self.flag.set(signum)
+        except Exception:  # noqa: BLE001 - Ray cannot pass the request on: stop now
+            self._stop_now(signum)
+        # os.write, not print: the handler may interrupt a write to stderr (the progress
+        # bar, a log line), and print would then fail as a reentrant call.
+        os.write(2, f"raypar: {signal.Signals(signum).name}: the workers save a checkpoint "
+                    f"and stop (send it again to stop at once)\n".encode())
 
     def check(self) -> None:
         """On the main thread while training: the workers had their time to stop."""
         if self.asked_at is not None and time.monotonic() - self.asked_at > STOP_GRACE_S:
-            raise Stopped(self.signum)
+            self._stop_now(self.signum)
 
 
 def end_ray() -> None:

@@ -1,0 +1,137 @@
+"""The seeded order in which a run consumes blocks, in O(1) memory.
+
+Stream position p belongs to epoch p // n and reads block perm_e(p % n), where perm_e is
+a keyed bijection on [0, n): each epoch covers every block exactly once, in its own order,
+and no rank ever holds an array of n block indices (n is about 10**8 at 10B tokens).
+
+    order = BlockOrder(n_blocks=80_000_000, seed=1337)
+    order.blocks(start=7 * 512, count=512)     # step 7's global batch of 512 blocks
+
+The bijection is a Feistel network over the k-bit integers, 2**k the smallest power of
+two >= n, made a permutation of [0, n) by cycle walking: a value that lands outside
+[0, n) is permuted again until it lands inside. Since 2**k < 2n, a walk takes under two
+passes on average. numpy has no keyed permutation that needs no O(n) table (its
+Generator.permutation materialises one), hence this module.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import numpy as np
+
+ROUNDS = 8  # even: the high and the low half are each rewritten 4 times
+MAX_BLOCKS = 1 << 62  # positions stay below 2**63, the int64 output's range
+_VERSION = b"raypar block order v1"  # bump when the permutation changes
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_U64 = np.uint64
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (a fresh array; wraps modulo 2**64): a
+    bijection in which every input bit flips about half of the output bits."""
+    z = z ^ (z >> _U64(30))
+    z *= _M1
+    z ^= z >> _U64(27)
+    z *= _M2
+    z ^= z >> _U64(31)
+    return z
+
+
+def _round_keys(seed: int, n_blocks: int) -> list[int]:
+    """ROUNDS 64-bit keys from (seed, n_blocks): the same on every machine and numpy version."""
+    digest = hashlib.blake2b(_VERSION + f" {int(seed)} {int(n_blocks)}".encode(),
+                             digest_size=8 * ROUNDS).digest()
+    return [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(ROUNDS)]
+
+
+class BlockOrder:
+    """Global block indices at stream positions, fixed by (seed, n_blocks)."""
+
+    def __init__(self, n_blocks: int, seed: int):
+        n_blocks = int(n_blocks)
+        if not 1 <= n_blocks <= MAX_BLOCKS:
+            raise ValueError(f"n_blocks: {n_blocks} is outside [1, 2**62]; "
+                             f"a corpus needs at least one block")
+        self.n_blocks, self.seed = n_blocks, int(seed)
+        bits = (n_blocks - 1).bit_length()  # 2**bits >= n_blocks > 2**(bits - 1)
+        # Uneven halves keep the domain at 2**bits (< 2n): walks stay short for every n.
+        self._lo_bits = bits // 2
+        self._hi_bits = bits - self._lo_bits
+        self._keys = _round_keys(self.seed, n_blocks)
+
+    def __repr__(self) -> str:
+        return f"BlockOrder(n_blocks={self.n_blocks}, seed={self.seed})"
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices (int64) at stream positions [start, start + count)."""
+        start, count = int(start), int(count)
+        if start < 0 or count < 0 or start + count > 1 << 63:
+            raise ValueError(f"positions [{start}, {start + count}) are outside [0, 2**63)")
+        n = self.n_blocks
+        if count == 0 or n == 1:  # one block: every position reads it, no keys needed
+            return np.zeros(count, dtype=np.int64)
+        first, last = start // n, (start + count - 1) // n
+        pos = np.arange(count, dtype=np.uint64) + _U64(start)
+        if first == last:  # the common case: one epoch, one set of round keys
+            offsets, which = pos - _U64(first * n), None
+        else:  # consecutive positions: their epochs are first..last, a small range
+            epoch = pos // _U64(n)
+            offsets = pos - epoch * _U64(n)
+            which = (epoch - _U64(first)).astype(np.intp)
+        keys = self._epoch_keys(first, last - first + 1)
+        return self._permute(offsets, keys, which).astype(np.int64)
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """All n block indices of one epoch, in order (O(n): for tests and small corpora)."""
+        return self.blocks(int(epoch) * self.n_blocks, self.n_blocks)
+
+    def _epoch_keys(self, first: int, count: int) -> list[np.ndarray]:
+        """Per round, the keys of epochs first..first+count-1 (uint64, one per epoch)."""
+        # mix is a bijection, so distinct epochs get distinct keys in every round.
+        tag = _mix(np.arange(count, dtype=np.uint64) + _U64(first) + _GOLDEN)
+        return [_mix(tag ^ _U64(k)) for k in self._keys]
+
+    def _permute(self, x: np.ndarray, keys: list[np.ndarray], which) -> np.ndarray:
+        """Cycle walking: apply the Feistel permutation until each value is below n. Every
+        walk ends, because x's cycle in the permutation passes through x itself (< n)."""
+        n = _U64(self.n_blocks)
+        y = self._feistel(x, keys, which)
+        pending = np.flatnonzero(y >= n)
+        while pending.size:
+            sub = None if which is None else which[pending]
+            vals = self._feistel(y[pending], keys, sub)
+            done = vals < n
+            y[pending[done]] = vals[done]
+            y[pending[~done]] = vals[~done]
+            pending = pending[~done]
+        return y
+
+    def _feistel(self, x: np.ndarray, keys: list[np.ndarray], which) -> np.ndarray:
+        """One keyed bijection of the (hi_bits + lo_bits)-bit integers: rounds alternately
+        xor the high half with a hash of the low half and the low half with a hash of the
+        high half; each round is undone by repeating it, so the whole is a bijection."""
+        lo_bits, hi_bits = self._lo_bits, self._hi_bits
+        lo = x & _U64((1 << lo_bits) - 1)
+        hi = x >> _U64(lo_bits)
+        for r, key in enumerate(keys):
+            k = key[0] if which is None else key[which]
+            # The top bits of the hash: splitmix64 mixes them best.
+            if r % 2 == 0 and hi_bits:
+                hi ^= _mix(lo ^ k) >> _U64(64 - hi_bits)
+            elif r % 2 == 1 and lo_bits:
+                lo ^= _mix(hi ^ k) >> _U64(64 - lo_bits)
+        return (hi << _U64(lo_bits)) | lo
+
+
+@lru_cache(maxsize=8)
+def block_order(n_blocks: int, seed: int) -> BlockOrder:
+    """A shared BlockOrder per (n_blocks, seed): cheap to build, but steps ask often."""
+    return BlockOrder(n_blocks, seed)
+
+
+def stream_indices(start: int, count: int, n_blocks: int, seed: int) -> np.ndarray:
+    """Block indices at global stream positions [start, start + count): the same
+    signature as packing.stream_indices, with this module's O(1)-memory order."""
+    return block_order(int(n_blocks), int(seed)).blocks(start, count)
