@@ -208,9 +208,8 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
     with SignalGuard() as guard, RunLock(rd):
         try:
             if resume:  # a stopped run's workers may still be finishing
-                rd.wait_until_quiet()
-                if not restart:  # they may have saved a newer checkpoint meanwhile
-                    latest = _latest_checkpoint(spec, rd)
+                if rd.wait_until_quiet() and not restart:  # they may have saved a newer
+                    latest = _latest_checkpoint(spec, rd)   # checkpoint meanwhile
             elif rd.holds_run():  # one that started and ended since the check above
                 raise ConfigError(f"--run-dir: {rd.path} already holds a run")
             if restart:
@@ -232,7 +231,6 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
 
 def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, resume: bool,
            latest: Optional[str], t_start: float, guard: SignalGuard) -> dict[str, Any]:
-    storage, name, root = checkpoint_root(spec, rd.path)
     uri = tracking.resolve_uri(spec, rd.path) if spec.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)

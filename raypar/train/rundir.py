@@ -251,12 +251,12 @@ class RunDir:
                 pass
         return max(times, default=0.0)
 
-    def wait_until_quiet(self, quiet_s: float = QUIET_S, timeout_s: float = QUIET_TIMEOUT_S) -> None:
+    def wait_until_quiet(self, quiet_s: float = QUIET_S, timeout_s: float = QUIET_TIMEOUT_S) -> bool:
         """--resume: the workers of a stopped job (`ray job stop`, a killed driver) can go on
         for seconds after their driver is gone, finishing steps and writing checkpoints. Two
         runs writing one directory would mix their records, so wait until RUN_DIR has been
         quiet for quiet_s; if it is still being written after timeout_s, the run is alive:
-        refuse."""
+        refuse. Returns whether it had to wait (something was written meanwhile)."""
         deadline = time.time() + timeout_s
         waited = False
         while (idle := time.time() - self.last_write()) < quiet_s:
@@ -270,6 +270,7 @@ class RunDir:
                             self.path, max(idle, 0.0), quiet_s)
                 waited = True
             time.sleep(min(0.5, quiet_s))
+        return waited
 
 
 def checkpoint_root(spec: RunSpec, run_dir: Path) -> tuple[str, str, str]:
