@@ -7,6 +7,7 @@
     raypar export runs/t                           # -> runs/t/export/model.safetensors
     raypar generate --checkpoint runs/t/export/model.safetensors --prompt "def "
     raypar bench --quick --out runs/bench               # raypar vs bare PyTorch and torchrun
+    raypar prepare --set data.path=corpus/ --set data.dataset_dir=s3://bucket/ds  # token shards
 
 User errors print one line `raypar: error: ...` and exit with code 2.
 """
@@ -88,6 +89,16 @@ def _bench_parser(sub) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
 
 
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="read and tokenize the corpus with Ray Data into a "
+                       "dataset directory of token shards (data.dataset_dir, else the cache), "
+                       "which later runs reuse; give it as data.path to train from it anywhere")
+    _spec_options(p)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--force", action="store_true", help="prepare again even when a finished "
+                   "dataset of this corpus and tokenizer is there")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypar", description=(
         "Train GPT-style language models on Ray with data, tensor and pipeline parallelism."))
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _plan_parser(sub)
     _bench_parser(sub)
+    _prepare_parser(sub)
     return parser
 
 
@@ -131,6 +143,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary["mlflow_run_id"]:
         print(f"mlflow run: {summary['mlflow_run_id']}  "
               f"(mlflow ui --backend-store-uri {summary['mlflow_uri']})")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, args.overrides)  # (a config error before seconds of imports)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # as in cmd_train
+    import time
+
+    from raypar.data import pipeline, prepare
+    from raypar.data.corpus import check_not_empty, file_stats, resolve_sources
+    data, started = spec.data, time.monotonic()
+    cache = pipeline.default_cache_dir(data)
+    # What can be refused is refused before Ray starts; and a dataset that is finished (or
+    # a data.path that is one) is only read: no Ray at all.
+    work = not prepare.is_prepared(data.path)
+    if work:
+        sources = resolve_sources(data.path, data.format)
+        stats = file_stats(sources)
+        check_not_empty(sources, stats)
+        pipeline.check_cache_dir(data, sources, stats, cache)
+        work = args.force or not prepare.lookup(data, sources, stats, cache)
+    if work:
+        import logging
+
+        from ray.data import DataContext
+
+        from raypar.cluster import connect
+        connect(args.address, 1)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        DataContext.get_current().enable_progress_bars = False  # ours instead, below
+    tty = sys.stderr.isatty()
+
+    def show(snap: dict) -> None:
+        line = f"preparing: {prepare.format_progress(snap)}"
+        print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+
+    ds = prepare.prepare_dataset(data, cache, progress=show, progress_every=1.0 if tty else
+                                 prepare.PROGRESS_EVERY_S, force=args.force)
+    if tty and work:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    tokens = ds.tokens("train") + ds.tokens("val")
+    print(f"{'reused' if ds.from_cache else 'prepared'} {ds.path}: {ds.stats['n_docs']:,} "
+          f"documents, {tokens:,} tokens ({ds.tokens('train'):,} train, "
+          f"{ds.tokens('val'):,} val), {ds.shards('train') + ds.shards('val')} shards, "
+          f"{time.monotonic() - started:.1f} s")
     return 0
 
 
@@ -242,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
-                "export": cmd_export, "bench": cmd_bench}[args.command](args)
+                "export": cmd_export, "bench": cmd_bench,
+                "prepare": cmd_prepare}[args.command](args)
     except ConfigError as e:
         print(f"raypar: error: {e}", file=sys.stderr)
         return 2

@@ -95,7 +95,11 @@ class ParallelConfig:
 class DataConfig:
     path: str = ""
     """Corpus: a file, directory or glob, local or any URI pyarrow reads (s3://, gs://).
-    Empty means the built-in corpus: the Python standard library's own source files."""
+    Empty means the built-in corpus: the Python standard library's own source files.
+    A directory prepared by `raypar prepare` (it holds manifest.json) is used as it is:
+    its tokenizer and split come with it (format, text_column, val_fraction, vocab_size
+    and tokenizer_sample_bytes are then not used; tokenizer is checked when it is 'byte'
+    or a file, and must match)."""
     format: str = "auto"
     """'text', 'jsonl', 'parquet', or 'auto' (by file extension)."""
     text_column: str = "text"
@@ -110,7 +114,14 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of documents held out for validation (chosen by a hash of the document id)."""
     cache_dir: str = ""
-    """Where trained tokenizers and packed corpora are cached; empty means ~/.cache/raypar."""
+    """Where trained tokenizers and prepared datasets are cached; empty means ~/.cache/raypar."""
+    dataset_dir: str = ""
+    """Where the prepared dataset (token shards + manifest.json) is written: a local path or
+    a URI pyarrow writes (s3://, gs://); on a cluster of several nodes it must be storage
+    they all share. Empty means <cache_dir>/datasets/<key of corpus and tokenizer>."""
+    tokenizer_sample_bytes: int = 64_000_000
+    """The 'bpe' tokenizer trains on the first this many bytes of training text (documents
+    in corpus order), not on the whole corpus."""
 
 
 @dataclass

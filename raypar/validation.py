@@ -29,7 +29,7 @@ _POSITIVE = {
     "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
     "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
     "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
-    "checkpoint.keep",
+    "checkpoint.keep", "data.tokenizer_sample_bytes",
 }
 _NON_NEGATIVE = {
     "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",

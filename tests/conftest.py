@@ -199,3 +199,31 @@ def wait_for(run_dir, predicate, what, thread, timeout=300):
 
 def layouts(events):
     return [e["dp"] for e in events if e["event"] == "layout"]
+
+
+def single_process_rows(spec, cache, tmp_path):
+    """The run as one process with no Ray Train: dp=pp=tp=1, the same RankTrainer and data,
+    spec's pp and tp must be 1; each step's row (a StepRow, with val_loss on evaluation steps). What every layout,
+    resize and resume must reproduce. (The corpus is prepared with Ray Data: Ray is up.)"""
+    import torch.distributed as dist
+
+    from raypar.data import prepare_corpus
+    from raypar.data.tokenizer import padded_vocab
+    from raypar.train.trainer import RankTrainer
+    corpus = prepare_corpus(spec.data, cache)
+    fixed = spec.with_dp(1)
+    assert fixed.world_size == 1, "give a spec with pp=1 and tp=1"
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        worker = RankTrainer(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
+                             corpus.val)
+        rows = []
+        while worker.step < fixed.train.steps:
+            row = worker.train_step()
+            if worker.eval_due():
+                row.val_loss = worker.evaluate()
+            rows.append(row)
+        return rows
+    finally:
+        dist.destroy_process_group()

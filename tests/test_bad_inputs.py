@@ -225,17 +225,7 @@ def test_read_only_cache_that_holds_the_corpus_still_works(tmp_path, local_data,
     assert len(local_data) == 2, "only the two first preparations read the corpus"
 
 
-def test_cache_write_that_fails_late_is_one_line_and_leaves_no_tmp(tmp_path, local_data,
-                                                                   monkeypatch):
-    cfg = DataConfig(path=str(write_corpus(tmp_path / "corpus")), cache_dir=str(tmp_path / "c"),
-                     seq_len=16, val_fraction=0.0)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(pipeline.np, "save", disk_full)
-    with pytest.raises(ConfigError, match=r"^data\.cache_dir: cannot write .*No space left"):
-        pipeline.prepare_corpus(cfg)
-    assert list((tmp_path / "c" / "corpus").iterdir()) == []
+# (A disk that fills up while shards are written: tests/test_prepare.py.)
 
 
 # -- d, e: tampered exported files ------------------------------------------------------------

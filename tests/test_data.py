@@ -1,5 +1,6 @@
 """Tests of raypar.data: packing and the global order, tokenizers, and the Ray Data
-corpus preparation on a real local Ray (one instance for the module).
+corpus preparation seen through prepare_corpus's arrays, on a real local Ray (one
+instance for the module). The dataset directories themselves: tests/test_prepare.py.
 
     python -m pytest -q tests/test_data.py
 """
@@ -252,8 +253,8 @@ def test_prepare_jsonl_and_parquet(ray_local, tmp_path):
         results.append(out)
     tok = results[0].tokenizer
     assert "record 0 record 0 record 0 " in tok.decode(results[0].train.reshape(-1).tolist())
-    # Same texts at the same line/row numbers: jsonl and parquet make the same documents,
-    # except that the blank line shifts jsonl's later line numbers (and so their split).
+    # Same texts: jsonl and parquet make the same documents, with other ids (a jsonl
+    # document's is its line's byte offset, a parquet one's its row), so another split.
     assert results[1].stats["train_tokens"] + results[1].stats["val_tokens"] == \
         results[0].stats["train_tokens"] + results[0].stats["val_tokens"]
 

@@ -11,17 +11,14 @@ import time
 
 import pytest
 import ray
-import torch.distributed as dist
 
 from raypar.config import ConfigError, load_spec
-from raypar.data import prepare_corpus
 from raypar.train import checkpoint as ckpt
-from raypar.train.trainer import RankTrainer
-from raypar.data.tokenizer import padded_vocab
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
 
-from conftest import ROOT, force_reservation_refresh, layouts, start_run, wait_for
+from conftest import (ROOT, force_reservation_refresh, layouts, single_process_rows, start_run,
+                      wait_for)
 
 pytestmark = pytest.mark.ray  # every test here trains through Ray
 
@@ -68,26 +65,6 @@ def elastic_spec(corpus, cache, *overrides):
         "checkpoint.keep=20", "checkpoint.max_failures=5", "train.eval_every=40",
         "train.lr=0.001", "train.min_lr=0.0001",
         "train.log_blocks=true", *overrides])
-
-
-def single_process_rows(spec, cache, tmp_path):
-    """The run as one process with no Ray: dp=1, the same RankTrainer, the same data."""
-    corpus = prepare_corpus(spec.data, cache)
-    fixed = spec.with_dp(1)
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        worker = RankTrainer(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
-                             corpus.val)
-        rows = []
-        while worker.step < fixed.train.steps:
-            row = worker.train_step()
-            if worker.eval_due():
-                row.val_loss = worker.evaluate()
-            rows.append(row)
-        return rows
-    finally:
-        dist.destroy_process_group()
 
 
 def test_node_preempted_lost_and_regained(cluster, small_corpus, cache_dir, tmp_path,

@@ -1,8 +1,18 @@
-"""Parallelism never changes the math: every layout reproduces the single-process run.
+"""Parallelism never changes the math: every layout, and every pair of parallel features,
+reproduces the single-process run.
 
-Each layout trains the same 4-layer model for 10 steps through the real path (Ray
-Train workers, the mesh, tensor/pipeline/data parallel wrappers) and its per-step
-loss, gradient norm and validation loss must equal the dp=pp=tp=1 run's.
+The 4-layer model trains 10 steps in each layout, and each step's loss, gradient norm and
+validation loss must equal those of one process (the same RankTrainer, dp=pp=tp=1, no
+Ray). The gradient norm is compared as well as the loss: clipping scales the update by
+it, so a wrong norm shows in the loss only steps later.
+
+Features fail where they meet (fsdp with tp summed its gradient norm wrongly while each
+alone was exact), so the matrix covers every pair: each dp_mode with tp (and sequence
+parallel) and with each pipeline schedule, tp with pp, and dp x tp x pp. Those layouts
+train one after another in one 8-worker Ray Train group (raypar.bench.probe: each builds
+its own mesh, model and optimizers, the ranks a layout does not need wait), which takes a
+fraction of a worker group start per layout; one layout also runs as a whole `run()`
+through Ray Train, the driver and the records.
 
 Tolerance: rtol 1e-5 (fp32, dropout 0). The layouts add the same numbers in a
 different order (row-parallel matmuls sum partial products across ranks, data
@@ -14,34 +24,45 @@ import json
 
 import pytest
 
+from raypar.bench.probe import run_probe
 from raypar.config import ConfigError, load_spec
+from raypar.data import prepare_corpus
+from raypar.data.tokenizer import padded_vocab
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
 
-from conftest import ROOT
+from conftest import ROOT, single_process_rows
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", "train.steps=10",
+STEPS = 10
+COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", f"train.steps={STEPS}",
           "train.global_batch=8", "train.micro_batch=2", "train.eval_every=5",
-          "tracking.enabled=false"]
+          "tracking.enabled=false", "parallel.dp=1"]
+DDP, FSDP = ["parallel.dp=2", "parallel.dp_mode=ddp"], ["parallel.dp=2", "parallel.dp_mode=fsdp"]
+TP, SP = ["parallel.tp=2"], ["parallel.sequence_parallel=true"]
+SCHEDULES = {"gpipe": ["parallel.pp=2", "parallel.schedule=gpipe"],
+             "1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
+             "interleaved": ["parallel.pp=2", "parallel.schedule=interleaved_1f1b",
+                             "parallel.virtual_stages=2"]}
 
-# dp2 x pp2 (schedule 1f1b) and plain tp2 are checked in test_resume.py against a dp2
-# run (the run resumed there, and the resume at tp2 and at dp1, rtol 1e-5), and plain
-# DDP at dp 2 and 3 against one process in test_elastic.py, so they are not repeated here.
 LAYOUTS = {
-    "pp2-gpipe": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=gpipe"],
-    "pp2-interleaved": ["parallel.dp=1", "parallel.pp=2", "parallel.schedule=interleaved_1f1b",
-                        "parallel.virtual_stages=2"],
-    "dp2-fsdp": ["parallel.dp=2", "parallel.dp_mode=fsdp"],
-    "dp2-tp2": ["parallel.dp=2", "parallel.tp=2"],
-    "tp2-pp2-ac": ["parallel.dp=1", "parallel.tp=2", "parallel.pp=2",
-                   "train.activation_checkpointing=true"],
-    "dp2-tp2-pp2": ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
+    "dp2-ddp": DDP,
+    "dp2-fsdp": FSDP,
+    "tp2": TP,
+    "tp2-sp": TP + SP,
+    "dp2-ddp-tp2": DDP + TP,
+    "dp2-fsdp-tp2": FSDP + TP,
+    "dp2-fsdp-tp2-sp": FSDP + TP + SP,
+    **{f"pp2-{name}": pp for name, pp in SCHEDULES.items()},
+    **{f"dp2-ddp-pp2-{name}": DDP + pp for name, pp in SCHEDULES.items()},
+    **{f"dp2-fsdp-pp2-{name}": FSDP + pp for name, pp in SCHEDULES.items()},
+    "tp2-pp2-ac": TP + SCHEDULES["1f1b"] + ["train.activation_checkpointing=true"],
+    "tp2-pp2-interleaved-sp": TP + SP + SCHEDULES["interleaved"],
+    "dp2-ddp-tp2-pp2": DDP + TP + SCHEDULES["1f1b"],
+    "dp2-fsdp-tp2-pp2-gpipe": FSDP + TP + SCHEDULES["gpipe"],
 }
-
-
-def rows_of(run_dir):
-    return read_metrics(run_dir)[0]  # the step rows (events aside)
+# Through the whole path (driver, Ray Train, reports, timeline): the one with every feature.
+WHOLE_RUN = FSDP + TP + SCHEDULES["interleaved"]
 
 
 def spec_for(corpus, cache, *overrides):
@@ -51,46 +72,68 @@ def spec_for(corpus, cache, *overrides):
 
 @pytest.fixture(scope="module")
 def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    run(spec_for(small_corpus, cache_dir, "parallel.dp=1"), run_dir, progress=False)
-    return rows_of(run_dir)
+    return single_process_rows(spec_for(small_corpus, cache_dir), cache_dir,
+                               tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def curves(ray_local, small_corpus, cache_dir, tmp_path_factory):
+    """{layout: rank 0's rows}, every layout trained in one 8-worker group."""
+    corpus = prepare_corpus(spec_for(small_corpus, cache_dir).data, cache_dir)
+    jobs = [{"name": name, "spec": spec_for(small_corpus, cache_dir, *overrides).to_dict(),
+             "steps": STEPS, "curve": True} for name, overrides in LAYOUTS.items()]
+    results = run_probe(jobs, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
+                        corpus.val, str(tmp_path_factory.mktemp("probe")), num_workers=8)
+    return {r["name"]: r["ranks"] for r in results}
 
 
 def assert_same_curve(rows, ref, rtol=1e-5):
-    assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, 11))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
     assert [(r["first_block"], r["last_block"]) for r in rows] == \
            [(r["first_block"], r["last_block"]) for r in ref]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref], rel=rtol), key
     assert [r["val_loss"] for r in rows if "val_loss" in r] == \
            pytest.approx([r["val_loss"] for r in ref if "val_loss" in r], rel=rtol)
+    assert sum("val_loss" in r for r in rows) == 2
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_reproduces_single_process(layout, reference, small_corpus, cache_dir, tmp_path):
-    run_dir = tmp_path / layout
-    summary = run(spec_for(small_corpus, cache_dir, *LAYOUTS[layout]), run_dir, progress=False)
-    assert_same_curve(rows_of(run_dir), reference)
+def test_layout_reproduces_single_process(layout, curves, reference):
+    ranks = curves[layout]
+    spec = load_spec(TINY, [*COMMON, *LAYOUTS[layout]])
+    assert sorted(r["rank"] for r in ranks) == list(range(spec.world_size))
+    assert_same_curve(ranks[0]["rows"], reference)
+    # Every rank's own view of the run agrees with rank 0's (each logs what it trained on).
+    for r in ranks[1:]:
+        assert [(x["step"], x["first_block"]) for x in r["rows"]] == \
+               [(x["step"], x["first_block"]) for x in ranks[0]["rows"]]
+
+
+def test_whole_run_with_every_feature_reproduces_single_process(
+        reference, small_corpus, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run(spec_for(small_corpus, cache_dir, *WHOLE_RUN), run_dir, progress=False)
+    assert_same_curve(read_metrics(run_dir)[0], reference)
     ranks = summary["ranks"]
-    assert sorted(r["rank"] for r in ranks) == list(range(len(ranks)))
-    # every layer is hosted by exactly one pipeline stage
+    assert sorted(r["rank"] for r in ranks) == list(range(8))
+    # Every layer is hosted by exactly one pipeline stage (two stages per rank).
     by_pp = {r["pp"]: sorted(l for ls in r["layers"] for l in ls) for r in ranks}
     assert sorted(l for ls in by_pp.values() for l in ls) == [0, 1, 2, 3]
-    if "tp2" in layout and "pp2" in layout:
-        # Measured in the workers: each rank holds a quarter of the blocks' parameters.
-        from raypar.model import GPT, GPTConfig
-        cfg = GPTConfig(vocab_size=320, seq_len=32, n_layer=4, n_head=4, d_model=32)
-        total_block_bytes = 4 * sum(p.numel() for n, p in GPT(cfg).named_parameters()
-                                    if n.startswith("layers."))
-        for r in ranks:
-            assert r["block_param_bytes"] == pytest.approx(total_block_bytes / 4, rel=0.10), r
-            assert r["param_bytes"] > 0 and r["optim_bytes"] == 2 * r["param_bytes"]
-            assert r["activation_peak_bytes"] > 0
-    if "pp2" in layout:
-        timeline = json.loads((run_dir / "timeline.json").read_text())
-        assert len(timeline) == len(ranks)
-        assert 0 < summary["bubble_measured"] < 1 and 0 < summary["bubble_theory"] < 1
-        assert (run_dir / "pipeline_timeline.png").stat().st_size > 1000
+    # Measured in the workers: tp=2 x fsdp dp=2 x pp=2 leaves each rank an eighth of the
+    # blocks' parameters.
+    from raypar.model import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=320, seq_len=32, n_layer=4, n_head=4, d_model=32)
+    total_block_bytes = 4 * sum(p.numel() for n, p in GPT(cfg).named_parameters()
+                                if n.startswith("layers."))
+    for r in ranks:
+        assert r["block_param_bytes"] == pytest.approx(total_block_bytes / 8, rel=0.10), r
+        assert r["param_bytes"] > 0 and r["optim_bytes"] == 2 * r["param_bytes"]
+        assert r["activation_peak_bytes"] > 0
+    timeline = json.loads((run_dir / "timeline.json").read_text())
+    assert len(timeline) == len(ranks)
+    assert 0 < summary["bubble_measured"] < 1 and 0 < summary["bubble_theory"] < 1
+    assert (run_dir / "pipeline_timeline.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -340,6 +340,21 @@ def test_cache_is_bounded_lru(dataset, tmp_path):
     assert np.array_equal(ds.blocks(np.arange(len(ref)), 3), ref)  # mapped ones stay
 
 
+def test_release_keeps_what_is_asked_and_a_manifest_is_read_once(dataset, monkeypatch):
+    root, streams = dataset
+    m = read_manifest(root)
+    monkeypatch.setattr(shards, "read_manifest", lambda *a: pytest.fail("read again"))
+    ds = TokenDataset.open(root, split="val", manifest=m)
+    assert ds.mapped() == []
+    ds.prefetch([0, 2])
+    assert ds.mapped() == [0, 2]
+    ds.release(keep=[2, 5])
+    assert ds.mapped() == [2]
+    ds.release()
+    assert ds.mapped() == []
+    assert np.array_equal(ds.blocks([0], 2), _reference(streams["val"], 2)[:1])
+
+
 def test_concurrent_readers_share_one_cache(dataset, tmp_path):
     root, streams = dataset
     cache, ref = tmp_path / "cache", _reference(streams["train"], 6)

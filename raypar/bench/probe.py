@@ -8,7 +8,9 @@ schedules and optimizer step as a run, without the run's checkpoint and report p
 
 Each job: {"name", "spec" (RunSpec.to_dict()), "warmup", "steps", "profile" (time the
 collectives of one step), "timeline" (record each timed step's pipeline timeline, on the
-processes' common wall clock)}.
+processes' common wall clock), "curve" (instead of timing: each of `steps` steps' loss,
+gradient norm, blocks and, when due, validation loss, as a run records them; the layout
+parity tests compare these with one process)}.
 Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor, which
 `run_probe` returns.
 """
@@ -75,6 +77,18 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _curve(worker, job: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for _ in range(job["steps"]):
+        step = worker.train_step()
+        row = {"step": step.step, "loss": step.loss, "grad_norm": step.grad_norm,
+               "first_block": step.first_block, "last_block": step.last_block}
+        if worker.eval_due():
+            row["val_loss"] = worker.evaluate()
+        rows.append(row)
+    return {"rank": dist.get_rank(), "rows": rows, "memory": dict(worker.memory or {})}
+
+
 def probe_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for the bench's probe group."""
     torch.set_num_threads(1)
@@ -88,7 +102,7 @@ def probe_loop(config: dict[str, Any]) -> None:
         mine = None
         if groups.mesh is not None:
             worker = RankTrainer(spec, config["vocab_size"], train, val, groups)
-            mine = _measure(worker, job)
+            mine = _curve(worker, job) if job.get("curve") else _measure(worker, job)
             del worker
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
@@ -114,15 +128,15 @@ class Mailbox:
 
 
 def run_probe(jobs: list[dict[str, Any]], vocab_size: int, train, val,
-              storage_path: str) -> list[dict[str, Any]]:
-    """Run the jobs in one 2-worker Ray Train group (train, val: the packed blocks);
+              storage_path: str, num_workers: int = 2) -> list[dict[str, Any]]:
+    """Run the jobs in one Ray Train group of num_workers (train, val: the packed blocks);
     returns [{"name", "ranks", "seconds"}] in job order."""
     mailbox = Mailbox.remote()
     trainer = TorchTrainer(
         probe_loop,
         train_loop_config={"jobs": jobs, "vocab_size": vocab_size, "mailbox": mailbox,
                            "train_ref": ray.put(train), "val_ref": ray.put(val)},
-        scaling_config=ScalingConfig(num_workers=2),
+        scaling_config=ScalingConfig(num_workers=num_workers),
         run_config=RunConfig(name="probe", storage_path=storage_path))
     trainer.fit()
     results = ray.get(mailbox.get.remote())

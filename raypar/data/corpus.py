@@ -28,7 +28,9 @@ import pyarrow.fs as pafs
 from raypar.config import ConfigError, DataConfig
 
 # Bump when decoding, splitting or tokenizing changes, so old caches stop matching.
-PIPELINE_VERSION = 1
+# 2: a jsonl document's id is its line's byte offset, no longer its line number (files are
+# read in byte ranges, so a task cannot know line numbers); BPE trains on a bounded sample.
+PIPELINE_VERSION = 2
 
 EXTENSIONS = {
     "text": (".txt", ".text", ".md", ".rst", ".py"),
@@ -253,5 +255,6 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
 
 
 def document_id(name: str, index: int) -> str:
-    """'<file relative to the root>#<line or row>' (0 for a text file's single document)."""
+    """'<file relative to the root>#<index>': the byte offset of a jsonl line, the row of a
+    parquet file, 0 for a text file's single document."""
     return f"{name}#{index}"

@@ -135,3 +135,15 @@ def stream_indices(start: int, count: int, n_blocks: int, seed: int) -> np.ndarr
     """Block indices at global stream positions [start, start + count): the same
     signature as packing.stream_indices, with this module's O(1)-memory order."""
     return block_order(int(n_blocks), int(seed)).blocks(start, count)
+
+
+def rank_blocks(order: BlockOrder, position: int, global_batch: int, dp_rank: int,
+                dp_size: int) -> np.ndarray:
+    """Replica dp_rank's block indices for the step that starts at stream position
+    `position`: packing.rank_slice of that step's global batch, computed for the replica's
+    own positions only (a rank looks ahead at its next steps without the others' blocks)."""
+    if global_batch % dp_size or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp rank {dp_rank} of {dp_size} cannot take an equal slice of a "
+                         f"global batch of {global_batch}")
+    per = global_batch // dp_size
+    return order.blocks(int(position) + dp_rank * per, per)

@@ -1,15 +1,18 @@
-"""Packing documents into fixed blocks, and the global order in which runs consume them.
+"""Packing documents into fixed blocks, and the replicas' shares of a global batch.
 
-Every packed block has a global index; the seed fixes a permutation of those
-indices per epoch; the global stream is epoch 0's permutation, then epoch 1's,
-and so on; optimizer step s consumes stream positions [s*G, (s+1)*G); data-
-parallel rank r of D takes the r-th contiguous slice of that batch. All of it is
-arithmetic on (seed, step, G, D), so a resumed or resized run that knows its
-next step consumes exactly the blocks an uninterrupted run would have.
+Every packed block has a global index; optimizer step s consumes stream positions
+[s*G, (s+1)*G) of a seeded order of those indices (raypar/data/order.py: the order
+training uses); data-parallel rank r of D takes the r-th contiguous slice of that batch
+(rank_slice). All of it is arithmetic on (seed, step, G, D), so a resumed or resized run
+that knows its next step consumes exactly the blocks an uninterrupted run would have.
 
     blocks = pack([[1, 2, 3], [4, 5]], eot_id=0, block_len=3)   # [[1,2,3],[0,4,5]]
-    idx = global_batch_indices(step=7, global_batch=16, n_blocks=len(blocks), seed=1337)
+    idx = order.BlockOrder(len(blocks), seed=1337).blocks(7 * 16, 16)   # step 7, G = 16
     mine = blocks[rank_slice(idx, dp_rank, dp_size)]
+
+block_order, stream_indices and global_batch_indices below are the order training used
+before order.py: a materialised PCG64 permutation per epoch (O(n_blocks) memory). No
+training code reads them any more; they remain for raypar.data's exports and their tests.
 """
 from __future__ import annotations
 

@@ -56,14 +56,19 @@ class ShardInfo:
 
 
 def write_shard(fs_dir: PathLike, index: int, token_arrays: Sequence[np.ndarray], dtype,
-                *, eot_id: Optional[int] = None, split: str = "train") -> ShardInfo:
+                *, eot_id: Optional[int] = None, split: str = "train",
+                stem: Optional[str] = None) -> ShardInfo:
     """Write shard `index` of `split`: the documents' ids concatenated in order (each
-    followed by eot_id unless it is None), and their end offsets. Returns its ShardInfo."""
+    followed by eot_id unless it is None), and their end offsets. Returns its ShardInfo.
+    The files are <stem>.tok and <stem>.docs; stem defaults to "<split>-<index:06d>" (a
+    preparation passes its own: names unique to its attempt, see data/prepare.py)."""
     dt = np.dtype(dtype).newbyteorder("<")
     if dt.name not in DTYPES:
         raise ValueError(f"dtype: {dt.name} is not one of {DTYPES}")
     stream, ends = _concat(token_arrays, dt, eot_id)
-    stem, sizes = f"{split}-{int(index):06d}", []
+    if stem is not None and (not stem or "/" in stem or "\\" in stem or stem.startswith(".")):
+        raise ValueError(f"stem: a plain file name stem is needed, got {stem!r}")
+    stem, sizes = stem or f"{split}-{int(index):06d}", []
     for name, arr in ((stem + ".tok", stream), (stem + ".docs", ends.astype("<u8"))):
         data = memoryview(np.ascontiguousarray(arr)).cast("B")
         _put(storage.join(fs_dir, name), data)
@@ -233,11 +238,13 @@ class TokenDataset:
 
     @classmethod
     def open(cls, path: PathLike, cache_dir: Optional[PathLike] = None, *,
-             split: str = "train", cache_bytes: Optional[int] = None) -> "TokenDataset":
+             split: str = "train", cache_bytes: Optional[int] = None,
+             manifest: Optional[dict] = None) -> "TokenDataset":
         """Read and check the manifest and the shards' sizes; shard data is read later,
         when a block needs it. cache_bytes bounds the cache (soft: evicts whole shards,
-        least recently used first, never one this process maps)."""
-        manifest = read_manifest(path)
+        least recently used first, never one this process maps). manifest: the one
+        read_manifest(path) returned already (opening a second split reads it once)."""
+        manifest = read_manifest(path) if manifest is None else manifest
         _check_sizes(path, _check_split(path, manifest, split)["shards"])
         self = cls(path, manifest, split, cache_dir, cache_bytes)
         if self.cache_dir is not None:  # fail now, in one line, not at the first fetch
@@ -313,9 +320,15 @@ class TokenDataset:
 
     def release(self, keep: Sequence[int] = ()) -> None:
         """Unmap every shard not in keep, so the cache may evict it."""
+        keep = {int(s) for s in keep}
         with self._lock:
-            for s in [s for s in self._maps if s not in set(keep)]:
+            for s in [s for s in self._maps if s not in keep]:
                 del self._maps[s], self._files[s]
+
+    def mapped(self) -> list[int]:
+        """The shards this object maps now (what it holds open), in order."""
+        with self._lock:
+            return sorted(self._maps)
 
     def _map(self, s: int) -> np.ndarray:
         with self._lock:

@@ -4,14 +4,17 @@
     assert tok.decode(tok.encode("héllo")) == "héllo"
 
 Every tokenizer serialises to one JSON string, so it travels to Ray Data tasks
-as plain data and its hash names the packed-corpus cache entry.
+as plain data, is stored in a prepared dataset's manifest, and its hash is part of the
+dataset's key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -21,6 +24,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from raypar.config import ConfigError, DataConfig
 from raypar.data.corpus import corpus_fingerprint
+
+log = logging.getLogger("raypar.data")
 
 EOT = "<|endoftext|>"
 # Tokenizers from elsewhere name their end-of-text token differently; the first found wins.
@@ -157,24 +162,35 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf)
 
 
+def bpe_sample(cfg: DataConfig) -> str:
+    """Which text the bpe tokenizer trains on: part of its cache key."""
+    return (f"the training documents in document order, the first "
+            f"{cfg.tokenizer_sample_bytes} bytes of their UTF-8 text")
+
+
 def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
                     text_iter_factory: Callable[[], Iterator[str]],
                     fingerprint: Optional[str] = None) -> Tokenizer:
     """The tokenizer cfg.tokenizer names: 'byte', 'bpe' (trained once per corpus and
     cached under cache_dir/tokenizers), or a path to a tokenizer.json.
 
-    text_iter_factory() yields the training documents' text; it is called only when
-    a bpe tokenizer must be trained. `fingerprint` saves re-listing the sources.
+    text_iter_factory() yields the text a bpe tokenizer trains on (bpe_sample(cfg): at
+    most data.tokenizer_sample_bytes of the training documents, never the whole corpus);
+    it is called only when one must be trained. `fingerprint` saves re-listing the sources.
     """
     if cfg.tokenizer == _BYTE_KIND:
         return Tokenizer.byte_level()
     if cfg.tokenizer == "bpe":
         fp = fingerprint or corpus_fingerprint(sources, cfg)
-        key = hashlib.sha256(f"{fp}\nbpe vocab_size={cfg.vocab_size}".encode()).hexdigest()
+        text = f"{fp}\nbpe vocab_size={cfg.vocab_size}\nsample: {bpe_sample(cfg)}"
+        key = hashlib.sha256(text.encode()).hexdigest()
         path = Path(cache_dir) / "tokenizers" / f"bpe-{key[:24]}.json"
         if path.is_file():
             return Tokenizer.from_file(path)
+        started = time.monotonic()
         tok = train_bpe(text_iter_factory(), cfg.vocab_size)
+        log.info("trained the bpe tokenizer (vocab_size %d) on %s, in %.1f s", cfg.vocab_size,
+                 bpe_sample(cfg), time.monotonic() - started)
         try:
             tok.save(path)
         except OSError as e:  # pipeline.check_cache_dir looked first; the disk may have filled
@@ -205,7 +221,11 @@ def padded_vocab(n: int, tp: int = 1) -> int:
 
 def expected_vocab(cfg: DataConfig) -> int:
     """The vocabulary size data.tokenizer will have, known before the tokenizer is built
-    (before Ray starts: the memory check needs it)."""
+    (before Ray starts: the memory check needs it). A data.path that is a prepared
+    dataset brings its own tokenizer: its manifest says."""
+    from raypar.data import prepare  # (prepare imports this module)
+    if prepare.is_prepared(cfg.path):
+        return int(prepare.given_manifest(cfg.path)["vocab_size"])
     if cfg.tokenizer == "byte":
         return 257
     if cfg.tokenizer == "bpe":

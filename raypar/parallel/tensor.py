@@ -325,7 +325,10 @@ def grad_sq_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
                 g = g.redistribute(placements=[Replicate() if pl.is_partial() else pl
                                                for pl in g.placements])
             local = g.to_local().float().square().sum()
-            key = (g.device_mesh, tuple(pl.is_shard() for pl in g.placements))
+            # Any placement left is Replicate or a shard. Not `is_shard()`: FSDP over a tp
+            # shard of the same dim places it _StridedShard, whose is_shard() is False
+            # (torch 2.13), and the norm would miss the other dp ranks' pieces.
+            key = (g.device_mesh, tuple(not pl.is_replicate() for pl in g.placements))
             groups[key] = groups[key] + local if key in groups else local
         else:
             local = g.float().square().sum()

@@ -27,9 +27,10 @@ from ray.train.torch import TorchTrainer
 
 from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
-from raypar.data import prepare_corpus, resolve_sources
+from raypar.data import resolve_sources
 from raypar.data.corpus import check_not_empty, file_stats
-from raypar.data.pipeline import PreparedCorpus, check_cache_dir
+from raypar.data.pipeline import check_cache_dir
+from raypar.data.prepare import PreparedDataset, is_prepared, prepare_dataset
 from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
@@ -147,10 +148,13 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
     """What can be refused before Ray starts: the data path, a layout this machine cannot
     hold, a run directory that is not what the command expects, unwritable storage, a
     --resume without a checkpoint that verifies. Returns the checkpoint --resume loads."""
-    sources = resolve_sources(spec.data.path, spec.data.format)
-    stats = file_stats(sources)
-    check_not_empty(sources, stats)
-    check_cache_dir(spec.data, sources, stats)  # not after minutes of preparation
+    if is_prepared(spec.data.path):  # a prepared dataset: nothing to read or write
+        check_cache_dir(spec.data)
+    else:
+        sources = resolve_sources(spec.data.path, spec.data.format)
+        stats = file_stats(sources)
+        check_not_empty(sources, stats)
+        check_cache_dir(spec.data, sources, stats)  # not after minutes of preparation
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
     if resume:
@@ -166,9 +170,10 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
 
 
 def _prepare(spec: RunSpec, address: Optional[str],
-             guard: SignalGuard) -> tuple[PreparedCorpus, int, bool]:
-    """Connect to Ray, check the cluster can hold the layout, prepare the corpus. Returns
-    (corpus, padded vocabulary size, use_gpu)."""
+             guard: SignalGuard) -> tuple[PreparedDataset, int, bool]:
+    """Connect to Ray, check the cluster can hold the layout, prepare the dataset (Ray
+    Data tasks write its shards; this process holds only the manifest). Returns (dataset,
+    padded vocabulary size, use_gpu)."""
     is_local = connect(address, spec.world_size)
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -177,15 +182,16 @@ def _prepare(spec: RunSpec, address: Optional[str],
     check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
                    use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
-    corpus = prepare_corpus(spec.data, cache)
-    check_corpus_fits(spec, len(corpus.train))
-    if len(corpus.val) == 0 and spec.train.eval_every > 0:
+    dataset = prepare_dataset(spec.data, cache)
+    n_train, n_val = dataset.check_blocks(spec.data.seq_len)
+    check_corpus_fits(spec, n_train)
+    if n_val == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
-    return corpus, padded_vocab(corpus.tokenizer.vocab_size, spec.parallel.tp), use_gpu
+    return dataset, padded_vocab(dataset.tokenizer.vocab_size, spec.parallel.tp), use_gpu
 
 
-def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, resume: bool) -> None:
+def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, resume: bool) -> None:
     """From here on the run exists: its directory records what happens."""
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.log_to_file()
@@ -194,7 +200,7 @@ def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, resume: boo
     rd.config.write_text(spec.to_yaml())
     corpus.tokenizer.save(rd.tokenizer)
     rd.write_status("running")
-    log.info("corpus: %s", json.dumps(corpus.stats))
+    log.info("dataset %s: %s", corpus.path, json.dumps(corpus.stats))
     if corpus.stats.get("replaced_bytes"):
         log.warning("data: replaced %d undecodable bytes in %d files",
                     corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"])
@@ -271,7 +277,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum)
 
 
-def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, vocab_size: int,
+def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
                 outcome: dict[str, Any], t_start: float) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
@@ -283,7 +289,8 @@ def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedCorpus, vocab_size: i
         train_loop_config={
             "spec": spec.to_dict(), "vocab_size": vocab_size,
             "tokenizer_json": corpus.tokenizer.to_json(),
-            "train_ref": ray.put(corpus.train), "val_ref": ray.put(corpus.val),
+            # Each rank reads its own blocks' shards: no corpus passes through here.
+            "dataset": {"path": corpus.path},
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
             "step_delay_s": step_delay, "stop_flag": flag,
         },

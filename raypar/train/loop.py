@@ -1,12 +1,27 @@
 """The step loop that Ray Train runs in every worker (a Ray actor), again after every restart.
 
-The driver (raypar/train/driver.py) passes `config`: the resolved RunSpec, the vocabulary
-size, object refs to the packed train/val blocks, where checkpoints live. Each worker
-resolves its layout, loads the newest valid checkpoint, and then loops: one optimizer
-step, an evaluation when due, one flag exchange with every rank, then whatever the flags
-decided (land a background save, save, report, stop). Each collaborator owns its cadence:
-RankTrainer (raypar/train/trainer.py) the step, Saver (saver.py) the checkpoints, Reporter
-(below) the reports, raypar/train/control.py the agreement between ranks.
+The driver (raypar/train/driver.py) passes `config`, a dict:
+
+    spec            RunSpec.to_dict() of the run (resolved here to this worker group's layout)
+    vocab_size      int: the model's (padded) vocabulary size
+    tokenizer_json  str: the tokenizer, saved into every checkpoint's metadata
+    dataset         {"path": str, "cache_dir": str | None, "cache_bytes": int | None}:
+                    the prepared dataset (raypar/data/shards.py) each rank reads its own
+                    blocks from. path: the dataset directory, local or a pyarrow URI
+                    (s3://, gs://); cache_dir: the node-local shard cache shared by the
+                    node's ranks (None: local shards are read in place, remote ones through
+                    ~/.cache/raypar/shards); cache_bytes: the cache's soft size bound (None:
+                    unbounded). Missing keys read as None; path is required.
+    checkpoint_root str: where the run's checkpoints are listed
+    fault, step_delay_s, stop_flag  optional: fault injection (faults.py), a sleep after
+                    every step (tests), the driver's StopFlag actor (stopping.py)
+
+Each worker resolves its layout, loads the newest valid checkpoint, and then loops: one
+optimizer step, an evaluation when due, one flag exchange with every rank, then whatever
+the flags decided (land a background save, save, report, stop). Each collaborator owns its
+cadence: RankTrainer (raypar/train/trainer.py) the step and its data, Saver (saver.py) the
+checkpoints, Reporter (below) the reports, raypar/train/control.py the agreement between
+ranks.
 """
 from __future__ import annotations
 
@@ -22,6 +37,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from raypar.config import from_dict
+from raypar.data.blocks import open_splits
 from raypar.train import checkpoint as ckpt
 from raypar.train import control, faults
 from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
@@ -141,6 +157,21 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         faults.fire(config.get("fault"), dist.get_rank(), trainer.step, phase, SIGTERM.is_set)
 
 
+DATASET_KEYS = ("path", "cache_dir", "cache_bytes")
+
+
+def data_sources(config: dict[str, Any], seq_len: int) -> tuple[Any, Any]:
+    """This worker's train and val blocks: the splits of config["dataset"] (opened here:
+    the manifest only; each rank then fetches just the shards its blocks need)."""
+    dataset = config.get("dataset") or {}
+    unknown = sorted(set(dataset) - set(DATASET_KEYS))
+    if unknown or not dataset.get("path"):
+        raise ValueError(f"config['dataset']: needs 'path' and allows {DATASET_KEYS}, got "
+                         f"{sorted(dataset)}")
+    return open_splits(str(dataset["path"]), seq_len, dataset.get("cache_dir"),
+                       dataset.get("cache_bytes"))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker (again after every restart)."""
     started = time.time()
@@ -152,8 +183,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if groups.mesh is None:
         control.sit_out(groups)
         return
-    trainer = RankTrainer(spec, config["vocab_size"], ray.get(config["train_ref"]),
-                          ray.get(config["val_ref"]), groups)
+    train, val = data_sources(config, spec.data.seq_len)
+    trainer = RankTrainer(spec, config["vocab_size"], train, val, groups)
+    try:
+        _train(config, spec, groups, trainer, started, choice)
+    finally:
+        trainer.close()
+
+
+def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, started: float,
+           choice: tuple[Optional[str], list[list[str]], list[str]]) -> None:
+    """The step loop, after the trainer is built; returns when the run (or this group)
+    is done."""
+    rank = dist.get_rank()
     meta = {"model": vars(trainer.mcfg), "spec": config["spec"],
             "tokenizer": config["tokenizer_json"], "layout": dataclasses.asdict(spec.parallel)}
     saver = Saver(spec, trainer, groups, meta, config.get("fault"))

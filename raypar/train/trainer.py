@@ -1,8 +1,12 @@
 """The per-rank trainer: one rank's model share, optimizers and data view, and what it does
 with them: an optimizer step, an evaluation, clipping, and its checkpoint state.
 
-    trainer = RankTrainer(spec, vocab_size, train_blocks, val_blocks, groups)
+    trainer = RankTrainer(spec, vocab_size, train, val, groups)
     row = trainer.train_step()          # a StepRow (raypar/train/records.py)
+
+train and val are block sources (raypar/data/blocks.py): packed arrays in memory, or splits
+of a prepared dataset that the rank reads block by block, its next steps' shards fetched
+ahead on a background thread.
 
 It knows nothing of Ray: the step loop (raypar/train/loop.py) drives it, the bench's probe
 and the tests step it directly. Parallelism is applied by raypar/parallel/parallelize.py.
@@ -21,7 +25,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 
 from raypar.config import RunSpec, model_config
-from raypar.data.packing import rank_slice, stream_indices
+from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
+from raypar.data.order import BlockOrder, rank_blocks
+from raypar.data.packing import rank_slice
 from raypar.model import GPT, lm_loss, param_groups
 from raypar.parallel.data import finish_gradient_sync, gradient_sync
 from raypar.parallel.mesh import ParallelMesh, device_type
@@ -61,8 +67,10 @@ class RankTrainer:
     """One rank's state: mesh, its stage modules (tensor-sharded, data-parallel wrapped),
     one optimizer per stage module, and its view of the data."""
 
-    def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: np.ndarray,
-                 val_blocks: np.ndarray, groups: Optional[Groups] = None):
+    def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: BlockSource | np.ndarray,
+                 val_blocks: BlockSource | np.ndarray, groups: Optional[Groups] = None):
+        """train_blocks, val_blocks: BlockSources, or arrays (n_blocks, seq_len + 1) of
+        packed blocks (wrapped in ArrayBlocks)."""
         self.spec = spec
         torch.set_num_threads(spec.train.threads)
         p, t = spec.parallel, spec.train
@@ -70,7 +78,19 @@ class RankTrainer:
         self.pm: ParallelMesh = self.groups.mesh
         self.device = torch.device(device_type(), torch.cuda.current_device()
                                    if torch.cuda.is_available() else None)
-        self.train_blocks, self.val_blocks = train_blocks, val_blocks
+        self.train_data = as_source(train_blocks, spec.data.seq_len)
+        self.val_data = as_source(val_blocks, spec.data.seq_len)
+        if self.train_data.n_blocks < 1:
+            raise ValueError(f"train blocks: {self.train_data!r} holds no block of "
+                             f"data.seq_len + 1 = {spec.data.seq_len + 1} tokens")
+        # The seeded order of global blocks: step s reads positions [s*G, (s+1)*G) of it.
+        self.order = BlockOrder(self.train_data.n_blocks, t.seed)
+        self._train_feed = Prefetcher(self.train_data, "raypar-prefetch-train")
+        self._val_feed = Prefetcher(self.val_data, "raypar-prefetch-val")
+        if self.val_data.n_blocks and t.eval_every > 0:
+            # Evaluation reads the same blocks every time: fetch them now, while the model
+            # is built, and keep them.
+            self._val_feed.plan(range(t.eval_batches), self._val_indices)
         self.mcfg = model_config(spec, vocab_size)
         self.n_micro = spec.grad_accum
         # The full model is built from the seed on every rank, then cut down to this
@@ -97,7 +117,7 @@ class RankTrainer:
         self.step = 0
         self.tokens_seen = 0
         # Global stream position: blocks consumed so far by all replicas together. The next
-        # step takes positions [position, position + global_batch) (raypar/data/packing.py).
+        # step takes positions [position, position + global_batch) (raypar/data/order.py).
         self.position = 0
         self.memory: dict[str, float] | None = None
 
@@ -107,9 +127,33 @@ class RankTrainer:
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _local_batch(self, blocks: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-        mine = rank_slice(indices, self.pm.coords.dp, self.pm.dp)
-        return torch.from_numpy(blocks[mine].astype(np.int64)).to(self.device)
+    # -- data --------------------------------------------------------------------------
+    def _my_indices(self, position: int) -> np.ndarray:
+        """This replica's blocks of the step that starts at stream position `position`."""
+        return rank_blocks(self.order, position, self.spec.train.global_batch,
+                           self.pm.coords.dp, self.pm.dp)
+
+    def _val_indices(self, b: int) -> np.ndarray:
+        """This replica's blocks of validation batch b: its slice of the fixed global
+        batch arange(b*G, (b+1)*G) % n_val (the same at every evaluation)."""
+        g, n_val = self.spec.train.global_batch, self.val_data.n_blocks
+        per = g // self.pm.dp
+        return (b * g + self.pm.coords.dp * per + np.arange(per, dtype=np.int64)) % n_val
+
+    def prefetch(self) -> None:
+        """Have the next PREFETCH_STEPS steps' blocks fetched in the background (and every
+        other shard let go); returns at once. train_step and load call it."""
+        g = self.spec.train.global_batch
+        self._train_feed.plan([self.position + k * g for k in range(PREFETCH_STEPS)],
+                              self._my_indices)
+
+    def close(self) -> None:
+        """Stop the background prefetch (the trainer still reads, synchronously)."""
+        self._train_feed.close()
+        self._val_feed.close()
+
+    def _to_device(self, blocks: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(blocks.astype(np.int64)).to(self.device)
 
     def _mean_over_dp(self, value: float) -> float:
         if self.pm.dp == 1:
@@ -184,8 +228,10 @@ class RankTrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
         t_data = time.perf_counter()
-        indices = stream_indices(self.position, t.global_batch, len(self.train_blocks), t.seed)
-        batch = self._local_batch(self.train_blocks, indices)
+        indices = self.order.blocks(self.position, t.global_batch)
+        self.prefetch()  # planned by the step before (or load) already, unless the first
+        mine = rank_slice(indices, self.pm.coords.dp, self.pm.dp)
+        batch = self._to_device(self._train_feed.read(self.position, mine))
         data_s = time.perf_counter() - t_data  # the step's wait for its input
         for m in self.modules:
             m.train()
@@ -203,6 +249,7 @@ class RankTrainer:
             opt.zero_grad(set_to_none=True)
         self.step += 1
         self.position += t.global_batch
+        self.prefetch()  # the next steps' shards come while this rank evaluates, saves, ...
         self.tokens_seen += t.global_batch * spec.data.seq_len
         loss = self._mean_over_dp(loss)
         return StepRow(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
@@ -216,13 +263,11 @@ class RankTrainer:
     def evaluate(self) -> float:
         """Mean loss over a fixed set of validation blocks (the same at every evaluation)."""
         t = self.spec.train
-        n_val = len(self.val_blocks)
         for m in self.modules:
             m.eval()
         total, count = 0.0, 0
         for b in range(t.eval_batches):
-            indices = np.arange(b * t.global_batch, (b + 1) * t.global_batch) % n_val
-            batch = self._local_batch(self.val_blocks, indices)
+            batch = self._to_device(self._val_feed.read(b, self._val_indices(b)))
             with self._autocast():
                 if self.pipeline is not None:
                     total += self.pipeline.eval(batch[:, :-1], batch[:, 1:])
@@ -236,7 +281,7 @@ class RankTrainer:
 
     def eval_due(self) -> bool:
         t = self.spec.train
-        return len(self.val_blocks) > 0 and t.eval_every > 0 and (
+        return self.val_data.n_blocks > 0 and t.eval_every > 0 and (
             self.step % t.eval_every == 0 or self.step == t.steps)
 
     # -- checkpoints -------------------------------------------------------------------
@@ -303,4 +348,5 @@ class RankTrainer:
             # A new layout has other ranks: dropout masks restart from a seed derived from
             # the step (the weights and data continue exactly; with dropout 0 nothing differs).
             torch.manual_seed(self.spec.train.seed + 1 + self.pm.coords.dp + 7919 * self.step)
+        self.prefetch()  # from the restored position
         return saved
