@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s by default, and a run's start and end
+# each wait for a poll; the tests' many short runs poll faster (a Ray started from here, or
+# from a process started here, passes this on to its controller).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 ROOT = Path(__file__).resolve().parent.parent
 

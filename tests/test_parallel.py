@@ -1,7 +1,7 @@
 """Parallelism never changes the math: every layout, and every pair of parallel features,
 reproduces the single-process run.
 
-The 4-layer model trains 10 steps in each layout, and each step's loss, gradient norm and
+The 4-layer model trains 6 steps in each layout, and each step's loss, gradient norm and
 validation loss must equal those of one process (the same RankTrainer, dp=pp=tp=1, no
 Ray). The gradient norm is compared as well as the loss: clipping scales the update by
 it, so a wrong norm shows in the loss only steps later.
@@ -34,9 +34,9 @@ from raypar.train.rundir import read_metrics
 from conftest import ROOT, single_process_rows
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-STEPS = 10
+STEPS = 6
 COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", f"train.steps={STEPS}",
-          "train.global_batch=8", "train.micro_batch=2", "train.eval_every=5",
+          "train.global_batch=8", "train.micro_batch=2", "train.eval_every=3",
           "tracking.enabled=false", "parallel.dp=1"]
 DDP, FSDP = ["parallel.dp=2", "parallel.dp_mode=ddp"], ["parallel.dp=2", "parallel.dp_mode=fsdp"]
 TP, SP = ["parallel.tp=2"], ["parallel.sequence_parallel=true"]
@@ -45,15 +45,14 @@ SCHEDULES = {"gpipe": ["parallel.pp=2", "parallel.schedule=gpipe"],
              "interleaved": ["parallel.pp=2", "parallel.schedule=interleaved_1f1b",
                              "parallel.virtual_stages=2"]}
 
+# Each feature alone is inside some pair here (and plain ddp at dp 2 and 3 in
+# test_elastic.py, plain tp2 in test_resume.py's resume at tp=2), so only fsdp alone,
+# whose wrapping differs from every pair's, runs on its own.
 LAYOUTS = {
-    "dp2-ddp": DDP,
     "dp2-fsdp": FSDP,
-    "tp2": TP,
-    "tp2-sp": TP + SP,
     "dp2-ddp-tp2": DDP + TP,
     "dp2-fsdp-tp2": FSDP + TP,
     "dp2-fsdp-tp2-sp": FSDP + TP + SP,
-    **{f"pp2-{name}": pp for name, pp in SCHEDULES.items()},
     **{f"dp2-ddp-pp2-{name}": DDP + pp for name, pp in SCHEDULES.items()},
     **{f"dp2-fsdp-pp2-{name}": FSDP + pp for name, pp in SCHEDULES.items()},
     "tp2-pp2-ac": TP + SCHEDULES["1f1b"] + ["train.activation_checkpointing=true"],

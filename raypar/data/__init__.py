@@ -2,17 +2,25 @@
 shards (a prepared dataset), and the global block order.
 
     from raypar.data import prepare_dataset, prepare_corpus, global_batch_indices, rank_slice
-"""
-from raypar.data.corpus import is_validation, resolve_format, resolve_sources
-from raypar.data.packing import (block_order, global_batch_indices, pack, rank_slice,
-                                 stream_indices, token_dtype)
-from raypar.data.pipeline import PreparedCorpus, default_cache_dir, prepare_corpus
-from raypar.data.prepare import PreparedDataset, is_prepared, prepare_dataset
-from raypar.data.tokenizer import EOT, Tokenizer, build_tokenizer, train_bpe
 
-__all__ = [
-    "EOT", "PreparedCorpus", "PreparedDataset", "Tokenizer", "block_order",
-    "build_tokenizer", "default_cache_dir", "global_batch_indices", "is_prepared",
-    "is_validation", "pack", "prepare_corpus", "prepare_dataset", "rank_slice",
-    "resolve_format", "resolve_sources", "stream_indices", "token_dtype", "train_bpe",
-]
+The names are imported on first use (PEP 562): a training worker imports raypar.data.blocks
+and never pays for the preparation's imports (Ray Data, pandas, the tokenizers library).
+"""
+import importlib
+
+_WHERE = {
+    "is_validation": "corpus", "resolve_format": "corpus", "resolve_sources": "corpus",
+    "block_order": "packing", "global_batch_indices": "packing", "pack": "packing",
+    "rank_slice": "packing", "stream_indices": "packing", "token_dtype": "packing",
+    "PreparedCorpus": "pipeline", "default_cache_dir": "pipeline", "prepare_corpus": "pipeline",
+    "PreparedDataset": "prepare", "is_prepared": "prepare", "prepare_dataset": "prepare",
+    "EOT": "tokenizer", "Tokenizer": "tokenizer", "build_tokenizer": "tokenizer",
+    "train_bpe": "tokenizer",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'raypar.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"raypar.data.{_WHERE[name]}"), name)

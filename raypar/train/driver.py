@@ -37,53 +37,15 @@ from raypar.train import restart as restart_mod
 from raypar.train import tracking
 from raypar.train.faults import parse_fault, parse_step_delay
 from raypar.train.loop import train_loop_per_worker
-from raypar.train.records import Merger, Record, StepRow, WorkerReport
+from raypar.train.records import Record, StepRow
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
                                  default_run_dir)
+from raypar.train.sink import MetricsSink
 from raypar.train.stopping import Interrupted, SignalGuard, StopFlag, Stopped, end_ray
 from raypar.train.summary import Follower, finish_tracking, layout_report, summarize
 from raypar.validation import check_corpus_fits
 
 log = logging.getLogger("raypar")
-
-
-class MetricsSink(ray.train.UserCallback):
-    """Runs in the Ray Train controller, which Ray pins to the driver's node: merges rank
-    0's every report into metrics.jsonl, the run's record of truth (records.Merger decides
-    what is written), and keeps what every rank reports once (placement and memory in
-    ranks.json, the pipeline timeline in timeline.json)."""
-
-    def __init__(self, run_dir: str, started: float, elastic: bool = False):
-        self.rd = RunDir(run_dir)
-        self.started, self.elastic = started, elastic
-        self.merger: Optional[Merger] = None
-        self.failure: Optional[tuple[float, str]] = None
-
-    def after_exception(self, run_context, worker_exceptions):
-        first = next(iter(worker_exceptions.values()), None)
-        message = str(first).strip() or type(first).__name__
-        if self.merger is None:
-            self.failure = self.failure or (time.time(), message)
-        else:
-            self.merger.failed(time.time(), message)
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if not metrics:
-            return
-        if self.merger is None:  # the first report this driver sees
-            self.rd.drop_torn_line()
-            self.merger = Merger(self.started, self.elastic, self.rd.read_metrics()[0])
-            if self.failure is not None:
-                self.merger.failed(*self.failure)
-        reports = [WorkerReport.from_json(m) for m in metrics]
-        # (ranks that sit out report nothing)
-        ranks = [r.rank_info for r in reports if r.rank_info is not None]
-        if ranks:
-            self.rd.write_ranks(ranks)
-        timelines = [r.timeline for r in reports if r.timeline is not None]
-        if timelines:
-            self.rd.write_timelines(timelines)
-        self.rd.append_metrics(self.merger.merge(reports[0]))
 
 
 def _latest_checkpoint(spec: RunSpec, rd: RunDir) -> Optional[str]:
