@@ -383,6 +383,30 @@ def test_a_failed_attempt_removes_its_files(tmp_path, in_process, monkeypatch):
     assert shard_files(tmp_path / "ds") == set()
 
 
+def test_force_keeps_the_finished_dataset_until_the_new_one_replaces_it(tmp_path, in_process,
+                                                                        monkeypatch):
+    cfg = DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl")), tokenizer="byte",
+                     cache_dir=str(tmp_path / "cache"), dataset_dir=str(tmp_path / "ds"))
+    first = prepare_dataset(cfg)
+    reading = TokenDataset.open(first.path)  # a run reading it meanwhile
+    expected = reading.blocks(range(reading.n_blocks(15)), 15)
+    real = prepare.write_manifest
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("killed while writing")
+    monkeypatch.setattr(prepare, "write_manifest", fails)
+    with pytest.raises(RuntimeError):
+        prepare_dataset(cfg, force=True)
+    # The crashed forced attempt left the finished dataset as it was.
+    assert is_prepared(first.path) and shard_files(tmp_path / "ds") == named_files(first.manifest)
+    assert np.array_equal(reading.blocks(range(reading.n_blocks(15)), 15), expected)
+    monkeypatch.setattr(prepare, "write_manifest", real)
+    again = prepare_dataset(cfg, force=True)
+    assert not again.from_cache and again.manifest != first.manifest
+    # Once replaced, only the new manifest's files remain.
+    assert shard_files(tmp_path / "ds") == named_files(again.manifest)
+
+
 def test_concurrent_preparations_of_one_dataset_take_turns(tmp_path, in_process):
     cfg = DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl")), tokenizer="byte",
                      val_fraction=0.2, cache_dir=str(tmp_path / "cache"),

@@ -126,6 +126,11 @@ class BlockOrder:
 
 
 @lru_cache(maxsize=8)
+def order_version() -> str:
+    """Names this permutation: checkpoints record it, so a resume can tell when it changed."""
+    return _VERSION.decode()
+
+
 def block_order(n_blocks: int, seed: int) -> BlockOrder:
     """A shared BlockOrder per (n_blocks, seed): cheap to build, but steps ask often."""
     return BlockOrder(n_blocks, seed)

@@ -343,10 +343,34 @@ def prepare_dataset(cfg: DataConfig, cache_dir: Optional[Path] = None, *,
         manifest = _finished(where, key, field_name, quiet=True)
         if manifest is not None and not force:
             return _done(where, manifest, tok, key, from_cache=True)
-        _clear(where, field_name)
+        # A finished dataset (force) stays whole and readable, by runs reading it too, until
+        # the new manifest replaces its own; only then do its files go.
+        keep = _named(manifest) if manifest is not None else set()
+        _clear(where, field_name, keep)
         run = _Attempt(where, field_name, cfg, sources, fmt, stats_f, fp, key, tok)
         manifest = run.write(documents(), progress, progress_every)
+        if keep:
+            _delete(where, keep - _named(manifest))
     return _done(where, manifest, tok, key, from_cache=False)
+
+
+def _named(manifest: dict) -> set[str]:
+    """The files a manifest names: every shard's tokens and document ends."""
+    return {name for entry in manifest["splits"].values() for s in entry["shards"]
+            for name in (s["name"], s["docs_name"])}
+
+
+def _delete(where: str, names: set[str]) -> None:
+    """Best effort: delete these files of the dataset directory."""
+    if storage.is_uri(where):
+        fs, root = storage.pa_fs(where)
+        for n in names:
+            with suppress(Exception):
+                fs.delete_file(f"{root}/{n}")
+    else:
+        for n in names:
+            with suppress(OSError):
+                (storage.local_path(where) / n).unlink()
 
 
 def _done(where: str, manifest: dict, tok: Tokenizer, key: str,
@@ -392,12 +416,13 @@ def _turn(where: str, field_name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _clear(where: str, field_name: str) -> None:
+def _clear(where: str, field_name: str, keep: set[str] = frozenset()) -> None:
     """Before an attempt writes into a local directory (its turn held): remove what earlier
-    attempts left, and a manifest that is being replaced (damaged, or force). In an object
-    store nothing is removed: another attempt may be writing there right now."""
+    attempts left, and a damaged manifest; a finished one and the files it names (keep)
+    stay. In an object store nothing is removed: another attempt may be writing there."""
     listing = storage.list_dir(where) or {}
-    stale = [n for n in listing if _SHARD_FILE.match(n) or _MANIFEST_TMP.match(n)]
+    stale = [n for n in listing if (_SHARD_FILE.match(n) or _MANIFEST_TMP.match(n))
+             and n not in keep]
     if storage.is_uri(where):
         if stale:
             log.info("%d files of earlier preparations are in %s; the new manifest will not "
@@ -405,7 +430,7 @@ def _clear(where: str, field_name: str) -> None:
         return
     folder = storage.local_path(where)
     try:
-        for name in ([MANIFEST] if MANIFEST in listing else []) + stale:
+        for name in ([MANIFEST] if MANIFEST in listing and not keep else []) + stale:
             (folder / name).unlink(missing_ok=True)
     except OSError as e:
         raise _write_error(field_name, str(folder), e) from None
@@ -417,17 +442,8 @@ def _clear(where: str, field_name: str) -> None:
 def _remove_attempt(where: str, attempt: str) -> None:
     """Best effort: delete what one failed attempt wrote."""
     with suppress(Exception):
-        names = [n for n in (storage.list_dir(where) or {})
-                 if (m := _SHARD_FILE.match(n)) and m.group(2) == attempt]
-        if storage.is_uri(where):
-            fs, root = storage.pa_fs(where)
-            for n in names:
-                with suppress(Exception):
-                    fs.delete_file(f"{root}/{n}")
-        else:
-            for n in names:
-                with suppress(OSError):
-                    (storage.local_path(where) / n).unlink()
+        _delete(where, {n for n in (storage.list_dir(where) or {})
+                        if (m := _SHARD_FILE.match(n)) and m.group(2) == attempt})
 
 
 class _Attempt:

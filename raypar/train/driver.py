@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import resolve_sources
-from raypar.data.corpus import check_not_empty, file_stats
+from raypar.data.corpus import check_not_empty, file_stats, is_uri
 from raypar.data.pipeline import check_cache_dir
 from raypar.data.prepare import PreparedDataset, is_prepared, prepare_dataset
 from raypar.data.tokenizer import expected_vocab, padded_vocab
@@ -239,6 +239,14 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum)
 
 
+def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
+    """Where workers keep copies of a remote dataset's shards: under data.cache_dir when set
+    (else the default under HOME, chosen by the reader). A local dataset is read in place."""
+    if spec.data.cache_dir and is_uri(path):
+        return str(Path(spec.data.cache_dir).expanduser() / "shards")
+    return None
+
+
 def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
                 outcome: dict[str, Any], t_start: float) -> threading.Thread:
@@ -252,7 +260,7 @@ def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, vocab_size: 
             "spec": spec.to_dict(), "vocab_size": vocab_size,
             "tokenizer_json": corpus.tokenizer.to_json(),
             # Each rank reads its own blocks' shards: no corpus passes through here.
-            "dataset": {"path": corpus.path},
+            "dataset": {"path": corpus.path, "cache_dir": _shard_cache(spec, corpus.path)},
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
             "step_delay_s": step_delay, "stop_flag": flag,
         },

@@ -14,6 +14,7 @@ and the tests step it directly. Parallelism is applied by raypar/parallel/parall
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from raypar.config import RunSpec, model_config
 from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
-from raypar.data.order import BlockOrder, rank_blocks
+from raypar.data.order import BlockOrder, order_version, rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import GPT, lm_loss, param_groups
 from raypar.parallel.data import finish_gradient_sync, gradient_sync
@@ -39,6 +40,8 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.control import Groups
 from raypar.train.memory import ActivationMeter, state_bytes
 from raypar.train.records import StepRow
+
+log = logging.getLogger("raypar")
 
 # Optimizer state flattened to one key per parameter ('state.<fqn>.exp_avg'): pipeline
 # stages hold disjoint parameters, and nested param_groups lists would collide in DCP.
@@ -73,7 +76,7 @@ class RankTrainer:
         packed blocks (wrapped in ArrayBlocks)."""
         self.spec = spec
         torch.set_num_threads(spec.train.threads)
-        p, t = spec.parallel, spec.train
+        t = spec.train
         self.groups = groups or Groups.build(spec)
         self.pm: ParallelMesh = self.groups.mesh
         self.device = torch.device(device_type(), torch.cuda.current_device()
@@ -87,6 +90,14 @@ class RankTrainer:
         self.order = BlockOrder(self.train_data.n_blocks, t.seed)
         self._train_feed = Prefetcher(self.train_data, "raypar-prefetch-train")
         self._val_feed = Prefetcher(self.val_data, "raypar-prefetch-val")
+        try:
+            self._build(spec, vocab_size)
+        except BaseException:
+            self.close()  # no fetch thread outlives a trainer that failed to build
+            raise
+
+    def _build(self, spec: RunSpec, vocab_size: int) -> None:
+        p, t = spec.parallel, spec.train
         if self.val_data.n_blocks and t.eval_every > 0:
             # Evaluation reads the same blocks every time: fetch them now, while the model
             # is built, and keep them.
@@ -318,7 +329,12 @@ class RankTrainer:
     def train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
                 "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
+                "order": self._order_id(),
                 "time": time.time(), "layout": self.layout()}
+
+    def _order_id(self) -> dict[str, Any]:
+        """What fixes which blocks a stream position reads: the order's version and size."""
+        return {"version": order_version(), "n_blocks": int(self.train_data.n_blocks)}
 
     def load(self, path: str) -> dict[str, Any]:
         """Load model, optimizer, step, data position and (same layout) RNG state from the
@@ -340,6 +356,11 @@ class RankTrainer:
         # Checkpoints from before the position was recorded consumed step * global_batch.
         self.position = int(saved.get("position", self.step * int(saved.get(
             "global_batch", self.spec.train.global_batch))))
+        if saved.get("order") != self._order_id() and dist.get_rank() == 0:
+            log.warning("the checkpoint %s was saved by a run whose block order differs "
+                        "(%s, now %s: another raypar version or another dataset): training "
+                        "continues from step %d, on other blocks than that run would have read",
+                        path, saved.get("order", "not recorded"), self._order_id(), self.step)
         same_layout = saved.get("layout") == self.layout()
         rng = ckpt.read_rng_state(path, dist.get_rank()) if same_layout else None
         if rng is not None:
