@@ -151,19 +151,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # as in cmd_train
     import time
 
-    from raypar.data import pipeline, prepare
-    from raypar.data.corpus import check_not_empty, file_stats, resolve_sources
+    from raypar.data import mixture, pipeline, prepare
     data, started = spec.data, time.monotonic()
     cache = pipeline.default_cache_dir(data)
-    # What can be refused is refused before Ray starts; and a dataset that is finished (or
-    # a data.path that is one) is only read: no Ray at all.
-    work = not prepare.is_prepared(data.path)
-    if work:
-        sources = resolve_sources(data.path, data.format)
-        stats = file_stats(sources)
-        check_not_empty(sources, stats)
-        pipeline.check_cache_dir(data, sources, stats, cache)
-        work = args.force or not prepare.lookup(data, sources, stats, cache)
+    # What can be refused is refused before Ray starts; and datasets that are finished (or
+    # a data.path that is one) are only read: no Ray at all.
+    mixture.precheck(data, cache)
+    work = args.force or not mixture.ready(data, cache)
     if work:
         import logging
 
@@ -180,15 +174,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", file=sys.stderr,
               flush=True)
 
-    ds = prepare.prepare_dataset(data, cache, progress=show, progress_every=1.0 if tty else
-                                 prepare.PROGRESS_EVERY_S, force=args.force)
-    if tty and work:
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
-    tokens = ds.tokens("train") + ds.tokens("val")
-    print(f"{'reused' if ds.from_cache else 'prepared'} {ds.path}: {ds.stats['n_docs']:,} "
-          f"documents, {tokens:,} tokens ({ds.tokens('train'):,} train, "
-          f"{ds.tokens('val'):,} val), {ds.shards('train') + ds.shards('val')} shards, "
-          f"{time.monotonic() - started:.1f} s")
+    for ds in mixture.prepare_all(data, cache, progress=show, force=args.force,
+                                  progress_every=1.0 if tty else prepare.PROGRESS_EVERY_S):
+        if tty and work:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        tokens = ds.tokens("train") + ds.tokens("val")
+        print(f"{'reused' if ds.from_cache else 'prepared'} {ds.path}: {ds.stats['n_docs']:,} "
+              f"documents, {tokens:,} tokens ({ds.tokens('train'):,} train, "
+              f"{ds.tokens('val'):,} val), {ds.shards('train') + ds.shards('val')} shards, "
+              f"{time.monotonic() - started:.1f} s")
     return 0
 
 

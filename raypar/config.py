@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,12 @@ class DataConfig:
     tokenizer_sample_bytes: int = 64_000_000
     """The 'bpe' tokenizer trains on the first this many bytes of training text (documents
     in corpus order), not on the whole corpus."""
+    sources: list = field(default_factory=list)
+    """A mixture instead of data.path: [{path, weight, name}, ...], each path a corpus or a
+    prepared dataset directory, weight > 0 its share of the training blocks, name (default:
+    the path's last part) what its tokens-seen metric is called. Which source each global
+    block comes from is fixed by (train.seed, block position). All share one tokenizer: raw
+    corpora are tokenized with the first source's."""
 
 
 @dataclass
@@ -309,7 +316,51 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typ is list:  # data.sources, the one list field
+        return _sources(key, value)
     raise AssertionError(f"unhandled config type {typ} for {key}")
+
+
+SOURCE_KEYS = ("path", "weight", "name")
+
+
+def _sources(key: str, value: Any) -> list[dict[str, Any]]:
+    """data.sources as [{"path": str, "weight": float, "name": str}], names filled in."""
+    if value is None or value == "":
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {{path, weight}} mappings, got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with path and weight, got {entry!r}")
+        unknown = sorted(set(map(str, entry)) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key; allowed: "
+                              f"{', '.join(SOURCE_KEYS)}")
+        path = _coerce(f"{where}.path", entry.get("path"), str)
+        if not path:
+            raise ConfigError(f"{where}.path: a corpus or prepared dataset path is needed")
+        weight = _coerce(f"{where}.weight", entry.get("weight", 1.0), float)
+        if not weight > 0:
+            raise ConfigError(f"{where}.weight: must be > 0, got {weight!r}")
+        name = _coerce(f"{where}.name", entry.get("name"), str) or _source_name(path)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{where}.name: letters, digits, '_', '.' and '-' only, got "
+                              f"{name!r}")
+        if name in (s["name"] for s in out):
+            raise ConfigError(f"{where}.name: {name!r} names an earlier source too; give each "
+                              f"source its own name")
+        out.append({"path": path, "weight": weight, "name": name})
+    return out
+
+
+def _source_name(path: str) -> str:
+    """A source's default name: its path's last part, made a metric-name-safe word."""
+    parts = [p for p in path.rstrip("/").split("/") if p and not re.search(r"[*?\[]", p)]
+    last = parts[-1] if parts else "source"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", last).strip("._-") or "source"
 
 
 def from_dict(raw: Any, base: Optional[RunSpec] = None) -> RunSpec:

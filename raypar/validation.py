@@ -229,6 +229,13 @@ def _validate_data(spec: RunSpec) -> None:
     if spec.data.tokenizer == "bpe" and not 257 <= spec.data.vocab_size <= 1 << 20:
         raise ConfigError(f"data.vocab_size: must be in [257, 1048576] for the bpe tokenizer, "
                           f"got {spec.data.vocab_size}")
+    if spec.data.sources and spec.data.path:
+        raise ConfigError("data.sources: a mixture replaces data.path; give one of the two, "
+                          f"not both (data.path is {spec.data.path!r})")
+    if spec.data.sources and spec.data.dataset_dir:
+        raise ConfigError("data.dataset_dir: one directory cannot hold every source of a "
+                          "mixture; prepare each source with `raypar prepare` into its own "
+                          "directory and give those as data.sources paths")
 
 
 MAX_EPOCHS_PER_STEP = 1000

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from raypar.data.order import BlockOrder, MixtureOrder
 from raypar.data.shards import TokenDataset, read_manifest
 
 log = logging.getLogger("raypar")
@@ -56,6 +57,14 @@ class BlockSource:
 
     def retain(self, indices) -> None:
         """Let go of whatever reading these blocks does not need (no-op in memory)."""
+
+    def order(self, seed: int):
+        """The seeded order a run reads this source's blocks in (raypar/data/order.py)."""
+        return BlockOrder(self.n_blocks, seed)
+
+    def source_counts(self, indices) -> Optional[dict[str, int]]:
+        """How many of these blocks come from each source of a mixture (None: one source)."""
+        return None
 
 
 class ArrayBlocks(BlockSource):
@@ -102,6 +111,85 @@ class DatasetBlocks(BlockSource):
         self.dataset.release(keep=self.shards(indices))
 
 
+class MixtureBlocks(BlockSource):
+    """Several sources as one index space: global index i is block i - offset_s of source s,
+    offset_s the blocks of the sources before it. Training reads it in a MixtureOrder (each
+    position's source drawn by weight); names and weights say which source is which."""
+
+    def __init__(self, parts: Sequence[BlockSource], names: Sequence[str],
+                 weights: Sequence[float]):
+        if not parts or len({p.seq_len for p in parts}) != 1:
+            raise ValueError(f"mixture: sources of one seq_len are needed, got {list(parts)}")
+        self.parts, self.names, self.weights = list(parts), list(names), list(weights)
+        self.seq_len = parts[0].seq_len
+        self.sizes = [p.n_blocks for p in parts]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).astype(np.int64)
+        self.n_blocks = sum(self.sizes)
+        self.fetches = any(p.fetches for p in parts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.parts))})"
+
+    def _locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index within it) of each global index."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        src = np.searchsorted(self.offsets, idx, side="right") - 1
+        return src, idx - self.offsets[src]
+
+    def _by_source(self, indices) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(source, mask into indices, its local indices) for every source."""
+        src, local = self._locate(indices)
+        for s in range(len(self.parts)):
+            mine = src == s
+            yield s, mine, local[mine]
+
+    def blocks(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = None
+        for s, mine, local in self._by_source(idx):
+            if local.size:
+                got = self.parts[s].blocks(local)
+                if out is None:
+                    out = np.empty((idx.size, self.seq_len + 1), dtype=got.dtype)
+                out[mine] = got
+        return out if out is not None else np.zeros((0, self.seq_len + 1), dtype=np.int64)
+
+    def prefetch(self, indices) -> None:
+        for s, _, local in self._by_source(indices):
+            if local.size:
+                self.parts[s].prefetch(local)
+
+    def retain(self, indices) -> None:
+        for s, _, local in self._by_source(indices):
+            self.parts[s].retain(local)
+
+    def order(self, seed: int) -> MixtureOrder:
+        return MixtureOrder(self.sizes, self.weights, seed)
+
+    def source_counts(self, indices) -> dict[str, int]:
+        src, _ = self._locate(indices)
+        counts = np.bincount(src, minlength=len(self.parts))
+        return {name: int(c) for name, c in zip(self.names, counts)}
+
+
+class InterleavedBlocks(MixtureBlocks):
+    """Validation over several sources: index i is block (i // k) % n_s of source s = i % k
+    (k sources), so the first k * b indices hold b blocks of every source and a mixture's
+    val_loss weighs each source alike. n_blocks is k times the largest source's."""
+
+    def __init__(self, parts: Sequence[BlockSource], names: Sequence[str]):
+        kept = [(p, n) for p, n in zip(parts, names) if p.n_blocks]
+        super().__init__([p for p, _ in kept] or list(parts[:1]), [n for _, n in kept],
+                         [1.0] * max(len(kept), 1))
+        self.n_blocks = len(kept) * max(self.sizes) if kept else 0
+
+    def _locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        k = len(self.parts)
+        src = idx % k
+        return src, (idx // k) % np.asarray(self.sizes, dtype=np.int64)[src]
+
+
 def as_source(data: Union[BlockSource, np.ndarray], seq_len: Optional[int] = None) -> BlockSource:
     """data as a BlockSource (an array is wrapped); checks its blocks are seq_len + 1 long."""
     source = data if isinstance(data, BlockSource) else ArrayBlocks(data)
@@ -127,6 +215,16 @@ def open_splits(path: str, seq_len: int, cache_dir: Optional[str] = None,
     if "val" not in manifest["splits"]:
         return train, ArrayBlocks(np.zeros((0, seq_len + 1), dtype=train.dataset.dtype))
     return train, split("val")
+
+
+def open_mixture(sources: Sequence[dict], seq_len: int, cache_dir: Optional[str] = None,
+                 cache_bytes: Optional[int] = None) -> tuple[MixtureBlocks, InterleavedBlocks]:
+    """The train and val blocks of a mixture: sources [{"path", "weight", "name"}], each a
+    prepared dataset opened as open_splits does (the cache bound applies to each)."""
+    splits = [open_splits(str(s["path"]), seq_len, cache_dir, cache_bytes) for s in sources]
+    names = [str(s["name"]) for s in sources]
+    return (MixtureBlocks([t for t, _ in splits], names, [float(s["weight"]) for s in sources]),
+            InterleavedBlocks([v for _, v in splits], names))
 
 
 class Prefetcher:

@@ -69,19 +69,28 @@ class BlockOrder:
         start, count = int(start), int(count)
         if start < 0 or count < 0 or start + count > 1 << 63:
             raise ValueError(f"positions [{start}, {start + count}) are outside [0, 2**63)")
+        return self.at(np.arange(count, dtype=np.uint64) + _U64(start))
+
+    def at(self, positions) -> np.ndarray:
+        """Block indices (int64) at these stream positions (ascending, within a span of a
+        few epochs: a step's, or a mixture source's share of one)."""
+        pos = np.asarray(positions, dtype=np.uint64).reshape(-1)
         n = self.n_blocks
-        if count == 0 or n == 1:  # one block: every position reads it, no keys needed
-            return np.zeros(count, dtype=np.int64)
-        first, last = start // n, (start + count - 1) // n
-        pos = np.arange(count, dtype=np.uint64) + _U64(start)
+        if pos.size == 0 or n == 1:  # one block: every position reads it, no keys needed
+            return np.zeros(pos.size, dtype=np.int64)
+        first, last = int(pos[0]) // n, int(pos[-1]) // n
         if first == last:  # the common case: one epoch, one set of round keys
             offsets, which = pos - _U64(first * n), None
-        else:  # consecutive positions: their epochs are first..last, a small range
+        else:  # their epochs are first..last, a small range
             epoch = pos // _U64(n)
             offsets = pos - epoch * _U64(n)
             which = (epoch - _U64(first)).astype(np.intp)
         keys = self._epoch_keys(first, last - first + 1)
         return self._permute(offsets, keys, which).astype(np.int64)
+
+    def ident(self) -> dict:
+        """What fixes the block at each position (checkpoints record it)."""
+        return {"version": order_version(), "n_blocks": self.n_blocks}
 
     def epoch(self, epoch: int) -> np.ndarray:
         """All n block indices of one epoch, in order (O(n): for tests and small corpora)."""
@@ -123,6 +132,76 @@ class BlockOrder:
             elif r % 2 == 1 and lo_bits:
                 lo ^= _mix(hi ^ k) >> _U64(64 - lo_bits)
         return (hi << _U64(lo_bits)) | lo
+
+
+class MixtureOrder:
+    """Global block indices at stream positions when blocks come from several sources.
+
+    Position p draws its source from a keyed hash of (seed, p), with probability weight_s /
+    sum(weights); source s then reads the block its own BlockOrder (keyed by the seed and s)
+    has at position p, offset by the blocks of the sources before it. Both steps are pure
+    functions of the position, so a mixture resumes and resizes exactly like one corpus and
+    needs no per-source counter (a counter of earlier draws would need O(p) work to
+    recompute). Within one pass over a source (n_s positions) no block is read twice; a
+    source is read on about weight_s of that pass's positions.
+
+        mix = MixtureOrder([80_000, 20_000], [0.3, 0.7], seed=1337)
+        mix.blocks(7 * 512, 512)        # indices < 80_000 are source 0's, the rest source 1's
+    """
+
+    def __init__(self, sizes, weights, seed: int):
+        sizes, weights = [int(n) for n in sizes], [float(w) for w in weights]
+        if not sizes or len(sizes) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"a mixture needs one positive weight per source, got sizes "
+                             f"{sizes} and weights {weights}")
+        self.sizes, self.weights, self.seed = sizes, weights, int(seed)
+        self.n_blocks = sum(sizes)
+        self.offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+        digest = hashlib.blake2b(_VERSION + f" mixture {self.seed}".encode(), digest_size=8)
+        self._key = _U64(int.from_bytes(digest.digest(), "little"))
+        # Source s owns the draws u in [cut_{s-1}, cut_s) of [0, 1).
+        cum = np.cumsum(weights) / sum(weights)
+        cum[-1] = 1.0
+        self._cuts = cum
+        self.orders = [BlockOrder(n, int.from_bytes(hashlib.blake2b(
+            f"{self.seed} source {s}".encode(), digest_size=8).digest(), "little"))
+            for s, n in enumerate(sizes)]
+
+    def __repr__(self) -> str:
+        return f"MixtureOrder(sizes={self.sizes}, weights={self.weights}, seed={self.seed})"
+
+    def sources(self, start: int, count: int) -> np.ndarray:
+        """The source (int64) each of positions [start, start + count) draws from."""
+        pos = np.arange(int(count), dtype=np.uint64) + _U64(int(start))
+        u = (_mix(pos ^ self._key) >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        return np.minimum(np.searchsorted(self._cuts, u, side="right"),
+                          len(self.sizes) - 1).astype(np.int64)
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        start, count = int(start), int(count)
+        if start < 0 or count < 0 or start + count > 1 << 63:
+            raise ValueError(f"positions [{start}, {start + count}) are outside [0, 2**63)")
+        src = self.sources(start, count)
+        pos = np.arange(count, dtype=np.uint64) + _U64(start)
+        out = np.empty(count, dtype=np.int64)
+        for s, order in enumerate(self.orders):
+            mine = src == s
+            if mine.any():
+                out[mine] = self.offsets[s] + order.at(pos[mine])
+        return out
+
+    def counts(self, start: int, count: int, chunk: int = 1 << 22) -> np.ndarray:
+        """Positions of [start, start + count) that draw from each source (int64 per
+        source); in chunks, so a resume at position 10**9 recounts in bounded memory."""
+        total = np.zeros(len(self.sizes), dtype=np.int64)
+        for lo in range(int(start), int(start) + int(count), chunk):
+            n = min(chunk, int(start) + int(count) - lo)
+            total += np.bincount(self.sources(lo, n), minlength=len(self.sizes))
+        return total
+
+    def ident(self) -> dict:
+        return {"version": order_version(), "n_blocks": self.n_blocks,
+                "mixture": [[n, w] for n, w in zip(self.sizes, self.weights)]}
 
 
 @lru_cache(maxsize=8)

@@ -27,10 +27,9 @@ from ray.train.torch import TorchTrainer
 
 from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
-from raypar.data import resolve_sources
-from raypar.data.corpus import check_not_empty, file_stats, is_uri
-from raypar.data.pipeline import check_cache_dir
-from raypar.data.prepare import PreparedDataset, is_prepared, prepare_dataset
+from raypar.data import mixture
+from raypar.data.corpus import is_uri
+from raypar.data.prepare import PreparedDataset
 from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
@@ -110,13 +109,7 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
     """What can be refused before Ray starts: the data path, a layout this machine cannot
     hold, a run directory that is not what the command expects, unwritable storage, a
     --resume without a checkpoint that verifies. Returns the checkpoint --resume loads."""
-    if is_prepared(spec.data.path):  # a prepared dataset: nothing to read or write
-        check_cache_dir(spec.data)
-    else:
-        sources = resolve_sources(spec.data.path, spec.data.format)
-        stats = file_stats(sources)
-        check_not_empty(sources, stats)
-        check_cache_dir(spec.data, sources, stats)  # not after minutes of preparation
+    mixture.precheck(spec.data)  # the corpora, and the cache: not after minutes of preparation
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
     if resume:
@@ -132,10 +125,10 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
 
 
 def _prepare(spec: RunSpec, address: Optional[str],
-             guard: SignalGuard) -> tuple[PreparedDataset, int, bool]:
-    """Connect to Ray, check the cluster can hold the layout, prepare the dataset (Ray
-    Data tasks write its shards; this process holds only the manifest). Returns (dataset,
-    padded vocabulary size, use_gpu)."""
+             guard: SignalGuard) -> tuple[list[PreparedDataset], int, bool]:
+    """Connect to Ray, check the cluster can hold the layout, prepare the dataset, or each
+    source of a mixture (Ray Data tasks write its shards; this process holds only the
+    manifests). Returns (datasets, padded vocabulary size, use_gpu)."""
     is_local = connect(address, spec.world_size)
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -144,28 +137,31 @@ def _prepare(spec: RunSpec, address: Optional[str],
     check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
                    use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
-    dataset = prepare_dataset(spec.data, cache)
-    n_train, n_val = dataset.check_blocks(spec.data.seq_len)
+    datasets = mixture.prepare_all(spec.data, cache)
+    n_train, n_val = mixture.blocks_of(datasets, spec.data, spec.data.seq_len)
     check_corpus_fits(spec, n_train)
     if n_val == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
-    return dataset, padded_vocab(dataset.tokenizer.vocab_size, spec.parallel.tp), use_gpu
+    return datasets, padded_vocab(datasets[0].tokenizer.vocab_size, spec.parallel.tp), use_gpu
 
 
-def _open_run_dir(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, resume: bool) -> None:
+def _open_run_dir(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset],
+                  resume: bool) -> None:
     """From here on the run exists: its directory records what happens."""
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.log_to_file()
     if resume:
         log.info("resuming %s with config: %s", rd.path, json.dumps(spec.to_dict()))
     rd.config.write_text(spec.to_yaml())
-    corpus.tokenizer.save(rd.tokenizer)
+    datasets[0].tokenizer.save(rd.tokenizer)
     rd.write_status("running")
-    log.info("dataset %s: %s", corpus.path, json.dumps(corpus.stats))
-    if corpus.stats.get("replaced_bytes"):
-        log.warning("data: replaced %d undecodable bytes in %d files",
-                    corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"])
+    for corpus in datasets:
+        log.info("dataset %s: %s", corpus.path, json.dumps(corpus.stats))
+        if corpus.stats.get("replaced_bytes"):
+            log.warning("data: replaced %d undecodable bytes in %d files of %s",
+                        corpus.stats["replaced_bytes"], corpus.stats["files_with_replacements"],
+                        corpus.path)
 
 
 def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
@@ -204,10 +200,10 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         tracking.check_reachable(uri)
     fault = parse_fault(rd)
     step_delay = parse_step_delay()
-    corpus, vocab_size, use_gpu = _prepare(spec, address, guard)
+    datasets, vocab_size, use_gpu = _prepare(spec, address, guard)
     if resume:
-        _prepare_resume(spec, rd, latest, vocab_size, corpus.tokenizer.to_json())
-    _open_run_dir(spec, rd, corpus, resume)
+        _prepare_resume(spec, rd, latest, vocab_size, datasets[0].tokenizer.to_json())
+    _open_run_dir(spec, rd, datasets, resume)
     rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
     tracker: Optional[tracking.Tracker] = None
@@ -219,7 +215,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         if tracker:
             tracker.log_artifact(rd.config)
             tracker.backfill(earlier)
-        thread = _fit_thread(spec, rd, corpus, vocab_size, use_gpu, fault, step_delay, guard,
+        thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay, guard,
                              outcome, t_start)
         follower.follow(thread, guard)
         guard.settle()  # fit() has ended: the records are written whatever comes now
@@ -247,7 +243,7 @@ def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
     return None
 
 
-def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, vocab_size: int,
+def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
                 outcome: dict[str, Any], t_start: float) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
@@ -258,9 +254,10 @@ def _fit_thread(spec: RunSpec, rd: RunDir, corpus: PreparedDataset, vocab_size: 
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.to_dict(), "vocab_size": vocab_size,
-            "tokenizer_json": corpus.tokenizer.to_json(),
+            "tokenizer_json": datasets[0].tokenizer.to_json(),
             # Each rank reads its own blocks' shards: no corpus passes through here.
-            "dataset": {"path": corpus.path, "cache_dir": _shard_cache(spec, corpus.path)},
+            "dataset": mixture.worker_dataset(datasets, spec.data,
+                                              lambda path: _shard_cache(spec, path)),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
             "step_delay_s": step_delay, "stop_flag": flag,
         },

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from raypar.config import from_dict
-from raypar.data.blocks import open_splits
+from raypar.data.blocks import open_mixture, open_splits
 from raypar.train import checkpoint as ckpt
 from raypar.train import control, faults
 from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
@@ -157,17 +157,21 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         faults.fire(config.get("fault"), dist.get_rank(), trainer.step, phase, SIGTERM.is_set)
 
 
-DATASET_KEYS = ("path", "cache_dir", "cache_bytes")
+DATASET_KEYS = ("path", "sources", "cache_dir", "cache_bytes")
 
 
 def data_sources(config: dict[str, Any], seq_len: int) -> tuple[Any, Any]:
-    """This worker's train and val blocks: the splits of config["dataset"] (opened here:
-    the manifest only; each rank then fetches just the shards its blocks need)."""
+    """This worker's train and val blocks: the splits of config["dataset"], one dataset's
+    ('path') or a mixture's ('sources': [{path, weight, name}]), opened here: the manifests
+    only; each rank then fetches just the shards its blocks need."""
     dataset = config.get("dataset") or {}
     unknown = sorted(set(dataset) - set(DATASET_KEYS))
-    if unknown or not dataset.get("path"):
-        raise ValueError(f"config['dataset']: needs 'path' and allows {DATASET_KEYS}, got "
-                         f"{sorted(dataset)}")
+    if unknown or bool(dataset.get("path")) == bool(dataset.get("sources")):
+        raise ValueError(f"config['dataset']: needs 'path' or 'sources' and allows "
+                         f"{DATASET_KEYS}, got {sorted(dataset)}")
+    if dataset.get("sources"):
+        return open_mixture(dataset["sources"], seq_len, dataset.get("cache_dir"),
+                            dataset.get("cache_bytes"))
     return open_splits(str(dataset["path"]), seq_len, dataset.get("cache_dir"),
                        dataset.get("cache_bytes"))
 

@@ -66,7 +66,7 @@ class Record(Mapping):
 @dataclass(eq=False)
 class StepRow(Record):
     """One optimizer step, as rank 0 measured it (loss: the mean over replicas). Every
-    step row raypar writes has every field but the last two; the defaults read rows that
+    step row raypar writes has every field but the last three; the defaults read rows that
     runs of older versions wrote (a field added later is absent there)."""
     step: int
     loss: float
@@ -81,6 +81,7 @@ class StepRow(Record):
     tokens: Optional[int] = None
     val_loss: Optional[float] = None  # on evaluation steps
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
+    source_tokens: Optional[dict[str, int]] = None  # a mixture's training tokens per source
 
 
 @dataclass(eq=False)

@@ -127,6 +127,8 @@ class Tracker:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), now, int(row["step"]))
                    for row in rows for k in METRIC_KEYS if k in row]
+        metrics += [Metric(f"tokens_{name}", float(n), now, int(row["step"]))
+                    for row in rows for name, n in (row.get("source_tokens") or {}).items()]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from raypar.config import RunSpec, model_config
 from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
-from raypar.data.order import BlockOrder, order_version, rank_blocks
+from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import GPT, lm_loss, param_groups
 from raypar.parallel.data import finish_gradient_sync, gradient_sync
@@ -86,8 +86,9 @@ class RankTrainer:
         if self.train_data.n_blocks < 1:
             raise ValueError(f"train blocks: {self.train_data!r} holds no block of "
                              f"data.seq_len + 1 = {spec.data.seq_len + 1} tokens")
-        # The seeded order of global blocks: step s reads positions [s*G, (s+1)*G) of it.
-        self.order = BlockOrder(self.train_data.n_blocks, t.seed)
+        # The seeded order of global blocks: step s reads positions [s*G, (s+1)*G) of it
+        # (a mixture's order also draws each position's source).
+        self.order = self.train_data.order(t.seed)
         self._train_feed = Prefetcher(self.train_data, "raypar-prefetch-train")
         self._val_feed = Prefetcher(self.val_data, "raypar-prefetch-val")
         try:
@@ -127,6 +128,8 @@ class RankTrainer:
         torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
         self.tokens_seen = 0
+        # A mixture's training tokens so far, per source name (None: one dataset).
+        self.source_tokens = self.train_data.source_counts([])
         # Global stream position: blocks consumed so far by all replicas together. The next
         # step takes positions [position, position + global_batch) (raypar/data/order.py).
         self.position = 0
@@ -262,13 +265,18 @@ class RankTrainer:
         self.position += t.global_batch
         self.prefetch()  # the next steps' shards come while this rank evaluates, saves, ...
         self.tokens_seen += t.global_batch * spec.data.seq_len
+        if self.source_tokens is not None:
+            for name, n in self.train_data.source_counts(indices).items():
+                self.source_tokens[name] += n * spec.data.seq_len
         loss = self._mean_over_dp(loss)
         return StepRow(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
                        tokens_per_s=t.global_batch * spec.data.seq_len
                        / (time.perf_counter() - t0),
-                       blocks=indices.tolist() if t.log_blocks else None)
+                       blocks=indices.tolist() if t.log_blocks else None,
+                       source_tokens=dict(self.source_tokens)
+                       if self.source_tokens is not None else None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -329,12 +337,13 @@ class RankTrainer:
     def train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
                 "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
-                "order": self._order_id(),
+                "order": self._order_id(), "source_tokens": self.source_tokens,
                 "time": time.time(), "layout": self.layout()}
 
     def _order_id(self) -> dict[str, Any]:
-        """What fixes which blocks a stream position reads: the order's version and size."""
-        return {"version": order_version(), "n_blocks": int(self.train_data.n_blocks)}
+        """What fixes which blocks a stream position reads: the order's version and size
+        (and a mixture's sources and weights)."""
+        return self.order.ident()
 
     def load(self, path: str) -> dict[str, Any]:
         """Load model, optimizer, step, data position and (same layout) RNG state from the
@@ -356,6 +365,8 @@ class RankTrainer:
         # Checkpoints from before the position was recorded consumed step * global_batch.
         self.position = int(saved.get("position", self.step * int(saved.get(
             "global_batch", self.spec.train.global_batch))))
+        if self.source_tokens is not None:
+            self.source_tokens = self._saved_source_tokens(saved)
         if saved.get("order") != self._order_id() and dist.get_rank() == 0:
             log.warning("the checkpoint %s was saved by a run whose block order differs "
                         "(%s, now %s: another raypar version or another dataset): training "
@@ -371,3 +382,13 @@ class RankTrainer:
             torch.manual_seed(self.spec.train.seed + 1 + self.pm.coords.dp + 7919 * self.step)
         self.prefetch()  # from the restored position
         return saved
+
+    def _saved_source_tokens(self, saved: dict[str, Any]) -> dict[str, int]:
+        """A mixture's tokens per source at the checkpoint: as saved, or counted again from
+        the block order (a checkpoint of another mixture, or of one dataset)."""
+        have = saved.get("source_tokens")
+        if isinstance(have, dict) and set(have) == set(self.source_tokens):
+            return {name: int(have[name]) for name in self.source_tokens}
+        counts = self.order.counts(0, self.position)  # bounded memory, O(position) time
+        return {name: int(c) * self.spec.data.seq_len
+                for name, c in zip(self.train_data.names, counts)}
