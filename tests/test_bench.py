@@ -16,7 +16,7 @@ from raypar.bench.stats import ratio_row, row, windows
 from conftest import ROOT
 
 SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor": 2,
-            "data": 2, "checkpoint": 6, "memory": 5}
+            "data": 9, "checkpoint": 6, "memory": 5}
 
 
 def test_windows_leave_out_the_warm_up_seconds_and_checkpoint_steps():

@@ -622,49 +622,16 @@ def test_ray_prepare_command(ray_local, tmp_path):
         f"raypar: error: data.text_column: {bad} line 2 has no key 'text' (found: body)"]
 
 
-DRIVER = """
-import json, resource, sys
-import ray
-from raypar.config import DataConfig
-from raypar.data.prepare import prepare_dataset
-ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
-cfg = DataConfig(path=sys.argv[2], tokenizer="byte", cache_dir=sys.argv[3], val_fraction=0.05)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-ds = prepare_dataset(cfg)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"before_kb": before, "peak_kb": peak, "tokens": ds.tokens("train")}))
-"""
-
-
 @pytest.mark.ray
 def test_the_drivers_peak_memory_does_not_grow_with_the_corpus(ray_local, tmp_path):
     """The driver of a preparation holds the manifest, never the corpus: its own peak RSS
     (a process of its own on this module's Ray) is the same for a corpus 4x larger. The
     old path (collect every document on the driver, pack, save) grew by several bytes per
     corpus byte, here 100 MB and more between the two."""
-    import subprocess
-    import sys
-
-    def corpus(name: str, mb: int) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        rng = np.random.default_rng(0)
-        letters = np.frombuffer(b"abcdefgh ijklmnop qrstuvwxyz", dtype=np.uint8)
-        for f in range(mb // 4):  # files of 2000 documents of 2 KB
-            rows = letters[rng.integers(0, letters.size, size=(2000, 2000))]
-            (folder / f"part-{f}.jsonl").write_text("".join(
-                json.dumps({"text": r.tobytes().decode()}) + "\n" for r in rows))
-        return folder
-
-    peaks = {}
-    for name, mb in (("small", 8), ("large", 32)):
-        path = corpus(name, mb)
-        out = subprocess.run(
-            [sys.executable, "-c", DRIVER, ray_local.get_runtime_context().gcs_address,
-             str(path), str(tmp_path / "cache")],
-            capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    from raypar.bench.dataprep import driver_peak, random_jsonl
+    address = ray_local.get_runtime_context().gcs_address
+    peaks = {name: driver_peak(address, random_jsonl(tmp_path / name, mb), tmp_path / "cache")
+             for name, mb in (("small", 8), ("large", 32))}
     grew_mb = (peaks["large"]["peak_kb"] - peaks["small"]["peak_kb"]) / 1024
     assert peaks["large"]["tokens"] > 3.5 * peaks["small"]["tokens"]
     # 24 MB more corpus; allow half a byte per byte for allocator and Ray Data noise.

@@ -70,6 +70,33 @@ def data(r1: dict, steps: int, warmup_s: float, consumed: float, tokens: int,
                 target=f"< {TARGETS['data_wait']}", met=share_med < TARGETS["data_wait"])]
 
 
+def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: float
+              ) -> list[dict]:
+    """Preparation throughput (Ray Data held to 1 and 2 CPUs, against HF encode_batch in
+    one process), the driver's peak memory on two corpora 4x apart, and start-up to the
+    first step when the dataset is already prepared."""
+    small, large = peaks["1x"], peaks["4x"]
+    grew = large["peak_kb"] / small["peak_kb"]
+    return [
+        row("data", "prepare: Ray Data, 1 CPU (tokens/s)", median(rates["ray_1cpu"]),
+            "tokens/s", rates["ray_1cpu"]),
+        row("data", "prepare: Ray Data, 2 CPUs (tokens/s)", median(rates["ray_2cpu"]),
+            "tokens/s", rates["ray_2cpu"]),
+        row("data", "HF tokenizers encode_batch, one process (tokens/s)", median(rates["hf"]),
+            "tokens/s", rates["hf"], note="tokenizing only: no reading, no writing"),
+        ratio_row("data", "prepare: Ray Data 2 CPUs / 1 CPU (tokens/s)", rates["ray_2cpu"],
+                  rates["ray_1cpu"], None),
+        ratio_row("data", "prepare: Ray Data 2 CPUs / HF encode_batch (tokens/s)",
+                  rates["ray_2cpu"], rates["hf"], None),
+        row("data", "driver peak RSS preparing a 4x corpus / 1x", grew, "x",
+            target=f"<= {TARGETS['memory']}", met=grew <= TARGETS["memory"],
+            peak_mb_1x=small["peak_kb"] / 1024, peak_mb_4x=large["peak_kb"] / 1024,
+            tokens_1x=small["tokens"], tokens_4x=large["tokens"]),
+        row("data", "start-up to first step, dataset already prepared", startup_s, "s",
+            note="raypar dp=2: from run() to the first step's end (the launcher row)"),
+    ]
+
+
 def _saves(run: dict) -> list[dict]:
     return [e for e in run["events"] if e["event"] == "checkpoint"]
 

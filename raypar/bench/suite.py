@@ -33,7 +33,7 @@ import torch
 from ray.data import DataContext
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypar.bench import sections
+from raypar.bench import dataprep, sections
 from raypar.bench.gpu import GPU_MODEL, mfu_rows
 from raypar.bench.probe import run_probe
 from raypar.bench.report import write_report
@@ -51,6 +51,9 @@ from raypar.train.rundir import RunDir, read_metrics
 class Size:
     """How much the bench measures: --quick (CI, under 3 minutes on 2 cores) or full."""
     n_files: int  # standard-library source files in the corpus
+    prep_mb: float  # MB of text the preparation throughput rows tokenize
+    prep_repeats: int  # rounds of (Ray Data 1 CPU, 2 CPUs, HF) for those rows
+    peak_mb: int  # MB of the smaller corpus of the driver-memory row (the other is 4x)
     warmup_s: float  # seconds of steps left out of steady state (see `windows`)
     steps: int  # steps of the throughput runs
     repeats: int  # windows the steady steps split into
@@ -58,8 +61,8 @@ class Size:
     profile_steps: int
 
 
-QUICK = Size(n_files=40, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
-FULL = Size(n_files=200, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
+QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=2, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
+FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
 # not Python overhead or communication, dominates (about 0.8 M parameters, 128 tokens).
@@ -154,6 +157,24 @@ class Bench:
         np.save(self.work / "val.npy", corpus.val)
         self.context["corpus"] = corpus.stats
 
+    def prepare_rates(self) -> None:
+        """Preparation tokens/s (Ray Data at 1 and 2 CPUs, HF in one process) and the
+        driver's peak memory on two corpora 4x apart (dataprep.py)."""
+        s = self.size
+        texts = [p.read_text() for p in sorted(self.corpus_dir.glob("*.txt"))]
+        corpus = dataprep.source_jsonl(self.work / "prep" / "text.jsonl", texts, s.prep_mb)
+        self.say(f"data: preparing {s.prep_mb:g} MB with Ray Data at 1 and 2 CPUs, "
+                 f"and with HF encode_batch")
+        self.prep_rates = dataprep.prepare_rates(corpus, self.work / "prep" / "cache",
+                                                 repeats=s.prep_repeats)
+        self.say(f"data: the driver's peak memory preparing {s.peak_mb} and "
+                 f"{4 * s.peak_mb} MB")
+        address = ray.get_runtime_context().gcs_address
+        self.prep_peaks = {
+            name: dataprep.driver_peak(address, dataprep.random_jsonl(
+                self.work / "peak" / name, mb, seed=i), self.work / "peak" / "cache")
+            for i, (name, mb) in enumerate((("1x", s.peak_mb), ("4x", 4 * s.peak_mb)))}
+
     # -- baselines -------------------------------------------------------------------
     def _baseline(self, mode: str, spec: RunSpec, nproc: int = 1) -> list[dict]:
         """Run a baseline (baseline.py): `bare` as nproc independent processes at once,
@@ -240,6 +261,8 @@ class Bench:
         self.rows += rows
         self.rows += sections.data(r1, s.steps, s.warmup_s, median(tokens_per_s["raypar_dp1"]),
                                    self.data_tokens, self.data_s)
+        self.rows += sections.data_prep(self.prep_rates, self.prep_peaks,
+                                        r2["step_end"][0] - r2["t0"])
         self.rows += sections.checkpoints(r1, r2, s.steps)
         self.context["tokens_per_s"] = {k: median(v) for k, v in tokens_per_s.items()}
         self.memory_runs = {"dp=1": r1["summary"].get("ranks"),
@@ -317,6 +340,7 @@ def run_bench(out: Path, quick: bool = True, address: Optional[str] = None,
     bench = Bench(out, size, lambda m: say(f"[{time.time() - started:5.0f} s] {m}"))
     try:
         bench.prepare()
+        bench.prepare_rates()
         bench.throughput()
         bench.probe()
         bench.memory()

@@ -49,6 +49,11 @@ class Tokenizer:
     def byte_level(cls) -> "Tokenizer":
         return cls()
 
+    @property
+    def hf(self) -> Optional[HFTokenizer]:
+        """The wrapped HF tokenizers.Tokenizer (None for the byte-level one)."""
+        return self._hf
+
     def encode(self, text: str) -> list[int]:
         if self._hf is None:
             return list(text.encode("utf-8"))
