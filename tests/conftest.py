@@ -132,6 +132,15 @@ def _processes():
     return out
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a process that has not exited: a zombie (exited, not yet reaped by
+    its parent, which may be this process) has exited."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def stop_cluster(dirs):
     """Stop exactly this cluster's processes and their children (`ray stop` would stop
     every Ray on the machine)."""
@@ -153,7 +162,7 @@ def stop_cluster(dirs):
             except ProcessLookupError:
                 pass
         deadline = time.time() + 10
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in doomed):
+        while time.time() < deadline and any(_running(pid) for pid in doomed):
             time.sleep(0.2)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
@@ -228,6 +237,36 @@ def single_process_rows(spec, cache, tmp_path):
             if worker.eval_due():
                 row.val_loss = worker.evaluate()
             rows.append(row)
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+def mixture_rows(spec, cache, tmp_path):
+    """single_process_rows for a mixture (data.sources): one process, dp=1, over the
+    datasets prepare_all gives for spec (prepared here when they are corpora)."""
+    import torch.distributed as dist
+
+    from raypar.data import mixture
+    from raypar.data.blocks import open_mixture
+    from raypar.data.tokenizer import padded_vocab
+    from raypar.train.trainer import RankTrainer
+    datasets = mixture.prepare_all(spec.data, cache)
+    sources = mixture.worker_dataset(datasets, spec.data, lambda path: None)["sources"]
+    train, val = open_mixture(sources, spec.data.seq_len)
+    fixed = spec.with_dp(1)
+    assert fixed.world_size == 1, "give a spec with pp=1 and tp=1"
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "mix-store"), 1),
+                            rank=0, world_size=1)
+    try:
+        worker = RankTrainer(fixed, padded_vocab(datasets[0].tokenizer.vocab_size), train, val)
+        rows = []
+        while worker.step < fixed.train.steps:
+            row = worker.train_step()
+            if worker.eval_due():
+                row.val_loss = worker.evaluate()
+            rows.append(row)
+        worker.close()
         return rows
     finally:
         dist.destroy_process_group()

@@ -98,6 +98,11 @@ def test_quick_bench_writes_every_row(tmp_path):
         assert r["unit"] and r["name"]
         # A row with a target says whether it holds; a row without one does not pretend.
         assert (r["target"] is None) == (r["met"] is None), r
+    # Memory is no speed: the driver of a preparation holds manifests, never the corpus,
+    # so its own peak RSS (a process of its own) stays flat from an 8 MB corpus to 32 MB.
+    [growth] = [r for r in rows if r["name"].startswith("driver peak RSS growth")]
+    assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
+        "corpus_mb_1x"], growth
     ratios = {r["section"]: r for r in rows if r["unit"] == "x"}
     assert ratios["overhead"]["detail"]["ours_tokens_per_s"] > 0
     # gpipe and 1f1b idle (p-1)/(m+p-1) of a step; interleaved with 2 stages per rank

@@ -620,19 +620,3 @@ def test_ray_prepare_command(ray_local, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"raypar: error: data.text_column: {bad} line 2 has no key 'text' (found: body)"]
-
-
-@pytest.mark.ray
-def test_the_drivers_peak_memory_does_not_grow_with_the_corpus(ray_local, tmp_path):
-    """The driver of a preparation holds the manifest, never the corpus: its own peak RSS
-    (a process of its own on this module's Ray) is the same for a corpus 4x larger. The
-    old path (collect every document on the driver, pack, save) grew by several bytes per
-    corpus byte, here 100 MB and more between the two."""
-    from raypar.bench.dataprep import driver_peak, random_jsonl
-    address = ray_local.get_runtime_context().gcs_address
-    peaks = {name: driver_peak(address, random_jsonl(tmp_path / name, mb), tmp_path / "cache")
-             for name, mb in (("small", 8), ("large", 32))}
-    grew_mb = (peaks["large"]["peak_kb"] - peaks["small"]["peak_kb"]) / 1024
-    assert peaks["large"]["tokens"] > 3.5 * peaks["small"]["tokens"]
-    # 24 MB more corpus; allow half a byte per byte for allocator and Ray Data noise.
-    assert grew_mb < 12, peaks

@@ -2,7 +2,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -76,73 +75,3 @@ def test_more_workers_than_the_cluster_holds_fails_fast(ray_local, small_corpus,
         run(spec, tmp_path / "big", progress=False)
     assert not (tmp_path / "big").exists()
 
-
-def mixture_reference(spec, cache, tmp_path):
-    """A mixture's rows trained as one process with no Ray Train (dp=1), from the datasets
-    the runs prepared: what every layout and resume of it must reproduce."""
-    import torch.distributed as dist
-
-    from raypar.data import mixture
-    from raypar.data.blocks import open_mixture
-    from raypar.data.tokenizer import padded_vocab
-    from raypar.train.trainer import RankTrainer
-    datasets = mixture.prepare_all(spec.data, cache)
-    assert all(d.from_cache for d in datasets)
-    sources = mixture.worker_dataset(datasets, spec.data, lambda path: None)["sources"]
-    train, val = open_mixture(sources, spec.data.seq_len)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                            world_size=1)
-    try:
-        worker = RankTrainer(spec.with_dp(1), padded_vocab(datasets[0].tokenizer.vocab_size),
-                             train, val)
-        rows = []
-        while worker.step < spec.train.steps:
-            row = worker.train_step()
-            if worker.eval_due():
-                row.val_loss = worker.evaluate()
-            rows.append(row)
-        worker.close()
-        return rows
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_mixture_trains_resizes_and_resumes_like_one_process(ray_local, small_corpus,
-                                                               tmp_path, monkeypatch):
-    """Two corpora, 3:1, prepared by the run itself; at dp=2 a worker dies at step 7 (the
-    run fails: no restarts allowed), then it is resumed at dp=1 from step 6: every row
-    equals one process's (loss, grad_norm, val_loss), and each source's tokens seen are in
-    metrics.jsonl and MLflow."""
-    from test_prepare import write_jsonl
-    other = write_jsonl(tmp_path / "other.jsonl", n=200, seed=3)
-    cache = tmp_path / "cache"
-    mix = [f"data.sources=[{{path: {small_corpus}, weight: 3, name: py}}, "
-           f"{{path: {other}, weight: 1, name: chat}}]", f"data.cache_dir={cache}",
-           "train.eval_every=5", "checkpoint.every=3", "train.dtype=fp32", "train.steps=10",
-           "checkpoint.max_failures=0"]
-    run_dir = tmp_path / "run"
-    monkeypatch.setenv("RAYPAR_FAULT", "rank=1,step=7")
-    with pytest.raises(RuntimeError, match="^training failed"):
-        run(load_spec(TINY, [*mix, "parallel.dp=2"]), run_dir, progress=False)
-    monkeypatch.delenv("RAYPAR_FAULT")
-    resumed = load_spec(TINY, [*mix, "parallel.dp=1"])
-    summary = run(resumed, run_dir, progress=False, resume=True)
-    [event] = [e for e in read_metrics(run_dir)[1] if e["event"] == "recovery"]
-    assert event["cause"] == "resume" and event["step"] == 6
-
-    rows = rows_of(run_dir)
-    want = mixture_reference(resumed, cache, tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 11))
-    for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in rows], [w[key] for w in want], rtol=1e-5)
-    assert [r.get("val_loss") is None for r in rows] == [w.val_loss is None for w in want]
-    np.testing.assert_allclose([r["val_loss"] for r in rows if "val_loss" in r],
-                               [w.val_loss for w in want if w.val_loss is not None], rtol=1e-5)
-    for r, w in zip(rows, want):
-        assert r["source_tokens"] == w.source_tokens and sum(w.source_tokens.values()) == r["tokens"]
-    assert rows[-1]["source_tokens"]["py"] > rows[-1]["source_tokens"]["chat"] > 0
-    client = MlflowClient(tracking_uri=summary["mlflow_uri"])
-    for name in ("py", "chat"):
-        history = client.get_metric_history(summary["mlflow_run_id"], f"tokens_{name}")
-        assert sorted(m.step for m in history) == list(range(1, 11))
-        assert max(history, key=lambda m: m.step).value == rows[-1]["source_tokens"][name]

@@ -62,12 +62,13 @@ def source_jsonl(dest: Path, texts: list[str], mb: float) -> Path:
 
 def driver_peak(address: str, corpus: Path, cache: Path) -> dict[str, Any]:
     """Prepare corpus from a fresh driver process on the Ray at address: its peak RSS (kB)
-    before and after, and the training tokens written."""
+    before and after, the training tokens written and the corpus's bytes."""
     out = subprocess.run([sys.executable, "-c", DRIVER, address, str(corpus), str(cache)],
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"the preparation driver failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**found, "bytes": sum(p.stat().st_size for p in Path(corpus).rglob("*.jsonl"))}
 
 
 def _prepare_once(cfg: DataConfig, cache: Path, cpus: Optional[int]) -> tuple[int, float]:

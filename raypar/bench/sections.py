@@ -11,7 +11,7 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.rundir import RunDir
 
 TARGETS = {"overhead": 0.95, "launcher": 0.95, "scaling": 1.8, "bubble": 0.2,
-           "data_wait": 0.02, "memory": 1.10}
+           "data_wait": 0.02, "memory": 1.10, "driver_growth": 0.5}
 
 # The probe's pipeline layouts (schedule, virtual stages per rank, micro-batches), p = 2.
 PIPELINE = [(schedule, v, m) for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2))
@@ -76,7 +76,9 @@ def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: 
     one process), the driver's peak memory on two corpora 4x apart, and start-up to the
     first step when the dataset is already prepared."""
     small, large = peaks["1x"], peaks["4x"]
-    grew = large["peak_kb"] / small["peak_kb"]
+    # Driver peak bytes per byte of extra corpus: the old path (every document collected
+    # on the driver, packed, saved) took several; holding only manifests takes about none.
+    per_byte = (large["peak_kb"] - small["peak_kb"]) * 1024 / (large["bytes"] - small["bytes"])
     return [
         row("data", "prepare: Ray Data, 1 CPU (tokens/s)", median(rates["ray_1cpu"]),
             "tokens/s", rates["ray_1cpu"]),
@@ -88,10 +90,11 @@ def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: 
                   rates["ray_1cpu"], None),
         ratio_row("data", "prepare: Ray Data 2 CPUs / HF encode_batch (tokens/s)",
                   rates["ray_2cpu"], rates["hf"], None),
-        row("data", "driver peak RSS preparing a 4x corpus / 1x", grew, "x",
-            target=f"<= {TARGETS['memory']}", met=grew <= TARGETS["memory"],
+        row("data", "driver peak RSS growth per byte of corpus (1x to 4x)", per_byte,
+            "bytes/byte", target=f"< {TARGETS['driver_growth']}",
+            met=per_byte < TARGETS["driver_growth"],
             peak_mb_1x=small["peak_kb"] / 1024, peak_mb_4x=large["peak_kb"] / 1024,
-            tokens_1x=small["tokens"], tokens_4x=large["tokens"]),
+            corpus_mb_1x=small["bytes"] / 1e6, corpus_mb_4x=large["bytes"] / 1e6),
         row("data", "start-up to first step, dataset already prepared", startup_s, "s",
             note="raypar dp=2: from run() to the first step's end (the launcher row)"),
     ]

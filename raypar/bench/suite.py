@@ -61,7 +61,7 @@ class Size:
     profile_steps: int
 
 
-QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=2, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
+QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
 FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
