@@ -47,16 +47,18 @@ def random_jsonl(folder: Path, mb: int, seed: int = 0) -> Path:
     return folder
 
 
-def source_jsonl(dest: Path, texts: list[str], mb: float) -> Path:
-    """One .jsonl of real text: the given documents repeated until it holds mb MB."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def source_jsonl(dest: Path, texts: list[str], mb: float, files: int = 4) -> Path:
+    """A folder of `files` .jsonl files of real text (the documents repeated) holding mb MB
+    in all: files, so that several read tasks can share the work."""
+    dest.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"text": t}) + "\n" for t in texts]
-    size, out = 0, []
-    while size < mb * 1e6:
-        for line in lines:
-            out.append(line)
-            size += len(line)
-    dest.write_text("".join(out))
+    for f in range(files):
+        size, out = 0, []
+        while size < mb * 1e6 / files:
+            for line in lines:
+                out.append(line)
+                size += len(line)
+        (dest / f"part-{f}.jsonl").write_text("".join(out))
     return dest
 
 
@@ -90,15 +92,17 @@ def _prepare_once(cfg: DataConfig, cache: Path, cpus: Optional[int]) -> tuple[in
 
 def prepare_rates(corpus: Path, cache: Path, cpus: tuple[int, ...] = (1, 2),
                   repeats: int = 2, vocab_size: int = 1024) -> dict[str, list[float]]:
-    """Tokens/s of preparing corpus (a .jsonl) with Ray Data held to each CPU count, the
-    counts alternated `repeats` times so that drift cancels, and of the same tokenizer's
-    encode_batch over the same documents in this process ('hf', between the rounds).
-    Ray must be up. The bpe tokenizer is trained once, before any timing."""
+    """Tokens/s of preparing corpus (a folder of .jsonl) with Ray Data held to each CPU
+    count, the counts alternated `repeats` times so that drift cancels, and of the same
+    tokenizer's encode_batch over the same documents in this process ('hf', between the
+    rounds; HF spreads a batch over its own threads). Ray must be up. The bpe tokenizer is
+    trained once, before any timing."""
     from raypar.data.prepare import prepare_dataset
     cfg = DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=vocab_size,
                      val_fraction=0.05, dataset_dir=str(cache / "prepared"))
     tok = prepare_dataset(cfg, cache).tokenizer  # trains the tokenizer (untimed)
-    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    texts = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
     rates: dict[str, list[float]] = {f"ray_{n}cpu": [] for n in cpus}
     rates["hf"] = []
     for _ in range(repeats):

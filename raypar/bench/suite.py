@@ -162,7 +162,7 @@ class Bench:
         driver's peak memory on two corpora 4x apart (dataprep.py)."""
         s = self.size
         texts = [p.read_text() for p in sorted(self.corpus_dir.glob("*.txt"))]
-        corpus = dataprep.source_jsonl(self.work / "prep" / "text.jsonl", texts, s.prep_mb)
+        corpus = dataprep.source_jsonl(self.work / "prep" / "text", texts, s.prep_mb)
         self.say(f"data: preparing {s.prep_mb:g} MB with Ray Data at 1 and 2 CPUs, "
                  f"and with HF encode_batch")
         self.prep_rates = dataprep.prepare_rates(corpus, self.work / "prep" / "cache",
