@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -134,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from raypar.train.driver import run
     summary = run(spec, run_dir, args.address, progress=not args.no_progress,
-                  resume=bool(args.resume), restart=args.restart)
+                  resume=bool(args.resume), restart=args.restart, started=args.started)
     val = summary["final_val_loss"]
     print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}"
           + (f", val_loss {summary['first_val_loss']:.4f} -> {val:.4f}" if val is not None else "")
@@ -149,7 +150,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, args.overrides)  # (a config error before seconds of imports)
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # as in cmd_train
-    import time
 
     from raypar.data import mixture, pipeline, prepare
     data, started = spec.data, time.monotonic()
@@ -167,17 +167,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         connect(args.address, 1)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         DataContext.get_current().enable_progress_bars = False  # ours instead, below
-    tty = sys.stderr.isatty()
-
-    def show(snap: dict) -> None:
-        line = f"preparing: {prepare.format_progress(snap)}"
-        print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", file=sys.stderr,
-              flush=True)
-
+    show, every, end = prepare.console_progress()
     for ds in mixture.prepare_all(data, cache, progress=show, force=args.force,
-                                  progress_every=1.0 if tty else prepare.PROGRESS_EVERY_S):
-        if tty and work:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+                                  progress_every=every):
+        if work:
+            end()
         tokens = ds.tokens("train") + ds.tokens("val")
         print(f"{'reused' if ds.from_cache else 'prepared'} {ds.path}: {ds.stats['n_docs']:,} "
               f"documents, {tokens:,} tokens ({ds.tokens('train'):,} train, "
@@ -290,8 +284,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    started = time.time()  # the start-up profile counts from here (raypar/train/startup.py)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
+    args.started = started
     try:
         return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
                 "export": cmd_export, "bench": cmd_bench,

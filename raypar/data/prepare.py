@@ -77,6 +77,11 @@ class PreparedDataset:
     """Identifies corpus + tokenizer (not seq_len, which is no part of a dataset)."""
     from_cache: bool = False
     """True when an existing finished dataset was reused (no Ray Data work)."""
+    tokenizer_s: float = 0.0
+    """Seconds spent loading or training the tokenizer."""
+    tokenizer_note: str = ""
+    """How the tokenizer came: byte-level, loaded from the cache, trained, a file, the
+    dataset's own."""
 
     @property
     def val_fraction(self) -> float:
@@ -154,7 +159,9 @@ def _given(cfg: DataConfig) -> PreparedDataset:
              "(val_fraction %s) are used", path, tok.kind, tok.vocab_size,
              manifest.get("split", {}).get("val_fraction"))
     return PreparedDataset(path, manifest, tok, _stats_of(manifest, tok),
-                           manifest["fingerprint"], from_cache=True)
+                           manifest["fingerprint"], from_cache=True,
+                           tokenizer_note=f"the prepared dataset's own ({tok.kind}, "
+                                          f"{tok.vocab_size} tokens)")
 
 
 def _check_tokenizer_setting(cfg: DataConfig, tok: Tokenizer, path: str) -> None:
@@ -330,19 +337,27 @@ def prepare_dataset(cfg: DataConfig, cache_dir: Optional[Path] = None, *,
             docs_ds = pipeline._documents(sources, fmt, cfg)
         return docs_ds
 
-    tok = build_tokenizer(cfg, sources, cache, lambda: pipeline.sample_texts(
-        documents(), cfg.tokenizer_sample_bytes), fingerprint=fp)
+    trained = []
+
+    def sample():  # called only when a bpe tokenizer must be trained
+        trained.append(True)
+        return pipeline.sample_texts(documents(), cfg.tokenizer_sample_bytes)
+
+    t_tok = time.monotonic()
+    tok = build_tokenizer(cfg, sources, cache, sample, fingerprint=fp)
+    timing = {"tokenizer_s": time.monotonic() - t_tok, "tokenizer_note": _tokenizer_note(
+        cfg, tok, bool(trained))}
     key = dataset_key(fp, tok)
     where, field_name = _destination(cfg, cache, key)
     # (Checked even with force: another corpus's dataset is never overwritten.)
     manifest = _finished(where, key, field_name)
     if manifest is not None and not force:
-        return _done(where, manifest, tok, key, from_cache=True)
+        return _done(where, manifest, tok, key, from_cache=True, **timing)
     with _turn(where, field_name):
         # Another preparation may have finished it while this one waited for its turn.
         manifest = _finished(where, key, field_name, quiet=True)
         if manifest is not None and not force:
-            return _done(where, manifest, tok, key, from_cache=True)
+            return _done(where, manifest, tok, key, from_cache=True, **timing)
         # A finished dataset (force) stays whole and readable, by runs reading it too, until
         # the new manifest replaces its own; only then do its files go.
         keep = _named(manifest) if manifest is not None else set()
@@ -351,7 +366,16 @@ def prepare_dataset(cfg: DataConfig, cache_dir: Optional[Path] = None, *,
         manifest = run.write(documents(), progress, progress_every)
         if keep:
             _delete(where, keep - _named(manifest))
-    return _done(where, manifest, tok, key, from_cache=False)
+    return _done(where, manifest, tok, key, from_cache=False, **timing)
+
+
+def _tokenizer_note(cfg: DataConfig, tok: Tokenizer, trained: bool) -> str:
+    if cfg.tokenizer == "byte":
+        return "byte-level (257 tokens)"
+    if cfg.tokenizer == "bpe":
+        how = "trained on a sample of the corpus" if trained else "loaded from the cache"
+        return f"bpe, {how} ({tok.vocab_size} tokens)"
+    return f"{cfg.tokenizer} ({tok.vocab_size} tokens)"
 
 
 def _named(manifest: dict) -> set[str]:
@@ -373,8 +397,8 @@ def _delete(where: str, names: set[str]) -> None:
                 (storage.local_path(where) / n).unlink()
 
 
-def _done(where: str, manifest: dict, tok: Tokenizer, key: str,
-          from_cache: bool) -> PreparedDataset:
+def _done(where: str, manifest: dict, tok: Tokenizer, key: str, from_cache: bool,
+          **timing) -> PreparedDataset:
     stats = _stats_of(manifest, tok)
     if from_cache:
         log.info("reusing the prepared dataset %s (%d documents, %d shards)", where,
@@ -383,7 +407,7 @@ def _done(where: str, manifest: dict, tok: Tokenizer, key: str,
         log.warning("replaced %d undecodable bytes in %d files (not UTF-8; each run of "
                     "bad bytes reads as U+FFFD)", stats["replaced_bytes"],
                     stats["files_with_replacements"])
-    return PreparedDataset(where, manifest, tok, stats, key, from_cache=from_cache)
+    return PreparedDataset(where, manifest, tok, stats, key, from_cache=from_cache, **timing)
 
 
 @contextmanager
@@ -605,6 +629,24 @@ class _Ticker:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def console_progress() -> tuple[Callable[[dict], None], float, Callable[[], None]]:
+    """(progress callback, seconds between calls, end) that show a preparation on stderr:
+    one line redrawn every second on a terminal, a plain line every PROGRESS_EVERY_S
+    otherwise (logs, `ray job submit`); end() clears the terminal's line."""
+    tty = sys.stderr.isatty()
+
+    def show(snap: dict) -> None:
+        line = f"raypar: preparing: {format_progress(snap)}"
+        print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+
+    def end() -> None:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    return show, 1.0 if tty else PROGRESS_EVERY_S, end
 
 
 def _log_progress(snap: dict) -> None:

@@ -29,7 +29,7 @@ from raypar.cluster import check_capacity, check_local_memory, connect, scaling_
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import mixture
 from raypar.data.corpus import is_uri
-from raypar.data.prepare import PreparedDataset
+from raypar.data.prepare import PreparedDataset, console_progress
 from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
@@ -40,6 +40,7 @@ from raypar.train.records import Record, StepRow
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
                                  default_run_dir)
 from raypar.train.sink import MetricsSink
+from raypar.train.startup import Startup
 from raypar.train.stopping import Interrupted, SignalGuard, StopFlag, Stopped, end_ray
 from raypar.train.summary import Follower, finish_tracking, layout_report, summarize
 from raypar.validation import check_corpus_fits
@@ -85,19 +86,24 @@ def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size
 
 
 def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = None,
-        progress: bool = True, resume: bool = False, restart: bool = False) -> dict[str, Any]:
+        progress: bool = True, resume: bool = False, restart: bool = False,
+        started: Optional[float] = None) -> dict[str, Any]:
     """Train one model; returns the summary that is also written to summary.json.
 
     resume=True continues the run in run_dir (the driver died, or it failed, or it
     should train for more steps): workers load its latest valid checkpoint, under this
     spec's layout, and metrics.jsonl and the MLflow run go on where they stopped.
     restart=True (with resume) trains run_dir's run again from step 0, its old records
-    and checkpoints moved aside (raypar/train/restart.py)."""
+    and checkpoints moved aside (raypar/train/restart.py). started: when the command began
+    (time.time(); default now), what the start-up profile counts from (startup.py)."""
     logger = logging.getLogger("raypar")
     before = list(logger.handlers)
     try:
+        startup = Startup(started if started is not None else time.time())
+        if started is not None:  # from a command: its imports (torch, ray) are a phase
+            startup.done("imports", "python, torch, ray, raypar")
         return _run(spec, RunDir(run_dir or default_run_dir(spec)), address, progress, resume,
-                    restart)
+                    restart, startup)
     finally:  # this run's run.log handler: a later run in this process logs elsewhere
         for handler in [h for h in logger.handlers if h not in before]:
             logger.removeHandler(handler)
@@ -124,8 +130,8 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
     return _latest_checkpoint(spec, rd) if resume and not restart else None
 
 
-def _prepare(spec: RunSpec, address: Optional[str],
-             guard: SignalGuard) -> tuple[list[PreparedDataset], int, bool]:
+def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
+             startup: Startup) -> tuple[list[PreparedDataset], int, bool]:
     """Connect to Ray, check the cluster can hold the layout, prepare the dataset, or each
     source of a mixture (Ray Data tasks write its shards; this process holds only the
     manifests). Returns (datasets, padded vocabulary size, use_gpu)."""
@@ -133,11 +139,26 @@ def _prepare(spec: RunSpec, address: Optional[str],
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False
-    use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
+    resources = ray.cluster_resources()
+    use_gpu = int(resources.get("GPU", 0)) > 0
+    startup.done("ray", f"{'started a local Ray' if is_local else 'connected to Ray'} with "
+                        f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
+                        f"{len(ray.nodes())} node(s)")
     check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
                    use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
-    datasets = mixture.prepare_all(spec.data, cache)
+    t_data = time.time()
+    show, every, end = console_progress()
+    try:
+        datasets = mixture.prepare_all(spec.data, cache, progress=show, progress_every=every)
+    finally:
+        end()
+    startup.done("tokenizer", datasets[0].tokenizer_note,
+                 at=t_data + sum(d.tokenizer_s for d in datasets))
+    startup.done("dataset", "; ".join(
+        f"{'reused' if d.from_cache else 'prepared'} {d.path} "
+        f"({d.tokens('train') + d.tokens('val'):,} tokens, "
+        f"{d.shards('train') + d.shards('val')} shards)" for d in datasets))
     n_train, n_val = mixture.blocks_of(datasets, spec.data, spec.data.seq_len)
     check_corpus_fits(spec, n_train)
     if n_val == 0 and spec.train.eval_every > 0:
@@ -147,10 +168,12 @@ def _prepare(spec: RunSpec, address: Optional[str],
 
 
 def _open_run_dir(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset],
-                  resume: bool) -> None:
+                  resume: bool, startup: Startup) -> None:
     """From here on the run exists: its directory records what happens."""
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.log_to_file()
+    for line in startup.lines:  # the phases shown before run.log existed
+        log.info("start-up: %s", line)
     if resume:
         log.info("resuming %s with config: %s", rd.path, json.dumps(spec.to_dict()))
     rd.config.write_text(spec.to_yaml())
@@ -165,9 +188,11 @@ def _open_run_dir(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset],
 
 
 def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
-         resume: bool, restart: bool) -> dict[str, Any]:
-    t_start = time.time()
+         resume: bool, restart: bool, startup: Startup) -> dict[str, Any]:
+    t_start = startup.started
     latest = _check_request(spec, rd, address, resume, restart)
+    startup.done("checks", "config, data paths, run directory" + (", checkpoint" if latest
+                                                                    else ""))
     # One run per directory, from before it writes anything until it ends, however it ends.
     with SignalGuard() as guard, RunLock(rd):
         try:
@@ -179,7 +204,8 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
             if restart:
                 restart_mod.move_aside(rd, checkpoint_root(spec, rd.path)[2])
                 resume = False
-            return _train(spec, rd, address, progress, resume, latest, t_start, guard)
+            return _train(spec, rd, address, progress, resume, latest, t_start, guard,
+                          startup)
         except (Stopped, SystemExit) as stop:  # before any worker trained
             # (While ray.init runs, its own SIGTERM handler is in place: sys.exit(15).)
             if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
@@ -194,29 +220,38 @@ def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
 
 
 def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, resume: bool,
-           latest: Optional[str], t_start: float, guard: SignalGuard) -> dict[str, Any]:
+           latest: Optional[str], t_start: float, guard: SignalGuard,
+           startup: Startup) -> dict[str, Any]:
     uri = tracking.resolve_uri(spec, rd.path) if spec.tracking.enabled else ""
     if uri:
         tracking.check_reachable(uri)
     fault = parse_fault(rd)
     step_delay = parse_step_delay()
-    datasets, vocab_size, use_gpu = _prepare(spec, address, guard)
+    datasets, vocab_size, use_gpu = _prepare(spec, address, guard, startup)
     if resume:
         _prepare_resume(spec, rd, latest, vocab_size, datasets[0].tokenizer.to_json())
-    _open_run_dir(spec, rd, datasets, resume)
+    _open_run_dir(spec, rd, datasets, resume, startup)
     rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
     tracker: Optional[tracking.Tracker] = None
     follower: Optional[Follower] = None
     outcome: dict[str, Any] = {}
     try:  # from here a stop ends the MLflow run too
-        tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
-        follower = Follower(rd, spec, tracker, progress, len(earlier))
-        if tracker:
-            tracker.log_artifact(rd.config)
-            tracker.backfill(earlier)
         thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay, guard,
-                             outcome, t_start)
+                             outcome, t_start, startup.board.key)
+        # The worker group starts (seconds) while MLflow sets up its run (seconds too).
+        thread.start()
+        try:
+            tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
+            if tracker:
+                tracker.log_artifact(rd.config)
+                tracker.backfill(earlier)
+                log.info("MLflow run %s at %s", tracker.run_id, tracker.uri)
+        except Exception:  # the workers were started for nothing: they stop, then this
+            guard.flag.set(signal.SIGTERM)  # error is the run's (one line, by the CLI)
+            thread.join()
+            raise
+        follower = Follower(rd, spec, tracker, progress, len(earlier), startup)
         follower.follow(thread, guard)
         guard.settle()  # fit() has ended: the records are written whatever comes now
     except Stopped:  # a signal before the workers trained, a second one, or workers
@@ -232,7 +267,9 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     rows, events = (follower.rows, follower.events) if follower else ([], [])
     if follower:
         follower.close()
-    return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum)
+    startup.board.clear()
+    return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum,
+                   startup)
 
 
 def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
@@ -245,7 +282,7 @@ def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
 
 def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
-                outcome: dict[str, Any], t_start: float) -> threading.Thread:
+                outcome: dict[str, Any], t_start: float, startup_key: str) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
     on a signal asks the workers to stop."""
     storage, name, root = checkpoint_root(spec, rd.path)
@@ -259,7 +296,7 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
             "dataset": mixture.worker_dataset(datasets, spec.data,
                                               lambda path: _shard_cache(spec, path)),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
-            "step_delay_s": step_delay, "stop_flag": flag,
+            "step_delay_s": step_delay, "stop_flag": flag, "startup_key": startup_key,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))
@@ -324,11 +361,16 @@ def _collective_echo(err: BaseException) -> bool:
 
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],
             tracker: Optional[tracking.Tracker], outcome: dict[str, Any],
-            t_start: float, signum: Optional[int]) -> dict[str, Any]:
+            t_start: float, signum: Optional[int], startup: Startup) -> dict[str, Any]:
     complete = bool(rows) and rows[-1].step == spec.train.steps
     ok = "error" not in outcome and complete
     stopped = signum is not None and not ok
     summary = summarize(rows, events, rd, tracker, time.time() - t_start)
+    summary.startup = startup.profile() or None
+    if summary.startup:
+        log.info("start-up profile (s): %s", json.dumps(summary.startup))
+        if tracker:
+            tracker.log_metrics(startup.metrics())
     layout_report(spec, rd, summary, tracker)
     if tracker:
         finish_tracking(tracker, rd, rows, "FINISHED" if ok else "KILLED" if stopped

@@ -44,6 +44,7 @@ from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
 from raypar.train.records import CheckpointEvent, RankInfo, StartRecord, StepRow, Timeline, \
     WorkerReport
 from raypar.train.saver import Saver
+from raypar.train.startup import StartupBoard
 from raypar.train.stopping import StopPoll
 from raypar.train.trainer import RankTrainer
 
@@ -183,20 +184,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = control.resolve_layout(from_dict(config["spec"]), dist.get_world_size())
     groups = Groups.build(spec)
     rank = dist.get_rank()
+    board = StartupBoard(config.get("startup_key")) if rank == 0 else None
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if board:
+        board.mark("workers", f"{len(nodes)} on {len(set(nodes))} node(s), process groups "
+                              f"and mesh up")
     choice = control.broadcast(choose_checkpoint(config["checkpoint_root"]) if rank == 0 else None)
     if groups.mesh is None:
         control.sit_out(groups)
         return
     train, val = data_sources(config, spec.data.seq_len)
     trainer = RankTrainer(spec, config["vocab_size"], train, val, groups)
+    if board:
+        p = spec.parallel
+        board.mark("model", f"built and parallelized (dp={p.dp} pp={p.pp} tp={p.tp} "
+                            f"{p.dp_mode}), data opened")
     try:
-        _train(config, spec, groups, trainer, started, choice)
+        _train(config, spec, groups, trainer, started, choice, board)
     finally:
         trainer.close()
 
 
 def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, started: float,
-           choice: tuple[Optional[str], list[list[str]], list[str]]) -> None:
+           choice: tuple[Optional[str], list[list[str]], list[str]],
+           board: Optional[StartupBoard] = None) -> None:
     """The step loop, after the trainer is built; returns when the run (or this group)
     is done."""
     rank = dist.get_rank()
@@ -204,6 +216,9 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
             "tokenizer": config["tokenizer_json"], "layout": dataclasses.asdict(spec.parallel)}
     saver = Saver(spec, trainer, groups, meta, config.get("fault"))
     reporter = _start(config, groups, trainer, started, choice)
+    if board and choice[0] is not None:
+        board.mark("checkpoint", f"loaded {ckpt.storage.basename(choice[0])} (step "
+                                 f"{trainer.step})")
     notice_saved = False
     stop_asked = StopPoll(config.get("stop_flag") if rank == 0 else None)
     flags = StepFlags()
@@ -211,6 +226,9 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
                     stop=trainer.step >= spec.train.steps)
     while not plan.stop:
         _step(trainer, reporter, config)
+        if board:
+            board.mark("first step", f"step {trainer.step} trained")
+            board = None
         notice = rank == 0 and reporter.notice is not None and not notice_saved
         flags = StepFlags(report_due=rank == 0 and reporter.due(),
                           save_landed=rank == 0 and saver.landed(), notice=notice,

@@ -244,6 +244,7 @@ class Summary(Record):
     ranks: Optional[list[dict[str, Any]]] = None
     bubble_measured: Optional[float] = None
     bubble_theory: Optional[float] = None
+    startup: Optional[dict[str, float]] = None  # seconds per phase before the first step
     _always: ClassVar[tuple[str, ...]] = ("final_loss", "final_val_loss", "first_val_loss",
                                           "mlflow_run_id", "mlflow_uri")
 

@@ -1,6 +1,7 @@
-"""What the driver tells the user about a run as it goes and when it ends: the progress bar
-fed from metrics.jsonl (Follower), the log line of each event in it, the summary, and the per-rank and pipeline report (into the
-summary, MLflow and pipeline_timeline.png).
+"""What the driver tells the user about a run as it goes and when it ends: the start-up
+phases and the progress bar fed from metrics.jsonl (Follower), the log line of each event
+in it, the summary, and the per-rank and pipeline report (into the summary, MLflow and
+pipeline_timeline.png).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from raypar.train.records import (CheckpointEvent, LayoutEvent, Record, Recovery
 from raypar.train.rundir import RunDir
 
 if TYPE_CHECKING:
+    from raypar.train.startup import Startup
     from raypar.train.stopping import SignalGuard
 
 log = logging.getLogger("raypar")
@@ -126,20 +128,25 @@ def finish_tracking(tracker: tracking.Tracker, rd: RunDir, rows: list[StepRow],
 
 
 class Follower:
-    """While fit() runs on its thread, this one tails metrics.jsonl into the progress bar
-    and MLflow, and keeps the new step rows and events."""
+    """While fit() runs on its thread, this one shows the start-up phases as the workers
+    mark them (startup.py), then tails metrics.jsonl into the progress bar and MLflow, and
+    keeps the new step rows and events."""
 
     def __init__(self, rd: RunDir, spec: RunSpec, tracker: Optional[tracking.Tracker],
-                 progress: bool, done: int):
+                 progress: bool, done: int, startup: Optional["Startup"] = None):
         self.rd, self.spec, self.tracker = rd, spec, tracker
         self.offset = rd.metrics_size()
         self.rows: list[StepRow] = []
         self.events: list[Record] = []
-        self.bar = tqdm(total=spec.train.steps, initial=done, desc="train", unit="step",
-                        disable=not progress, dynamic_ncols=True)
+        self.progress, self.done = progress, done
+        self.startup = startup
+        self.started_up = startup is None
+        # Made when the first steps arrive: its rate (and ETA) then counts steps only, not
+        # the start-up before them.
+        self.bar: Optional[tqdm] = None
 
     def follow(self, thread: threading.Thread, guard: "SignalGuard") -> None:
-        thread.start()
+        """Until the started fit() thread ends."""
         while True:
             alive = thread.is_alive()
             self.poll()
@@ -149,6 +156,8 @@ class Follower:
             thread.join(timeout=0.5)
 
     def poll(self) -> None:
+        if not self.started_up:
+            self.started_up = self.startup.poll()
         new, self.offset = self.rd.follow_metrics(self.offset)
         for event in (r for r in new if not isinstance(r, StepRow)):
             self.events.append(event)
@@ -158,9 +167,15 @@ class Follower:
             self.rows.extend(new)
             if self.tracker:
                 self.tracker.log_rows(new)
-            self.bar.update(len(new))
+            if self.bar is None:
+                self.bar = tqdm(total=self.spec.train.steps, initial=self.done + len(new),
+                                desc="train", unit="step", disable=not self.progress,
+                                dynamic_ncols=True)
+            else:
+                self.bar.update(len(new))
             self.bar.set_postfix(loss=f"{new[-1].loss:.4f}",
                                  tok_s=f"{new[-1].tokens_per_s:.0f}")
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
