@@ -8,7 +8,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 from raypar.parallel import schedules
 
@@ -92,9 +92,11 @@ def step_span(timelines: list[dict]) -> tuple[float, float]:
     return min(t["start"] for t in timelines), max(t["end"] for t in timelines)
 
 
-def plot_timeline(events_per_rank: dict[int, list[dict]], path) -> None:
-    """Write a PNG: one row per pp rank, a bar per F / B / W event (blue / orange /
-    green, darker for later micro-batches), labelled with its micro-batch index."""
+def plot_timeline(events_per_rank: dict[int, list[dict]], path,
+                  labels: Optional[dict[int, str]] = None, title: str = "") -> None:
+    """Write a PNG: one row per global rank (labels[rank] names it, e.g. its (dp, pp, tp)
+    coordinates and stages), a bar per F / B / W event (blue / orange / green, darker for
+    later micro-batches), labelled with its micro-batch index; title above."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,7 +115,10 @@ def plot_timeline(events_per_rank: dict[int, list[dict]], path) -> None:
             ax.barh(row, w, left=x, height=0.8, color=cmaps[e["kind"]](shade), edgecolor="black",
                     linewidth=0.3)
             ax.text(x + w / 2, row, f"{e['microbatch']}", ha="center", va="center", fontsize=6)
-    ax.set_yticks(range(len(ranks)), [f"pp rank {r}" for r in ranks])
+    ax.set_yticks(range(len(ranks)), [(labels or {}).get(r, f"rank {r}") for r in ranks],
+                  fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("ms since the first event")
     ax.legend(handles=[Patch(color=cmaps[k](0.7), label=k) for k in "FBW"], loc="upper left",

@@ -41,8 +41,8 @@ from raypar.data.blocks import open_mixture, open_splits
 from raypar.train import checkpoint as ckpt
 from raypar.train import control, faults
 from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
-from raypar.train.records import CheckpointEvent, RankInfo, StartRecord, StepRow, Timeline, \
-    WorkerReport
+from raypar.train.records import (TIMELINE_STEP, CheckpointEvent, RankInfo, StartRecord,
+                                  StepRow, Timeline, WorkerReport)
 from raypar.train.saver import Saver
 from raypar.train.startup import StartupBoard
 from raypar.train.stopping import StopPoll
@@ -54,8 +54,6 @@ log = logging.getLogger("raypar")
 # default; the worker's result queue holds one), so a report per step would cap training at
 # half a step per second. Rows are batched instead and sent at most this often.
 REPORT_INTERVAL_S = 2.0
-# The step whose pipeline timeline is recorded: after the first, which pays one-off costs.
-TIMELINE_STEP = 2
 
 
 class Reporter:

@@ -175,6 +175,10 @@ class RankInfo(Record):
     cuda_max_allocated_bytes: Optional[int] = None
 
 
+# The step whose pipeline timeline is recorded: after the first, which pays one-off costs.
+TIMELINE_STEP = 2
+
+
 @dataclass(eq=False)
 class Timeline(Record):
     """One pipeline step of one rank: forward/backward spans per stage and micro-batch."""

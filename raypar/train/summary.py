@@ -15,8 +15,8 @@ from raypar.config import RunSpec
 from raypar.parallel.timeline import pipeline_bubble, plot_timeline, theoretical_bubble
 from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
-from raypar.train.records import (CheckpointEvent, LayoutEvent, Record, RecoveryEvent, StepRow,
-                                  Summary)
+from raypar.train.records import (TIMELINE_STEP, CheckpointEvent, LayoutEvent, Record,
+                                  RecoveryEvent, StepRow, Summary)
 from raypar.train.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -111,7 +111,16 @@ def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
     dp = 1 + max((r.dp for r in ranks or []), default=p.dp - 1)
     summary.bubble_theory = theoretical_bubble(p.schedule, p.pp, spec.with_dp(dp).grad_accum,
                                                p.virtual_stages)
-    plot_timeline({r: t.events for r, t in enumerate(timelines)}, rd.timeline_png)
+    m = spec.with_dp(dp).grad_accum
+    labels = {r.rank: f"rank {r.rank}: dp {r.dp}, pp {r.pp}, tp {r.tp}, stage"
+                      f"{'s' if len(r.stages) > 1 else ''} {', '.join(map(str, r.stages))}"
+              for r in ranks or []}
+    v = f", {p.virtual_stages} stages per rank" if p.virtual_stages > 1 else ""
+    title = (f"{p.schedule}, pp={p.pp}{v}, {m} micro-batches per step, step "
+             f"{TIMELINE_STEP}: bubble {summary.bubble_measured:.0%} measured, "
+             f"{summary.bubble_theory:.0%} in theory")
+    plot_timeline({r: t.events for r, t in enumerate(timelines)}, rd.timeline_png, labels,
+                  title)
     if tracker:
         tracker.log_metrics({"bubble_measured": summary.bubble_measured,
                              "bubble_theory": summary.bubble_theory})
