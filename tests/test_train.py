@@ -1,6 +1,7 @@
 """Training on a real local Ray: end to end, data-parallel parity, capacity checks."""
 import json
 import math
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -24,11 +25,27 @@ def rows_of(run_dir):
     return read_metrics(run_dir)[0]  # the step rows (events aside)
 
 
-def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path):
+def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path, capsys):
     spec = tiny(small_corpus, cache_dir, "parallel.dp=2", "train.steps=30",
                 "train.eval_every=10")
     run_dir = tmp_path / "run"
-    summary = run(spec, run_dir, progress=False)
+    summary = run(spec, run_dir, progress=False, started=time.time())
+
+    # Every phase before the first step is shown as it ends, in order, with its seconds,
+    # even without a progress bar; the profile is in summary.json, run.log and MLflow.
+    shown = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("raypar: ")]
+    phases = [line.split(":")[1].strip() for line in shown if line.endswith(" s)")]
+    assert phases == ["imports", "checks", "ray", "tokenizer", "dataset", "workers", "model",
+                      "first step"], shown
+    assert "workers: 2 on 1 node(s)" in shown[5] and "prepared" in shown[4]
+    assert shown[-1].startswith("raypar: first step after ")
+    profile = summary["startup"]
+    assert set(profile) == set(phases) | {"total"}
+    assert all(v >= 0 for v in profile.values()) and profile["workers"] > 0
+    assert sum(profile[p] for p in phases) == pytest.approx(profile["total"], abs=0.01)
+    assert json.loads((run_dir / "summary.json").read_text())["startup"] == profile
+    assert "start-up: ray: " in (run_dir / "run.log").read_text()
 
     rows = rows_of(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -56,6 +73,8 @@ def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, 31))
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [r["loss"] for r in rows]
     assert len(client.get_metric_history(mrun.info.run_id, "val_loss")) == 3
+    assert mrun.data.metrics["startup_total_s"] == profile["total"]
+    assert mrun.data.metrics["startup_first_step_s"] == profile["first step"]
     # Each checkpoint save is timed: an event row, and MLflow metrics at its step.
     saves = [e for e in read_metrics(run_dir)[1] if e["event"] == "checkpoint"]
     assert saves and saves[-1]["step"] == 30 and all(e["save_s"] > 0 for e in saves)
