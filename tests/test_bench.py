@@ -15,7 +15,7 @@ from raypar.bench.stats import ratio_row, row, windows
 
 from conftest import ROOT
 
-SECTIONS = {"overhead": 1, "launcher": 3, "scaling": 3, "pipeline": 9, "tensor": 2,
+SECTIONS = {"overhead": 1, "launcher": 5, "scaling": 3, "pipeline": 9, "tensor": 2,
             "data": 9, "checkpoint": 6, "memory": 5}
 
 
@@ -103,6 +103,10 @@ def test_quick_bench_writes_every_row(tmp_path):
     [growth] = [r for r in rows if r["name"].startswith("driver peak RSS growth")]
     assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
         "corpus_mb_1x"], growth
+    # The command's start-up to its first step comes with its phases (the profile).
+    [command] = [r for r in rows if r["name"].startswith("start-up to first step: `raypar")]
+    assert {"phase_imports_s", "phase_ray_s", "phase_workers_s", "phase_total_s"} <= set(
+        command["detail"]), command
     ratios = {r["section"]: r for r in rows if r["unit"] == "x"}
     assert ratios["overhead"]["detail"]["ours_tokens_per_s"] > 0
     # gpipe and 1f1b idle (p-1)/(m+p-1) of a step; interleaved with 2 stages per rank

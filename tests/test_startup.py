@@ -16,7 +16,7 @@ class DictBoard:
 
 def started_at(t0):
     shown = []
-    s = Startup(t0, say=shown.append)
+    s = Startup(t0, say=shown.append, held=False)
     s.board = DictBoard()
     return s, shown
 
@@ -26,7 +26,8 @@ def test_phases_show_in_order_with_their_seconds_and_add_up_to_the_total():
     s.done("imports", "python, torch, ray, raypar", at=103.0)
     s.done("ray", "started a local Ray", at=105.5)
     assert s.poll() is False and shown[-1] == "raypar: ray: started a local Ray (2.5 s)"
-    # Marks arrive out of order of polling: nothing shows until the next one in line is there.
+    # Marks arrive out of order of polling: nothing shows until the next one in line is
+    # there (placement, unmarked where there is no /proc, is skipped once a later one is).
     s.board.marks["model"] = (111.0, "built")
     assert s.poll() is False and len(shown) == 2
     s.board.marks["workers"] = (110.0, "2 on 1 node(s)")
@@ -42,12 +43,24 @@ def test_phases_show_in_order_with_their_seconds_and_add_up_to_the_total():
     assert s.metrics()["startup_first_step_s"] == 0.5 and s.poll() is True
 
 
+def test_phases_before_the_checks_pass_are_held():
+    shown = []
+    s = Startup(0.0, say=shown.append)
+    s.done("imports", at=2.0)
+    s.done("checks", at=2.5)
+    assert shown == []  # a refused request prints its one error line alone
+    s.release()
+    assert shown == ["raypar: imports (2.0 s)", "raypar: checks (0.5 s)"]
+    s.done("ray", "up", at=4.0)
+    assert shown[-1] == "raypar: ray: up (1.5 s)"
+
+
 def test_a_resume_shows_its_checkpoint_load():
     s, shown = started_at(0.0)
-    s.board.marks.update({"workers": (5.0, "w"), "model": (6.0, "m"),
+    s.board.marks.update({"placement": (3.0, "p"), "workers": (5.0, "w"), "model": (6.0, "m"),
                           "checkpoint": (8.0, "loaded step_00000010 (step 10)"),
                           "first step": (9.0, "step 11 trained")})
     assert s.poll() is True
     assert [line.split(":")[1].strip() for line in shown[:-1]] == [
-        "workers", "model", "checkpoint", "first step"]
+        "placement", "workers", "model", "checkpoint", "first step"]
     assert s.profile()["checkpoint"] == 2.0 and s.profile()["total"] == 9.0

@@ -11,7 +11,8 @@ from raypar.train import checkpoint as ckpt
 from raypar.train.rundir import RunDir
 
 TARGETS = {"overhead": 0.95, "launcher": 0.95, "scaling": 1.8, "bubble": 0.2,
-           "data_wait": 0.02, "memory": 1.10, "driver_growth": 0.5}
+           "data_wait": 0.02, "memory": 1.10, "driver_growth": 0.5,
+           "startup": 2.0}
 
 # The probe's pipeline layouts (schedule, virtual stages per rank, micro-batches), p = 2.
 PIPELINE = [(schedule, v, m) for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2))
@@ -52,6 +53,20 @@ def throughput(r1: dict, r2: dict, bare: dict, pair: list[dict], torchrun: dict,
                   base, None, note="two processes that never communicate: what 2 cores give here"),
     ]
     return rows, tokens_per_s
+
+
+def command(cmd: dict, torchrun: dict) -> list[dict]:
+    """The `raypar train` command's start-up to its first step (its phases in the detail)
+    against torchrun's, both from the launch of the process."""
+    ours = cmd["first_step"] - cmd["t0"]
+    theirs = torchrun["step_end"][0] - torchrun["launched"]
+    ratio = ours / theirs
+    return [
+        row("launcher", "start-up to first step: `raypar train` command", ours,
+            "s", **{f"phase_{k.replace(' ', '_')}_s": v for k, v in cmd["startup"].items()}),
+        row("launcher", "start-up to first step: raypar command / torchrun", ratio, "x",
+            target=f"<= {TARGETS['startup']}", met=ratio <= TARGETS["startup"]),
+    ]
 
 
 def data(r1: dict, steps: int, warmup_s: float, consumed: float, tokens: int,

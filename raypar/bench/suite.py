@@ -134,6 +134,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
         self.rows: list[dict] = []
         self.context: dict[str, Any] = {}
+        self.cluster = False  # joined a cluster (--address, RAY_ADDRESS), not a local Ray
 
     def spec(self, steps: Optional[int] = None, *overrides: str) -> RunSpec:
         return bench_spec(self.corpus_dir, self.work / "cache", steps or self.size.steps,
@@ -261,12 +262,36 @@ class Bench:
         self.rows += rows
         self.rows += sections.data(r1, s.steps, s.warmup_s, median(tokens_per_s["raypar_dp1"]),
                                    self.data_tokens, self.data_s)
+        self.command()
+        self.rows += sections.command(self.command_run, torchrun)
         self.rows += sections.data_prep(self.prep_rates, self.prep_peaks,
-                                        r2["step_end"][0] - r2["t0"])
+                                        self.command_run["first_step"] - self.command_run["t0"])
         self.rows += sections.checkpoints(r1, r2, s.steps)
         self.context["tokens_per_s"] = {k: median(v) for k, v in tokens_per_s.items()}
         self.memory_runs = {"dp=1": r1["summary"].get("ranks"),
                             "dp=2 ddp": r2["summary"].get("ranks")}
+
+    def command(self) -> None:
+        """`raypar train` as a user types it, in a process of its own, on torchrun's layout
+        (dp=2) and the prepared dataset: seconds from the command to its first step, and
+        its start-up profile (summary.json). On a laptop the command starts its own local
+        Ray, as a user's does; on a cluster it joins the bench's."""
+        where = ["--address", ray.get_runtime_context().gcs_address] if self.cluster else []
+        self.say(f"raypar: the `raypar train` command, dp=2, "
+                 f"{'on the cluster' if self.cluster else 'starting its own local Ray'}")
+        run_dir, config = self.work / "command", self.work / "command.yaml"
+        config.write_text(self.spec(4, "parallel.dp=2").to_yaml())
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        t0 = time.time()
+        done = subprocess.run([sys.executable, "-m", "raypar.cli", "train", "--config",
+                               str(config), "--run-dir", str(run_dir), "--no-progress",
+                               *where], env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench: `raypar train` failed: {done.stderr[-2000:]}")
+        rows, _ = read_metrics(run_dir)
+        self.command_run = {"t0": t0, "first_step": rows[0]["time"],
+                            "startup": json.loads((run_dir / "summary.json").read_text())
+                            ["startup"]}
 
     # -- probe -----------------------------------------------------------------------
     def _probe_jobs(self) -> list[dict[str, Any]]:
@@ -338,6 +363,7 @@ def run_bench(out: Path, quick: bool = True, address: Optional[str] = None,
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     started = time.time()
     bench = Bench(out, size, lambda m: say(f"[{time.time() - started:5.0f} s] {m}"))
+    bench.cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     try:
         bench.prepare()
         bench.prepare_rates()

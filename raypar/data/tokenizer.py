@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -160,11 +161,33 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
+    # On a terminal HF shows its own bars for counting pairs and merging.
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer)
     return Tokenizer(hf)
+
+
+def _shown(texts: Iterator[str], budget: int) -> Iterator[str]:
+    """texts, with the share of the sample read so far on stderr: a line redrawn every
+    second on a terminal, a plain line every 10 s otherwise (reading the sample is most
+    of a bpe tokenizer's training time)."""
+    tty = sys.stderr.isatty()
+    every, read = (1.0 if tty else 10.0), 0
+    started = last = now = time.monotonic()
+    for text in texts:
+        read += len(text.encode("utf-8"))
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            line = (f"raypar: tokenizer: reading the bpe sample, {read / 1e6:.1f} of at most "
+                    f"{budget / 1e6:.1f} MB, {now - started:.0f} s")
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+        yield text
+    if tty and now - started >= every:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def bpe_sample(cfg: DataConfig) -> str:
@@ -193,7 +216,7 @@ def build_tokenizer(cfg: DataConfig, sources: list[str], cache_dir: Path,
         if path.is_file():
             return Tokenizer.from_file(path)
         started = time.monotonic()
-        tok = train_bpe(text_iter_factory(), cfg.vocab_size)
+        tok = train_bpe(_shown(text_iter_factory(), cfg.tokenizer_sample_bytes), cfg.vocab_size)
         log.info("trained the bpe tokenizer (vocab_size %d) on %s, in %.1f s", cfg.vocab_size,
                  bpe_sample(cfg), time.monotonic() - started)
         try:

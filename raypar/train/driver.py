@@ -100,10 +100,11 @@ def run(spec: RunSpec, run_dir: Optional[Path] = None, address: Optional[str] = 
     before = list(logger.handlers)
     try:
         startup = Startup(started if started is not None else time.time())
-        if started is not None:  # from a command: its imports (torch, ray) are a phase
-            startup.done("imports", "python, torch, ray, raypar")
+        # From a command its imports (torch, ray) are a phase; shown once the request
+        # passed its checks (a refused one prints its one line, nothing else).
+        imported = time.time() if started is not None else None
         return _run(spec, RunDir(run_dir or default_run_dir(spec)), address, progress, resume,
-                    restart, startup)
+                    restart, startup, imported)
     finally:  # this run's run.log handler: a later run in this process logs elsewhere
         for handler in [h for h in logger.handlers if h not in before]:
             logger.removeHandler(handler)
@@ -135,6 +136,7 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     """Connect to Ray, check the cluster can hold the layout, prepare the dataset, or each
     source of a mixture (Ray Data tasks write its shards; this process holds only the
     manifests). Returns (datasets, padded vocabulary size, use_gpu)."""
+    startup.release()  # the request passed its checks: what is slow starts here
     is_local = connect(address, spec.world_size)
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -188,9 +190,12 @@ def _open_run_dir(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset],
 
 
 def _run(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool,
-         resume: bool, restart: bool, startup: Startup) -> dict[str, Any]:
+         resume: bool, restart: bool, startup: Startup,
+         imported: Optional[float]) -> dict[str, Any]:
     t_start = startup.started
     latest = _check_request(spec, rd, address, resume, restart)
+    if imported is not None:
+        startup.done("imports", "python, torch, ray, raypar", at=imported)
     startup.done("checks", "config, data paths, run directory" + (", checkpoint" if latest
                                                                     else ""))
     # One run per directory, from before it writes anything until it ends, however it ends.

@@ -44,7 +44,7 @@ from raypar.train.control import SIGTERM, Groups, StepFlags, StepPlan
 from raypar.train.records import (TIMELINE_STEP, CheckpointEvent, RankInfo, StartRecord,
                                   StepRow, Timeline, WorkerReport)
 from raypar.train.saver import Saver
-from raypar.train.startup import StartupBoard
+from raypar.train.startup import StartupBoard, process_started
 from raypar.train.stopping import StopPoll
 from raypar.train.trainer import RankTrainer
 
@@ -186,8 +186,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if board:
-        board.mark("workers", f"{len(nodes)} on {len(set(nodes))} node(s), process groups "
-                              f"and mesh up")
+        # This process's own start: where Ray Train's controller, placement and process
+        # launch end, and the worker's imports and set-up begin.
+        born = process_started()
+        board.mark("placement", f"Ray Train's controller and {len(nodes)} worker processes "
+                                f"started", at=born)
+        setup = f"imports and Ray Train's set-up {started - born:.1f} s, " if born else ""
+        board.mark("workers", f"{len(nodes)} on {len(set(nodes))} node(s): {setup}raypar's "
+                              f"process groups and mesh {time.time() - started:.1f} s")
     choice = control.broadcast(choose_checkpoint(config["checkpoint_root"]) if rank == 0 else None)
     if groups.mesh is None:
         control.sit_out(groups)
