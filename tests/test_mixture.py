@@ -13,7 +13,7 @@ from raypar.config import ConfigError, DataConfig, load_spec
 from raypar.data import mixture
 from raypar.data.blocks import open_mixture, open_splits
 from raypar.data.order import BlockOrder, MixtureOrder
-from raypar.data.tokenizer import Tokenizer
+from raypar.data.tokenizer import Tokenizer, expected_vocab
 
 from test_prepare import in_process, write_jsonl  # noqa: F401 - in_process is a fixture
 
@@ -118,6 +118,7 @@ def test_sources_share_the_first_sources_tokenizer(tmp_path, in_process):
     byte_ds = _prepared(tmp_path, "bytes", 40, 3)
     other = load_spec(None, [f"data.sources=[{{path: {first.path}}}, {{path: {byte_ds}}}]",
                              f"data.cache_dir={tmp_path / 'cache'}"]).data
+    assert expected_vocab(other) == 300  # the memory check's vocabulary: the first source's
     with pytest.raises(ConfigError, match=r"^data\.sources\[1\]\.path: .*bytes was prepared "
                                           r"with another tokenizer \(byte, 257 tokens\)"):
         mixture.prepare_all(other)

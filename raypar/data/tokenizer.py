@@ -252,8 +252,9 @@ def expected_vocab(cfg: DataConfig) -> int:
     (before Ray starts: the memory check needs it). A data.path that is a prepared
     dataset brings its own tokenizer: its manifest says."""
     from raypar.data import prepare  # (prepare imports this module)
-    if prepare.is_prepared(cfg.path):
-        return int(prepare.given_manifest(cfg.path)["vocab_size"])
+    path = str(cfg.sources[0]["path"]) if cfg.sources else cfg.path  # a mixture: the first's
+    if prepare.is_prepared(path):
+        return int(prepare.given_manifest(path)["vocab_size"])
     if cfg.tokenizer == "byte":
         return 257
     if cfg.tokenizer == "bpe":
