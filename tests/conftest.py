@@ -218,48 +218,37 @@ def single_process_rows(spec, cache, tmp_path):
     """The run as one process with no Ray Train: dp=pp=tp=1, the same RankTrainer and data,
     spec's pp and tp must be 1; each step's row (a StepRow, with val_loss on evaluation steps). What every layout,
     resize and resume must reproduce. (The corpus is prepared with Ray Data: Ray is up.)"""
-    import torch.distributed as dist
-
     from raypar.data import prepare_corpus
     from raypar.data.tokenizer import padded_vocab
-    from raypar.train.trainer import RankTrainer
     corpus = prepare_corpus(spec.data, cache)
-    fixed = spec.with_dp(1)
-    assert fixed.world_size == 1, "give a spec with pp=1 and tp=1"
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        worker = RankTrainer(fixed, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
-                             corpus.val)
-        rows = []
-        while worker.step < fixed.train.steps:
-            row = worker.train_step()
-            if worker.eval_due():
-                row.val_loss = worker.evaluate()
-            rows.append(row)
-        return rows
-    finally:
-        dist.destroy_process_group()
+    return _one_process_rows(spec, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
+                             corpus.val, tmp_path / "store")
 
 
 def mixture_rows(spec, cache, tmp_path):
     """single_process_rows for a mixture (data.sources): one process, dp=1, over the
     datasets prepare_all gives for spec (prepared here when they are corpora)."""
-    import torch.distributed as dist
-
     from raypar.data import mixture
     from raypar.data.blocks import open_mixture
     from raypar.data.tokenizer import padded_vocab
-    from raypar.train.trainer import RankTrainer
     datasets = mixture.prepare_all(spec.data, cache)
     sources = mixture.worker_dataset(datasets, spec.data, lambda path: None)["sources"]
     train, val = open_mixture(sources, spec.data.seq_len)
+    return _one_process_rows(spec, padded_vocab(datasets[0].tokenizer.vocab_size), train, val,
+                             tmp_path / "mix-store")
+
+
+def _one_process_rows(spec, vocab_size, train, val, store_path):
+    """Train spec at dp=1 in this process (a one-rank gloo group): each step's row."""
+    import torch.distributed as dist
+
+    from raypar.train.trainer import RankTrainer
     fixed = spec.with_dp(1)
     assert fixed.world_size == 1, "give a spec with pp=1 and tp=1"
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "mix-store"), 1),
-                            rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(store_path), 1), rank=0,
+                            world_size=1)
     try:
-        worker = RankTrainer(fixed, padded_vocab(datasets[0].tokenizer.vocab_size), train, val)
+        worker = RankTrainer(fixed, vocab_size, train, val)
         rows = []
         while worker.step < fixed.train.steps:
             row = worker.train_step()
