@@ -1,6 +1,6 @@
 """Mixtures of datasets (data.sources): the keyed order that draws each position's source,
 the blocks it reads, the shared tokenizer, per-source token counts, and one-line errors.
-The training parity of a mixture on Ray is in tests/test_train.py.
+The training parity of a mixture on Ray (with a source in S3) is in tests/test_s3.py.
 
     python -m pytest -q tests/test_mixture.py
 """
@@ -12,7 +12,7 @@ import pytest
 from raypar.config import ConfigError, DataConfig, load_spec
 from raypar.data import mixture
 from raypar.data.blocks import open_mixture, open_splits
-from raypar.data.order import BlockOrder, MixtureOrder
+from raypar.data.order import BlockOrder, MixtureOrder, order_version
 from raypar.data.tokenizer import Tokenizer, expected_vocab
 
 from test_prepare import in_process, write_jsonl  # noqa: F401 - in_process is a fixture
@@ -39,27 +39,48 @@ def test_the_source_of_a_position_follows_the_weights_and_nothing_else():
                                   .blocks(1000, 5000), whole)
 
 
-def test_each_source_reads_its_own_blocks_without_repeats_within_a_pass():
-    sizes = [997, 120, 33]
-    mix = MixtureOrder(sizes, [1, 1, 1], seed=3)
+def test_each_source_reads_every_block_once_per_pass_in_its_own_order():
+    """A rarely drawn source still reads its blocks in its own seeded order: its k-th draw
+    is position k of that order, so its first n_s draws are n_s distinct blocks."""
+    sizes = [5000, 300, 40]
+    mix = MixtureOrder(sizes, [0.9, 0.08, 0.02], seed=3)
     offsets = np.cumsum([0] + sizes[:-1])
-    n = 3000
+    n = 60_000
     src, blocks = mix.sources(0, n), mix.blocks(0, n)
     for s, size in enumerate(sizes):
         mine = blocks[src == s]
         assert ((mine >= offsets[s]) & (mine < offsets[s] + size)).all()
-        # Source s's order is a bijection per pass of `size` positions: positions below
-        # `size` that draw s never read one of its blocks twice.
-        first_pass = blocks[(src == s) & (np.arange(n) < size)]
-        assert len(set(first_pass.tolist())) == first_pass.size
-    # counts() in small chunks equals the draws, and the total tokens add up.
+        assert mine.size >= 2 * size  # (each source is drawn for two passes at least)
+        np.testing.assert_array_equal(mine[:size], offsets[s] + mix.orders[s].blocks(0, size))
+        assert sorted(mine[:size]) == list(range(offsets[s], offsets[s] + size))
+        assert sorted(mine[size:2 * size]) == list(range(offsets[s], offsets[s] + size))
+    # counts() in small chunks equals the draws; draws_before adds them up.
     np.testing.assert_array_equal(mix.counts(17, 2500, chunk=64),
                                   np.bincount(mix.sources(17, 2500), minlength=3))
+    np.testing.assert_array_equal(mix.draws_before(n), np.bincount(src, minlength=3))
+
+
+def test_a_resume_continues_each_sources_order_from_the_checkpoints_draws():
+    """Any chunking, any number of remembered positions (the memo is bounded), a fresh
+    order and one told the draws at a checkpoint all read the same blocks."""
+    sizes, weights = [2000, 90], [0.7, 0.3]
+    whole = MixtureOrder(sizes, weights, 11).blocks(0, 30_000)
+    chunked = MixtureOrder(sizes, weights, 11)
+    got = np.concatenate([chunked.blocks(lo, 37) for lo in range(0, 30_000, 37)])[:30_000]
+    np.testing.assert_array_equal(got, whole)
+    assert len(chunked._memo) <= MixtureOrder.MEMO
+    at = 12_345
+    draws = MixtureOrder(sizes, weights, 11).draws_before(at)
+    resumed = MixtureOrder(sizes, weights, 11)
+    resumed.remember(at, draws)
+    np.testing.assert_array_equal(resumed.blocks(at, 1000), whole[at:at + 1000])
+    with pytest.raises(ValueError, match="do not add up"):
+        resumed.remember(at, draws + 1)
 
 
 def test_one_dataset_keeps_its_order_and_a_mixture_records_its_sources():
-    assert BlockOrder(500, 1).ident() == {"version": BlockOrder(500, 1).ident()["version"],
-                                          "n_blocks": 500}
+    assert BlockOrder(500, 1).ident() == {"version": order_version(), "n_blocks": 500}
+    assert order_version() == "raypar block order v1"  # what checkpoints of one dataset hold
     ident = MixtureOrder([400, 100], [3.0, 1.0], 1).ident()
     assert ident["n_blocks"] == 500 and ident["mixture"] == [[400, 3.0], [100, 1.0]]
     with pytest.raises(ValueError, match="one positive weight per source"):

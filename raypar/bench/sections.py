@@ -111,7 +111,7 @@ def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: 
             peak_mb_1x=small["peak_kb"] / 1024, peak_mb_4x=large["peak_kb"] / 1024,
             corpus_mb_1x=small["bytes"] / 1e6, corpus_mb_4x=large["bytes"] / 1e6),
         row("data", "start-up to first step, dataset already prepared", startup_s, "s",
-            note="raypar dp=2: from run() to the first step's end (the launcher row)"),
+            note="the `raypar train` command, dp=2: from its launch to its first step's end"),
     ]
 
 

@@ -219,9 +219,11 @@ def open_splits(path: str, seq_len: int, cache_dir: Optional[str] = None,
 
 def open_mixture(sources: Sequence[dict], seq_len: int, cache_dir: Optional[str] = None,
                  cache_bytes: Optional[int] = None) -> tuple[MixtureBlocks, InterleavedBlocks]:
-    """The train and val blocks of a mixture: sources [{"path", "weight", "name"}], each a
-    prepared dataset opened as open_splits does (the cache bound applies to each)."""
-    splits = [open_splits(str(s["path"]), seq_len, cache_dir, cache_bytes) for s in sources]
+    """The train and val blocks of a mixture: sources [{"path", "weight", "name", and
+    optionally "cache_dir"}], each a prepared dataset opened as open_splits does, through
+    its own cache_dir (else the one given here) and its own cache bound."""
+    splits = [open_splits(str(s["path"]), seq_len, s.get("cache_dir", cache_dir), cache_bytes)
+              for s in sources]
     names = [str(s["name"]) for s in sources]
     return (MixtureBlocks([t for t, _ in splits], names, [float(s["weight"]) for s in sources]),
             InterleavedBlocks([v for _, v in splits], names))

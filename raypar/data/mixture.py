@@ -97,17 +97,25 @@ def prepare_all(cfg: DataConfig, cache: Optional[Path] = None, *,
                 f"data.sources[0] ({first.kind}, {first.vocab_size} tokens); a mixture "
                 f"reads one tokenizer: prepare it again with data.tokenizer set to the first "
                 f"source's tokenizer.json")
-        if not out and cfg.sources and tokenizer == "bpe":
-            # The later sources are tokenized with (or checked against) this one: as a file,
-            # which data.tokenizer accepts; under the cache, named by its digest.
-            folder = (cache or pipeline.default_cache_dir(cfg)) / "tokenizers"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"mixture-{ds.tokenizer.digest[:16]}.json"
-            if not path.is_file():
-                ds.tokenizer.save(path)
-            tokenizer = str(path)
+        later_corpora = any(not prepare.is_prepared(str(s["path"])) for s in cfg.sources[1:])
+        if not out and later_corpora and tokenizer == "bpe":
+            tokenizer = _as_file(ds.tokenizer, cache or pipeline.default_cache_dir(cfg))
         out.append(ds)
     return out
+
+
+def _as_file(tok, cache: Path) -> str:
+    """The first source's tokenizer as a file, which data.tokenizer accepts, for the later
+    corpora to be tokenized with: under the cache, named by its digest."""
+    path = cache / "tokenizers" / f"mixture-{tok.digest[:16]}.json"
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(path)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot write {path} ({e.strerror or e}); set "
+                          f"data.cache_dir to a writable directory") from None
+    return str(path)
 
 
 def blocks_of(datasets: list[prepare.PreparedDataset], cfg: DataConfig,
@@ -131,10 +139,16 @@ def blocks_of(datasets: list[prepare.PreparedDataset], cfg: DataConfig,
 def worker_dataset(datasets: list[prepare.PreparedDataset], cfg: DataConfig,
                    shard_cache: Callable[[str], Optional[str]]) -> dict:
     """What each worker opens (raypar/train/loop.py: data_sources): a path, or the sources
-    with their weights and names; shard_cache(path) is where remote shards are kept."""
+    with their weights and names; shard_cache(path) is where a remote dataset's shards are
+    kept (None: read in place). Each remote source of a mixture has a cache folder of its
+    own, so that each keeps its own size bound."""
     if not cfg.sources:
         return {"path": datasets[0].path, "cache_dir": shard_cache(datasets[0].path)}
-    remote = next((shard_cache(ds.path) for ds in datasets if shard_cache(ds.path)), None)
-    return {"sources": [{"path": ds.path, "weight": float(s["weight"]), "name": s["name"]}
-                        for ds, s in zip(datasets, cfg.sources)],
-            "cache_dir": remote}
+
+    def cache_of(path: str, name: str) -> Optional[str]:
+        base = shard_cache(path)
+        return None if base is None else str(Path(base) / name)
+
+    return {"sources": [{"path": ds.path, "weight": float(s["weight"]), "name": s["name"],
+                         "cache_dir": cache_of(ds.path, s["name"])}
+                        for ds, s in zip(datasets, cfg.sources)]}

@@ -16,6 +16,8 @@ Generator.permutation materialises one), hence this module.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -138,16 +140,22 @@ class MixtureOrder:
     """Global block indices at stream positions when blocks come from several sources.
 
     Position p draws its source from a keyed hash of (seed, p), with probability weight_s /
-    sum(weights); source s then reads the block its own BlockOrder (keyed by the seed and s)
-    has at position p, offset by the blocks of the sources before it. Both steps are pure
-    functions of the position, so a mixture resumes and resizes exactly like one corpus and
-    needs no per-source counter (a counter of earlier draws would need O(p) work to
-    recompute). Within one pass over a source (n_s positions) no block is read twice; a
-    source is read on about weight_s of that pass's positions.
+    sum(weights). The k-th position that draws source s reads the block at position k of
+    s's own BlockOrder (keyed by the seed and s), offset by the blocks of the sources before
+    it: each source is read in its own seeded order, every block once per pass over it,
+    however rarely it is drawn. Both are functions of the position alone, so a mixture
+    resumes and resizes exactly like one corpus.
+
+    k needs the draws of s before p: counted from the nearest position whose draws are
+    known (remembered: the last ones asked for, and the checkpoint's, which the trainer
+    hands to remember() on load), so a step costs O(global batch); without any, from 0 in
+    bounded memory (O(p) time: a resume from a checkpoint that did not record them).
 
         mix = MixtureOrder([80_000, 20_000], [0.3, 0.7], seed=1337)
         mix.blocks(7 * 512, 512)        # indices < 80_000 are source 0's, the rest source 1's
     """
+
+    MEMO = 16  # positions whose draws are kept
 
     def __init__(self, sizes, weights, seed: int):
         sizes, weights = [int(n) for n in sizes], [float(w) for w in weights]
@@ -166,6 +174,41 @@ class MixtureOrder:
         self.orders = [BlockOrder(n, int.from_bytes(hashlib.blake2b(
             f"{self.seed} source {s}".encode(), digest_size=8).digest(), "little"))
             for s, n in enumerate(sizes)]
+        # position -> draws of each source before it; a lock: a rank's prefetch thread asks
+        # for its next steps' blocks beside the step's own thread.
+        self._memo: OrderedDict[int, np.ndarray] = OrderedDict(
+            {0: np.zeros(len(sizes), dtype=np.int64)})
+        self._lock = threading.Lock()
+
+    def remember(self, position: int, draws) -> None:
+        """The draws of each source before `position` (a checkpoint's), so that a resume
+        need not count them again."""
+        draws = np.asarray(draws, dtype=np.int64).reshape(-1)
+        if draws.size != len(self.sizes) or int(draws.sum()) != int(position):
+            raise ValueError(f"draws {draws.tolist()} do not add up to position {position} "
+                             f"over {len(self.sizes)} sources")
+        with self._lock:
+            self._keep(int(position), draws)
+
+    def _keep(self, position: int, draws: np.ndarray) -> None:
+        """Remember draws at position; the least recently used go first (never 0's)."""
+        self._memo[position] = draws
+        self._memo.move_to_end(position)
+        while len(self._memo) > self.MEMO:
+            old = next(p for p in self._memo if p != 0)
+            del self._memo[old]
+
+    def draws_before(self, position: int) -> np.ndarray:
+        """How many positions before `position` drew each source (int64 per source)."""
+        position = int(position)
+        with self._lock:
+            below = max(p for p in self._memo if p <= position)
+            known = self._memo[below]
+            self._memo.move_to_end(below)
+        draws = known + self.counts(below, position - below)
+        with self._lock:
+            self._keep(position, draws)
+        return draws
 
     def __repr__(self) -> str:
         return f"MixtureOrder(sizes={self.sizes}, weights={self.weights}, seed={self.seed})"
@@ -182,12 +225,16 @@ class MixtureOrder:
         if start < 0 or count < 0 or start + count > 1 << 63:
             raise ValueError(f"positions [{start}, {start + count}) are outside [0, 2**63)")
         src = self.sources(start, count)
-        pos = np.arange(count, dtype=np.uint64) + _U64(start)
+        before = self.draws_before(start)
         out = np.empty(count, dtype=np.int64)
         for s, order in enumerate(self.orders):
             mine = src == s
-            if mine.any():
-                out[mine] = self.offsets[s] + order.at(pos[mine])
+            n = int(mine.sum())
+            if n:  # source s's draws before[s], before[s] + 1, ...: its own order's positions
+                k = np.arange(n, dtype=np.uint64) + _U64(int(before[s]))
+                out[mine] = self.offsets[s] + order.at(k)
+        with self._lock:
+            self._keep(start + count, before + np.bincount(src, minlength=len(self.sizes)))
         return out
 
     def counts(self, start: int, count: int, chunk: int = 1 << 22) -> np.ndarray:

@@ -136,18 +136,18 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     """Connect to Ray, check the cluster can hold the layout, prepare the dataset, or each
     source of a mixture (Ray Data tasks write its shards; this process holds only the
     manifests). Returns (datasets, padded vocabulary size, use_gpu)."""
-    startup.release()  # the request passed its checks: what is slow starts here
     is_local = connect(address, spec.world_size)
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False
-    resources = ray.cluster_resources()
+    resources, connected = ray.cluster_resources(), time.time()
     use_gpu = int(resources.get("GPU", 0)) > 0
-    startup.done("ray", f"{'started a local Ray' if is_local else 'connected to Ray'} with "
-                        f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
-                        f"{len(ray.nodes())} node(s)")
     check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
                    use_gpu)
+    startup.release()  # the request passed its checks: the phases so far show, then each
+    startup.done("ray", f"{'started a local Ray' if is_local else 'connected to Ray'} with "
+                        f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
+                        f"{len(ray.nodes())} node(s)", at=connected)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     t_data = time.time()
     show, every, end = console_progress()
@@ -241,40 +241,55 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     tracker: Optional[tracking.Tracker] = None
     follower: Optional[Follower] = None
     outcome: dict[str, Any] = {}
-    try:  # from here a stop ends the MLflow run too
-        thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay, guard,
-                             outcome, t_start, startup.board.key)
-        # The worker group starts (seconds) while MLflow sets up its run (seconds too).
-        thread.start()
-        try:
-            tracker = tracking.Tracker(spec, rd.path, resume=resume) if uri else None
-            if tracker:
-                tracker.log_artifact(rd.config)
-                tracker.backfill(earlier)
-                log.info("MLflow run %s at %s", tracker.run_id, tracker.uri)
-        except Exception:  # the workers were started for nothing: they stop, then this
-            guard.flag.set(signal.SIGTERM)  # error is the run's (one line, by the CLI)
-            thread.join()
-            raise
-        follower = Follower(rd, spec, tracker, progress, len(earlier), startup)
-        follower.follow(thread, guard)
-        guard.settle()  # fit() has ended: the records are written whatever comes now
-    except Stopped:  # a signal before the workers trained, a second one, or workers
-        end_ray()    # that did not stop in time
-        try:  # the job's actors may write for a moment after the driver let go of them
-            rd.wait_until_quiet(quiet_s=1.0, timeout_s=10.0)
-        except ConfigError:
-            pass
-        if follower is not None:
-            follower.poll()  # what the workers wrote before they went
-    if guard.flag is not None:
-        guard.flag.clear()
+    offset = rd.metrics_size()  # before the workers start: every row they write is followed
+    try:
+        try:  # from here a stop ends the MLflow run too
+            thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay,
+                                 guard, outcome, t_start, startup.board.key)
+            # The worker group starts (seconds) while MLflow sets up its run (seconds too).
+            thread.start()
+            tracker = _tracker(spec, rd, uri, resume, earlier, thread)
+            follower = Follower(rd, spec, tracker, progress, len(earlier), startup, offset)
+            follower.follow(thread, guard)
+            guard.settle()  # fit() has ended: the records are written whatever comes now
+        except Stopped:  # a signal before the workers trained, a second one, or workers
+            end_ray()    # that did not stop in time
+            try:  # the job's actors may write for a moment after the driver let go of them
+                rd.wait_until_quiet(quiet_s=1.0, timeout_s=10.0)
+            except ConfigError:
+                pass
+            if follower is not None:
+                follower.poll()  # what the workers wrote before they went
+    finally:  # this run's GCS keys, however it ends
+        if guard.flag is not None:
+            guard.flag.clear()
+        startup.board.clear()
     rows, events = (follower.rows, follower.events) if follower else ([], [])
     if follower:
         follower.close()
-    startup.board.clear()
     return _finish(spec, rd, earlier + rows, events, tracker, outcome, t_start, guard.signum,
                    startup)
+
+
+def _tracker(spec: RunSpec, rd: RunDir, uri: str, resume: bool, earlier: list,
+             thread: threading.Thread) -> Optional[tracking.Tracker]:
+    """The run's MLflow tracker, set up while the worker group starts. If that fails (the
+    store was reachable a moment ago), the workers started for nothing end with the job's
+    Ray connection, and the run fails in one line."""
+    if not uri:
+        return None
+    try:
+        tracker = tracking.Tracker(spec, rd.path, resume=resume)
+        tracker.log_artifact(rd.config)
+        tracker.backfill(earlier)
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; one line for each
+        end_ray()
+        thread.join(timeout=30)
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        rd.write_status("failed", error=f"MLflow: {cause}")
+        raise RuntimeError(f"training failed: MLflow at {uri}: {cause}") from e
+    log.info("MLflow run %s at %s", tracker.run_id, tracker.uri)
+    return tracker
 
 
 def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:

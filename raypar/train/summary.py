@@ -112,9 +112,11 @@ def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
     summary.bubble_theory = theoretical_bubble(p.schedule, p.pp, spec.with_dp(dp).grad_accum,
                                                p.virtual_stages)
     m = spec.with_dp(dp).grad_accum
+    # ranks.json describes the last worker group, the timeline its step 2: the labels go
+    # with the rows only when both have the same ranks (an elastic run may have resized).
     labels = {r.rank: f"rank {r.rank}: dp {r.dp}, pp {r.pp}, tp {r.tp}, stage"
                       f"{'s' if len(r.stages) > 1 else ''} {', '.join(map(str, r.stages))}"
-              for r in ranks or []}
+              for r in ranks or []} if len(ranks or []) == len(timelines) else {}
     v = f", {p.virtual_stages} stages per rank" if p.virtual_stages > 1 else ""
     title = (f"{p.schedule}, pp={p.pp}{v}, {m} micro-batches per step, step "
              f"{TIMELINE_STEP}: bubble {summary.bubble_measured:.0%} measured, "
@@ -142,9 +144,11 @@ class Follower:
     keeps the new step rows and events."""
 
     def __init__(self, rd: RunDir, spec: RunSpec, tracker: Optional[tracking.Tracker],
-                 progress: bool, done: int, startup: Optional["Startup"] = None):
+                 progress: bool, done: int, startup: Optional["Startup"] = None,
+                 offset: Optional[int] = None):
         self.rd, self.spec, self.tracker = rd, spec, tracker
-        self.offset = rd.metrics_size()
+        # Where the new rows start: taken by the caller before the workers started.
+        self.offset = rd.metrics_size() if offset is None else offset
         self.rows: list[StepRow] = []
         self.events: list[Record] = []
         self.progress, self.done = progress, done

@@ -338,6 +338,7 @@ class RankTrainer:
         return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
                 "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
                 "order": self._order_id(), "source_tokens": self.source_tokens,
+                "source_draws": self._source_draws(),
                 "time": time.time(), "layout": self.layout()}
 
     def _order_id(self) -> dict[str, Any]:
@@ -383,12 +384,25 @@ class RankTrainer:
         self.prefetch()  # from the restored position
         return saved
 
+    def _source_draws(self) -> Optional[list[int]]:
+        """A mixture's blocks read so far from each source (None: one dataset)."""
+        if self.source_tokens is None:
+            return None
+        return [int(n) for n in self.order.draws_before(self.position)]
+
     def _saved_source_tokens(self, saved: dict[str, Any]) -> dict[str, int]:
-        """A mixture's tokens per source at the checkpoint: as saved, or counted again from
-        the block order (a checkpoint of another mixture, or of one dataset)."""
-        have = saved.get("source_tokens")
-        if isinstance(have, dict) and set(have) == set(self.source_tokens):
-            return {name: int(have[name]) for name in self.source_tokens}
-        counts = self.order.counts(0, self.position)  # bounded memory, O(position) time
+        """A mixture's tokens per source at the checkpoint. Its draws per source are handed
+        to the order (which needs them to continue each source's own order); a checkpoint
+        without them (another version, another mixture, one dataset) has them counted
+        again from the start of the stream, in O(position) time."""
+        draws = saved.get("source_draws")
+        if saved.get("order") == self._order_id() and isinstance(draws, list) \
+                and len(draws) == len(self.source_tokens):
+            self.order.remember(self.position, draws)
+        elif dist.get_rank() == 0:
+            log.warning("the checkpoint does not record this mixture's draws per source: "
+                        "counting them from the start of the stream (%d positions)",
+                        self.position)
+        counts = self.order.draws_before(self.position)
         return {name: int(c) * self.spec.data.seq_len
                 for name, c in zip(self.train_data.names, counts)}
