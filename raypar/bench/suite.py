@@ -259,11 +259,12 @@ class Bench:
             "checkpoint.async_save=true", "checkpoint.max_failures=1"), kill_after_save=True)
         win = dict(warmup_s=s.warmup_s, repeats=s.repeats, tokens_per_step=self.tokens_per_step)
         rows, tokens_per_s = sections.throughput(r1, r2, bare, pair, torchrun, s.steps, win)
-        self.rows += rows
+        self.command()
+        launcher = sum(r["section"] != "scaling" for r in rows)  # the command's rows join them
+        self.rows += rows[:launcher] + sections.command(self.command_run, torchrun) + \
+            rows[launcher:]
         self.rows += sections.data(r1, s.steps, s.warmup_s, median(tokens_per_s["raypar_dp1"]),
                                    self.data_tokens, self.data_s)
-        self.command()
-        self.rows += sections.command(self.command_run, torchrun)
         self.rows += sections.data_prep(self.prep_rates, self.prep_peaks,
                                         self.command_run["first_step"] - self.command_run["t0"])
         self.rows += sections.checkpoints(r1, r2, s.steps)
