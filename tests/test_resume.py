@@ -326,6 +326,7 @@ def test_corrupt_checkpoints_leave_the_run_resumable_then_restartable(
     # trains from step 0 with the old records and checkpoints moved aside, not deleted.
     for name in kept:
         flip_a_byte(run_dir / "checkpoints" / name)
+    capsys.readouterr()  # (the runs above showed their start-up phases)
     assert resume_cli(run_dir, "train.steps=30") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--restart" in err and "none of the 2" in err, err

@@ -38,7 +38,7 @@ def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path, capsys):
     phases = [line.split(":")[1].strip() for line in shown if line.endswith(" s)")]
     assert phases == ["imports", "checks", "ray", "tokenizer", "dataset", "placement",
                       "workers", "model", "first step"], shown
-    assert "workers: 2 on 1 node(s)" in shown[6] and "prepared" in shown[4]
+    assert "workers: 2 on 1 node(s)" in shown[6] and shown[4].startswith("raypar: dataset: ")
     assert shown[-1].startswith("raypar: first step after ")
     profile = summary["startup"]
     assert set(profile) == set(phases) | {"total"}

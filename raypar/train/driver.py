@@ -29,6 +29,7 @@ from raypar.cluster import check_capacity, check_local_memory, connect, scaling_
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import mixture
 from raypar.data.corpus import is_uri
+from raypar.data.pipeline import default_cache_dir
 from raypar.data.prepare import PreparedDataset, console_progress
 from raypar.data.tokenizer import expected_vocab, padded_vocab
 from raypar.train import checkpoint as ckpt
@@ -144,11 +145,15 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     use_gpu = int(resources.get("GPU", 0)) > 0
     check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
                    use_gpu)
-    startup.release()  # the request passed its checks: the phases so far show, then each
+    cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
+    if not mixture.ready(spec.data, cache or default_cache_dir(spec.data)):
+        # Preparing takes a while and shows its progress: the phases so far show first. (A
+        # cached or prepared dataset: they show once a --resume's checkpoint is checked
+        # too, so that a refusal there is one line alone.)
+        startup.release()
     startup.done("ray", f"{'started a local Ray' if is_local else 'connected to Ray'} with "
                         f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
                         f"{len(ray.nodes())} node(s)", at=connected)
-    cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     t_data = time.time()
     show, every, end = console_progress()
     try:
@@ -235,6 +240,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     datasets, vocab_size, use_gpu = _prepare(spec, address, guard, startup)
     if resume:
         _prepare_resume(spec, rd, latest, vocab_size, datasets[0].tokenizer.to_json())
+    startup.release()  # every check has passed: the phases so far show, then each as it ends
     _open_run_dir(spec, rd, datasets, resume, startup)
     rd.drop_torn_line()  # before the offset the progress follows from is taken
     earlier, _ = rd.read_metrics()
