@@ -16,7 +16,7 @@ from raypar.bench.stats import ratio_row, row, windows
 from conftest import ROOT
 
 SECTIONS = {"overhead": 1, "launcher": 5, "scaling": 3, "pipeline": 9, "tensor": 2,
-            "data": 9, "checkpoint": 6, "memory": 5}
+            "data": 10, "checkpoint": 6, "memory": 5}
 
 
 def test_windows_leave_out_the_warm_up_seconds_and_checkpoint_steps():
@@ -103,6 +103,9 @@ def test_quick_bench_writes_every_row(tmp_path):
     [growth] = [r for r in rows if r["name"].startswith("driver peak RSS growth")]
     assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
         "corpus_mb_1x"], growth
+    # And a training worker's: it memory-maps the shards its blocks need, nothing more.
+    [worker] = [r for r in rows if r["name"].startswith("worker peak RSS growth")]
+    assert worker["met"] and worker["detail"]["rss_mb_1x"] > 50, worker
     # The command's start-up to its first step comes with its phases (the profile).
     [command] = [r for r in rows if r["name"].startswith("start-up to first step: `raypar")]
     assert {"phase_imports_s", "phase_ray_s", "phase_workers_s", "phase_total_s"} <= set(

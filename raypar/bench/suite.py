@@ -175,6 +175,15 @@ class Bench:
             name: dataprep.driver_peak(address, dataprep.random_jsonl(
                 self.work / "peak" / name, mb, seed=i), self.work / "peak" / "cache")
             for i, (name, mb) in enumerate((("1x", s.peak_mb), ("4x", 4 * s.peak_mb)))}
+        # A worker's own peak memory on each (2 steps at dp=1 over the datasets just
+        # prepared): it reads the shards its blocks need, never the whole corpus.
+        self.say("data: a worker's peak memory training on each")
+        for name in self.prep_peaks:
+            spec = bench_spec(self.work / "peak" / name, self.work / "peak" / "cache", 2)
+            run(spec, self.work / "peak" / f"run-{name}", progress=False)
+            [rank0] = [r for r in RunDir(self.work / "peak" / f"run-{name}").read_ranks()
+                       if r.rank == 0]
+            self.prep_peaks[name]["worker_rss_bytes"] = rank0.rss_peak_bytes
 
     # -- baselines -------------------------------------------------------------------
     def _baseline(self, mode: str, spec: RunSpec, nproc: int = 1) -> list[dict]:

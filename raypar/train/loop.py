@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import time
 from typing import Any, Collection, Optional
 
@@ -97,7 +98,13 @@ def rank_info(trainer: RankTrainer) -> RankInfo:
         block_param_bytes=sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
                               for m in trainer.plain for n, p in m.named_parameters()
                               if n.startswith("layers.")),
+        rss_init_bytes=trainer.rss_init, rss_peak_bytes=peak_rss_bytes(),
         **(trainer.memory or {}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[str]]:
@@ -200,6 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     train, val = data_sources(config, spec.data.seq_len)
     trainer = RankTrainer(spec, config["vocab_size"], train, val, groups)
+    trainer.rss_init = peak_rss_bytes()
     if board:
         p = spec.parallel
         board.mark("model", f"built and parallelized (dp={p.dp} pp={p.pp} tp={p.tp} "

@@ -173,6 +173,8 @@ class RankInfo(Record):
     optim_bytes: Optional[int] = None
     activation_peak_bytes: Optional[int] = None
     cuda_max_allocated_bytes: Optional[int] = None
+    rss_init_bytes: Optional[int] = None  # the process's peak resident memory once built
+    rss_peak_bytes: Optional[int] = None  # ... and after its first step
 
 
 # The step whose pipeline timeline is recorded: after the first, which pays one-off costs.

@@ -134,6 +134,7 @@ class RankTrainer:
         # step takes positions [position, position + global_batch) (raypar/data/order.py).
         self.position = 0
         self.memory: dict[str, float] | None = None
+        self.rss_init: Optional[int] = None  # peak RSS once built (the worker loop sets it)
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
