@@ -247,7 +247,9 @@ class MixtureOrder:
         return total
 
     def ident(self) -> dict:
-        return {"version": order_version(), "n_blocks": self.n_blocks,
+        # "draws": each source's k-th draw reads its own order's position k (earlier
+        # mixture checkpoints read position p: another order, which this tells apart).
+        return {"version": order_version(), "n_blocks": self.n_blocks, "draws": 1,
                 "mixture": [[n, w] for n, w in zip(self.sizes, self.weights)]}
 
 

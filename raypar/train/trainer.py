@@ -394,16 +394,28 @@ class RankTrainer:
     def _saved_source_tokens(self, saved: dict[str, Any]) -> dict[str, int]:
         """A mixture's tokens per source at the checkpoint. Its draws per source are handed
         to the order (which needs them to continue each source's own order); a checkpoint
-        without them (another version, another mixture, one dataset) has them counted
-        again from the start of the stream, in O(position) time."""
+        without usable ones (another version, another mixture, one dataset, a damaged
+        entry) has them counted again from the start of the stream, in O(position) time.
+        The tokens the run did train on stay as saved when the sources are the same."""
         draws = saved.get("source_draws")
-        if saved.get("order") == self._order_id() and isinstance(draws, list) \
-                and len(draws) == len(self.source_tokens):
-            self.order.remember(self.position, draws)
-        elif dist.get_rank() == 0:
-            log.warning("the checkpoint does not record this mixture's draws per source: "
-                        "counting them from the start of the stream (%d positions)",
-                        self.position)
+        same_order = saved.get("order") == self._order_id()
+        remembered = False
+        if same_order and isinstance(draws, list) and len(draws) == len(self.source_tokens):
+            try:
+                self.order.remember(self.position, draws)
+                remembered = True
+            except (TypeError, ValueError) as e:
+                reason = f"its draws per source are unusable ({e})"
+        else:
+            reason = ("it was saved under another block order or mixture" if not same_order
+                      else "it does not record the draws per source")
+        if not remembered and dist.get_rank() == 0:
+            log.warning("mixture: the checkpoint cannot continue each source's order as "
+                        "saved: %s; counting the draws again from the start of the stream "
+                        "(%d positions)", reason, self.position)
         counts = self.order.draws_before(self.position)
+        have = saved.get("source_tokens")
+        if isinstance(have, dict) and set(have) == set(self.source_tokens):
+            return {name: int(have[name]) for name in self.source_tokens}
         return {name: int(c) * self.spec.data.seq_len
                 for name, c in zip(self.train_data.names, counts)}
