@@ -75,8 +75,14 @@ class ParallelConfig:
     pp: int = 2
     """Pipeline-parallel stages."""
     dp_mode: str = "ddp"
-    """How replicas are kept in sync: 'ddp' (replicated parameters, all-reduced gradients) or
-    'fsdp' (FSDP2: parameters, gradients and optimizer state sharded over dp, i.e. ZeRO-3)."""
+    """How replicas are kept in sync: 'ddp' (replicated parameters, gradients all-reduced
+    during the backward pass), 'fsdp' (FSDP2: parameters, gradients and optimizer state
+    sharded over dp, i.e. ZeRO-3) or 'hsdp' (sharded within groups of dp_shard replicas,
+    replicated across the groups: sharding stays inside a node, only the gradient
+    all-reduce crosses nodes)."""
+    dp_shard: int = 0
+    """With dp_mode=hsdp: replicas per shard group (it must divide dp; typically the GPUs of
+    one node over tp * pp). 0 with the other modes."""
     schedule: str = "1f1b"
     """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved_1f1b' (needs
     virtual_stages >= 2), the zero-bubble 'interleaved_zb' (virtual_stages >= 2), or the
@@ -90,6 +96,12 @@ class ParallelConfig:
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     """Elastic data parallelism: {min_replicas, max_replicas, resize_interval_s}."""
+
+    @property
+    def shard_size(self) -> int:
+        """Replicas that share one copy of the parameters (each holding 1/shard_size of it):
+        dp with fsdp, dp_shard with hsdp, 1 (every replica holds it all) with ddp."""
+        return {"fsdp": self.dp, "hsdp": self.dp_shard}.get(self.dp_mode, 1)
 
 
 @dataclass

@@ -11,6 +11,7 @@ None. `forward` copes with both, so every layout runs this same code.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -188,32 +189,24 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter, GPT-2 style; also re-ties the LM head.
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialize every parameter, GPT-2 style, from `seed` (default: the seed
+        torch's global generator was last given, so `torch.manual_seed(s); GPT(cfg)` works).
 
-        Run it after `to_empty()` when the model was built on the meta device:
-        materializing unties shared parameters, and meta tensors hold no values.
+        Each parameter's values are a function of (seed, its global name, its full shape)
+        alone (`keyed_init_`), so a pipeline stage, a tensor-parallel shard or an FSDP
+        shard built on the meta device and materialized with `to_empty()` gets exactly
+        the values the single-process model has at those indices, and allocates nothing
+        more than its own share. Parameters still on the meta device are skipped.
+        Also re-ties the LM head where this module holds both ends (to_empty unties).
         """
         cfg = self.cfg
         if cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
             self.lm_head.weight = self.tok_emb.weight
-        # Residual projections are scaled down so the residual stream's variance
-        # does not grow with depth (GPT-2).
-        residual = set()
-        for block in self.layers.values():
-            residual.update((block.attn.wo, block.mlp.proj))
-        small_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head and cfg.tie_embeddings and self.tok_emb is not None:
-                    continue  # its weight is tok_emb's, initialized once there
-                nn.init.normal_(module.weight, 0.0, small_std if module in residual else 0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()  # weight 1, bias 0
+        seed = torch.initial_seed() if seed is None else seed
+        rules = init_rules(self)
+        for name, param in self.named_parameters():
+            keyed_init_(param, *rules[name], seed=seed)
 
     def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab).
@@ -318,6 +311,81 @@ class GPT(nn.Module):
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+# Elements per keyed draw in `keyed_init_`: a rank materializing its shard generates at
+# most this much beyond the shard at a time, whatever the parameter's size. Changing it
+# changes every initial value (all layouts alike).
+_INIT_CHUNK = 1 << 16
+
+
+def init_rules(model: "GPT") -> dict[str, tuple[str, str, float]]:
+    """{parameter name: (kind, key, std)} for every parameter `model` holds (a pipeline
+    stage holds some). kind is "normal", "zeros" or "ones"; key is the global name whose
+    values it takes (a stage's own copy of a tied LM head takes the embedding's)."""
+    cfg = model.cfg
+    small_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # residual projections (GPT-2): the
+    # residual stream's variance does not grow with depth
+    rules: dict[str, tuple[str, str, float]] = {}
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(module, nn.Linear):
+            std = small_std if mname.endswith((".attn.wo", ".mlp.proj")) else 0.02
+            key = "tok_emb.weight" if mname == "lm_head" and cfg.tie_embeddings else prefix + "weight"
+            rules[prefix + "weight"] = ("normal", key, std)
+            if module.bias is not None:
+                rules[prefix + "bias"] = ("zeros", prefix + "bias", 0.0)
+        elif isinstance(module, nn.Embedding):
+            rules[prefix + "weight"] = ("normal", prefix + "weight", 0.02)
+        elif isinstance(module, nn.LayerNorm):
+            rules[prefix + "weight"] = ("ones", prefix + "weight", 0.0)
+            if module.bias is not None:
+                rules[prefix + "bias"] = ("zeros", prefix + "bias", 0.0)
+    return rules
+
+
+def _key_seed(seed: int, key: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{key}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def keyed_init_(param: torch.Tensor, kind: str, key: str, std: float, seed: int) -> None:
+    """Fill `param` (a plain tensor or a DTensor shard of any placement) in place.
+
+    "normal" values are drawn in runs of whole rows along dim 0 (up to `_INIT_CHUNK`
+    elements), each run from a generator keyed by (seed, key, run index): the full
+    tensor is the same whoever builds it, and a shard draws only the runs that overlap
+    its rows, then keeps its own columns. A shard's place in the full tensor comes from
+    DTensor's own `compute_local_shape_and_global_offset` (the one DCP uses), which
+    knows FSDP-over-tensor-parallel's strided sharding.
+    """
+    from torch.distributed.tensor import DTensor
+    if param.is_meta:
+        return
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        local = param.to_local()
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                          param.placements)
+    else:
+        local, offset = param, (0,) * param.dim()
+    if kind != "normal":
+        local.fill_(1.0 if kind == "ones" else 0.0)
+        return
+    if local.numel() == 0:
+        return
+    full = tuple(param.shape)
+    row = math.prod(full[1:])
+    per = max(1, _INIT_CHUNK // max(row, 1))
+    r0, r1 = offset[0], offset[0] + local.shape[0]
+    inner = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:]))
+    for run in range(r0 // per, (r1 + per - 1) // per):
+        a, b = run * per, min((run + 1) * per, full[0])
+        gen = torch.Generator().manual_seed(_key_seed(seed, key, run))
+        values = torch.empty((b - a,) + full[1:]).normal_(0.0, std, generator=gen)
+        lo, hi = max(a, r0), min(b, r1)
+        local[lo - r0:hi - r0].copy_(values[(slice(lo - a, hi - a),) + inner])
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # Allowed values and ranges per field, checked by validate(); the message says what is allowed.
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
-    "parallel.dp_mode": ("ddp", "fsdp"),
+    "parallel.dp_mode": ("ddp", "fsdp", "hsdp"),
     "parallel.schedule": schedules.NAMES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
@@ -66,6 +66,7 @@ def validate(spec: RunSpec) -> RunSpec:
         return spec  # the min_replicas layout was validated in full
     _validate_ranges(spec, flat)
     _validate_shapes(spec)
+    _validate_data_parallel(spec)
     _validate_pipeline(spec)
     _validate_batch(spec)
     _validate_data(spec)
@@ -187,16 +188,28 @@ def _validate_shapes(spec: RunSpec) -> None:
                           f"divisible by parallel.tp={p.tp}")
 
 
+def _validate_data_parallel(spec: RunSpec) -> None:
+    """hsdp's shard groups."""
+    p = spec.parallel
+    if p.dp_mode != "hsdp":
+        if p.dp_shard:
+            raise ConfigError(f"parallel.dp_shard: only with parallel.dp_mode=hsdp (it is "
+                              f"{p.dp_mode}); leave it 0")
+        return
+    if p.dp_shard < 1:
+        raise ConfigError(f"parallel.dp_shard: hsdp needs the replicas per shard group, a "
+                          f"divisor of parallel.dp={p.dp} (got {p.dp_shard})")
+    if p.dp % p.dp_shard:
+        raise ConfigError(f"parallel.dp_shard: {p.dp_shard} must divide parallel.dp={p.dp} "
+                          f"(whole shard groups)")
+
+
 def _validate_pipeline(spec: RunSpec) -> None:
     """The schedule, its stages and its data-parallel mode."""
     m, p = spec.model, spec.parallel
     problem = schedules.check(p.schedule, p.pp, p.virtual_stages)
     if problem:
         raise ConfigError(problem)
-    split_backward = p.pp > 1 and schedules.get(p.schedule).zero_bubble
-    if split_backward and p.dp > 1 and p.tp == 1 and p.dp_mode == "ddp":
-        raise ConfigError(f"parallel.dp_mode: schedule {p.schedule} computes weight gradients "
-                          f"outside DDP's hooks; use parallel.dp_mode=fsdp with it")
     n_stages = schedules.n_stages(p.pp, p.virtual_stages)
     if m.n_layer < n_stages:
         raise ConfigError(f"model.n_layer: {m.n_layer} layers cannot fill parallel.pp * "

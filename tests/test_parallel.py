@@ -21,6 +21,7 @@ difference in the math (a wrong shard, a missed gradient, a double-counted
 parameter) shows up at the 1e-2 level within a step or two.
 """
 import json
+import os
 
 import pytest
 
@@ -39,11 +40,18 @@ COMMON = ["model.n_layer=4", "model.n_head=4", "model.d_model=32", f"train.steps
           "train.global_batch=8", "train.micro_batch=2", "train.eval_every=3",
           "tracking.enabled=false", "parallel.dp=1"]
 DDP, FSDP = ["parallel.dp=2", "parallel.dp_mode=ddp"], ["parallel.dp=2", "parallel.dp_mode=fsdp"]
+# hsdp: two shard groups of two replicas (sharded within a group, replicated across).
+HSDP = ["parallel.dp=4", "parallel.dp_mode=hsdp", "parallel.dp_shard=2"]
 TP, SP = ["parallel.tp=2"], ["parallel.sequence_parallel=true"]
 SCHEDULES = {"gpipe": ["parallel.pp=2", "parallel.schedule=gpipe"],
              "1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
              "interleaved": ["parallel.pp=2", "parallel.schedule=interleaved_1f1b",
                              "parallel.virtual_stages=2"]}
+# The zero-bubble schedules split each backward (weight gradients outside autograd's
+# accumulation hooks): each with dp > 1.
+ZERO_BUBBLE = {"interleaved_zb": ["parallel.pp=2", "parallel.schedule=interleaved_zb",
+                                  "parallel.virtual_stages=2"],
+               "zbv": ["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2"]}
 
 # Each feature alone is inside some pair here (and plain ddp at dp 2 and 3 in
 # test_elastic.py, plain tp2 in test_resume.py's resume at tp=2), so only fsdp alone,
@@ -59,6 +67,12 @@ LAYOUTS = {
     "tp2-pp2-interleaved-sp": TP + SP + SCHEDULES["interleaved"],
     "dp2-ddp-tp2-pp2": DDP + TP + SCHEDULES["1f1b"],
     "dp2-fsdp-tp2-pp2-gpipe": FSDP + TP + SCHEDULES["gpipe"],
+    "dp4-hsdp2": HSDP,
+    "dp4-hsdp2-tp2": HSDP + TP,
+    "dp4-hsdp2-pp2-1f1b": HSDP + SCHEDULES["1f1b"] + ["train.micro_batch=1"],
+    "dp2-ddp-pp2-interleaved_zb": DDP + ZERO_BUBBLE["interleaved_zb"],
+    "dp2-fsdp-pp2-zbv": FSDP + ZERO_BUBBLE["zbv"],
+    "dp2-ddp-tp2-pp2-zbv": DDP + TP + ZERO_BUBBLE["zbv"],
 }
 # Through the whole path (driver, Ray Train, reports, timeline): the one with every feature.
 WHOLE_RUN = FSDP + TP + SCHEDULES["interleaved"]
@@ -79,8 +93,10 @@ def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
 def curves(ray_local, small_corpus, cache_dir, tmp_path_factory):
     """{layout: rank 0's rows}, every layout trained in one 8-worker group."""
     corpus = prepare_corpus(spec_for(small_corpus, cache_dir).data, cache_dir)
+    only = os.environ.get("RAYPAR_TEST_LAYOUTS")  # a comma-separated subset, when debugging
     jobs = [{"name": name, "spec": spec_for(small_corpus, cache_dir, *overrides).to_dict(),
-             "steps": STEPS, "curve": True} for name, overrides in LAYOUTS.items()]
+             "steps": STEPS, "curve": True} for name, overrides in LAYOUTS.items()
+            if not only or name in only.split(",")]
     results = run_probe(jobs, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
                         corpus.val, str(tmp_path_factory.mktemp("probe")), num_workers=8)
     return {r["name"]: r["ranks"] for r in results}

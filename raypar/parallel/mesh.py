@@ -3,7 +3,10 @@
 Ray Train starts dp*pp*tp workers and initialises the default process group;
 `build_mesh` lays a DeviceMesh over it with tp innermost, so tensor-parallel
 peers have adjacent ranks (and, under Ray's PACK placement, share a node),
-then pipeline stages, then data-parallel replicas outermost.
+then pipeline stages, then data-parallel replicas outermost. The dp axis is
+itself two: shard groups of `dp_shard` adjacent replicas (hsdp shards within
+one, so it stays on a node) inside `dp // dp_shard` replica groups; a rank's
+replica index (coords.dp) is its place in the two, shard group innermost.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-DIMS = ("dp", "pp", "tp")
+DIMS = ("dp_rep", "dp_shard", "pp", "tp")
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,30 @@ class ParallelMesh:
     dp: int
     pp: int
     tp: int
+    dp_shard: int = 1
 
     @property
     def dp_mesh(self) -> DeviceMesh:
-        return self.mesh["dp"]
+        """Every replica, as a 1-D mesh: what fsdp shards over and ddp replicates over (hsdp,
+        whose replicas span both dp axes, uses hsdp_mesh)."""
+        if self.dp_shard == 1:
+            return self.mesh["dp_rep"]
+        if self.dp_shard == self.dp:
+            return self.mesh["dp_shard"]
+        raise ValueError("replicas span two mesh axes under hsdp: use hsdp_mesh")
 
     @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("dp")
+    def hsdp_mesh(self) -> DeviceMesh:
+        """(replica groups, shard group) as a 2-D mesh: hsdp's."""
+        return self.mesh["dp_rep", "dp_shard"]
+
+    def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over every replica, in place (over both dp axes; a flattened "dp" axis
+        would need a slice of the mesh, which ranks sitting out cannot take)."""
+        for dim in ("dp_shard", "dp_rep"):
+            if self.mesh.size(DIMS.index(dim)) > 1:
+                dist.all_reduce(t, group=self.mesh.get_group(dim))
+        return t
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -71,11 +90,6 @@ class ParallelMesh:
         return self.mesh.get_group("pp")
 
     @property
-    def dp_tp_mesh(self) -> DeviceMesh:
-        """The 2-D (dp, tp) sub-mesh FSDP shards over when tensor parallelism is on."""
-        return self.mesh["dp", "tp"]
-
-    @property
     def is_first_stage(self) -> bool:
         return self.coords.pp == 0
 
@@ -84,8 +98,9 @@ class ParallelMesh:
         return self.coords.pp == self.pp - 1
 
 
-def build_mesh(dp: int, pp: int, tp: int) -> Optional[ParallelMesh]:
-    """Lay the (dp, pp, tp) mesh over the already-initialised default process group.
+def build_mesh(dp: int, pp: int, tp: int, dp_shard: int = 1) -> Optional[ParallelMesh]:
+    """Lay the (dp_rep, dp_shard, pp, tp) mesh over the already-initialised default process
+    group.
 
     The world may be larger than the layout (an elastic run whose workers do not make a
     whole number of usable replicas): the mesh then covers the first dp*pp*tp ranks, every
@@ -94,11 +109,15 @@ def build_mesh(dp: int, pp: int, tp: int) -> Optional[ParallelMesh]:
     world, n = dist.get_world_size(), dp * pp * tp
     if world < n:
         raise ValueError(f"world size {world} < dp*pp*tp = {dp}*{pp}*{tp}")
+    if dp % dp_shard:
+        raise ValueError(f"dp_shard {dp_shard} does not divide dp {dp}")
+    shape = (dp // dp_shard, dp_shard, pp, tp)
     if world == n:
-        mesh = init_device_mesh(device_type(), (dp, pp, tp), mesh_dim_names=DIMS)
+        mesh = init_device_mesh(device_type(), shape, mesh_dim_names=DIMS)
     else:
-        mesh = DeviceMesh(device_type(), torch.arange(n).view(dp, pp, tp), mesh_dim_names=DIMS)
+        mesh = DeviceMesh(device_type(), torch.arange(n).view(shape), mesh_dim_names=DIMS)
     rank = dist.get_rank()
     if rank >= n:
         return None
-    return ParallelMesh(mesh=mesh, coords=coords_of(rank, dp, pp, tp), dp=dp, pp=pp, tp=tp)
+    return ParallelMesh(mesh=mesh, coords=coords_of(rank, dp, pp, tp), dp=dp, pp=pp, tp=tp,
+                        dp_shard=dp_shard)

@@ -1,14 +1,19 @@
-"""Compose one rank's model from the plain GPT, in one fixed order:
+"""Compose one rank's model, in one fixed order, without ever holding the whole model:
 
-    stage split -> device -> tensor parallel -> activation checkpointing -> data parallel
+    GPT on the meta device -> stage split -> tensor parallel -> activation checkpointing
+        -> data parallel (replicate / FSDP2 / HSDP) -> materialize this rank's share
 
-    rank_model = parallelize(GPT(cfg), pm, spec.parallel, device, activation_checkpointing)
+    rank_model = parallelize(model_cfg, seed, pm, spec.parallel, device, ac, dtype)
 
 The order matters and is the same everywhere (as in torchtitan's parallelize functions):
 a pipeline stage is cut from the whole model first, so every later step sees only the
 blocks it keeps; tensor parallelism replaces the stage's weights with DTensor shards
 before anything records them; activation checkpointing wraps the sharded blocks; the
-data-parallel wrapper (DDP or FSDP2) comes last, over the already sharded parameters.
+data-parallel units come last, over the already sharded parameters. Until then nothing
+is allocated (the meta device); `to_empty` then allocates only this rank's shards and
+`GPT.init_weights(seed)` fills them with the values the single-process model has at
+those indices (keyed per parameter, raypar/model.py), so every layout starts from the
+same weights and a rank's memory follows its share from the start.
 Each step is one parallel module's job; this file only says in which order they run.
 """
 from __future__ import annotations
@@ -20,44 +25,49 @@ from torch import nn
 from torch.distributed._composable import checkpoint as activation_checkpoint
 
 from raypar.config import ParallelConfig
-from raypar.model import GPT
-from raypar.parallel.data import apply_data_parallel, unwrap
+from raypar.model import GPT, GPTConfig
+from raypar.parallel.data import mixed_precision, shard_data_parallel
 from raypar.parallel.mesh import ParallelMesh
 from raypar.parallel.schedules import stage_ids
 from raypar.parallel.stages import build_stage_modules, is_tied_copy
-from raypar.parallel.tensor import apply_tensor_parallel
+from raypar.parallel.tensor import apply_tensor_parallel, keep_grad_layouts
 
 
 @dataclass
 class RankModel:
-    """What one rank trains: its stage modules (parallel-wrapped, in stage order), the same
-    modules unwrapped (what optimizers, checkpoints and clipping see), and which of the
-    n_stages pipeline stages they are."""
+    """What one rank trains: its stage modules (in stage order; data parallelism adds hooks,
+    not wrappers, so optimizers, checkpoints and clipping see these same modules), and
+    which of the n_stages pipeline stages they are."""
     modules: list[nn.Module]
-    plain: list[nn.Module]
     stage_indices: list[int]
     n_stages: int
 
     def tied_copies(self) -> list[bool]:
         """Per stage module: whether it holds the last stage's own copy of a tied embedding."""
         return [any(is_tied_copy(name, m) for name, _ in m.named_parameters())
-                for m in self.plain]
+                for m in self.modules]
 
 
-def parallelize(model: GPT, pm: ParallelMesh, p: ParallelConfig, device: torch.device,
-                activation_checkpointing: bool = False) -> RankModel:
-    """This rank's share of `model` (the whole plain GPT, which it consumes), parallelized."""
+def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
+                device: torch.device, activation_checkpointing: bool = False,
+                dtype: str = "fp32") -> RankModel:
+    """This rank's share of the GPT of `cfg` initialized from `seed`, parallelized."""
     virtual = p.virtual_stages if p.pp > 1 else 1
     coord = pm.coords.pp
-    stages = build_stage_modules(model, coord, p.pp, virtual, p.schedule)
-    modules = []
+    with torch.device("meta"):
+        whole = GPT(cfg)
+    stages = build_stage_modules(whole, coord, p.pp, virtual, p.schedule)
+    del whole
+    policy = mixed_precision(dtype)
     for stage in stages:
-        stage.to(device)
         apply_tensor_parallel(stage, pm.tp_mesh, p.sequence_parallel)
         if activation_checkpointing:
             for block in stage.layers.values():
                 activation_checkpoint(block)
-        modules.append(apply_data_parallel(stage, pm, p.dp_mode))
-    return RankModel(modules=modules, plain=[unwrap(m) for m in modules],
+        shard_data_parallel(stage, pm, p.dp_mode, policy)
+        stage.to_empty(device=device)
+        keep_grad_layouts(stage)
+        stage.init_weights(seed)
+    return RankModel(modules=stages,
                      stage_indices=stage_ids(coord, p.pp, virtual, p.schedule),
                      n_stages=p.pp * virtual)

@@ -220,23 +220,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
                           sequence_parallel: bool = False) -> nn.Module:
     """Shard `model` (a GPT or a pipeline stage of one) over the 1-D `tp_mesh`, in place.
 
-    Every rank must hold the same full, initialized weights (built from the
-    same seed): each keeps its slice of its local tensors, with no
-    communication. Returns `model`; with a mesh of size 1, unchanged.
-
-    Not from the meta device on a CPU mesh: there, `to_empty()` + `init_weights()`
-    after this call fills every tp shard with the same random numbers (DTensor's
-    random ops are not shard-aware on CPU; measured with torch 2.13), which would
-    silently make the heads of different ranks copies of each other.
+    The model may be on the meta device (nothing allocated; then `to_empty()`,
+    `keep_grad_layouts` and `GPT.init_weights(seed)`, whose keyed values put the right
+    slice in every shard:
+    DTensor's own random ops are not shard-aware on CPU, measured with torch 2.13), or
+    hold the same full weights on every rank (each keeps its slice, no communication).
+    Returns `model`; with a mesh of size 1, unchanged.
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
     tp = tp_mesh.size()
     if tp == 1:
         return model
-    if tp_mesh.device_type == "cpu" and any(p.is_meta for p in model.parameters()):
-        raise ValueError("apply_tensor_parallel on a CPU mesh needs initialized weights, not meta "
-                         "tensors: build and initialize the model (same seed on every rank) first")
     cfg = model.cfg
     problem = tp_compatible(cfg.n_head, cfg.vocab_size, tp)
     if problem:
@@ -254,9 +249,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
         # src_data_rank=None: slice the local full tensors, no scatter/broadcast.
         parallelize_module(model.get_submodule(name), tp_mesh, style, src_data_rank=None)
 
-    for param in {id(q): q for q in model.parameters()}.values():
-        if isinstance(param, DTensor):
-            param.register_post_accumulate_grad_hook(_grad_like_param)
+    if not any(q.is_meta for q in model.parameters()):
+        keep_grad_layouts(model)
 
     if lm_head is not None:
         setattr(lm_head, _VOCAB_PARALLEL, True)
@@ -267,6 +261,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
         if lm_head.weight is not tok_emb.weight:
             raise RuntimeError("tensor parallel plan lost the tied embedding")
     return model
+
+
+def keep_grad_layouts(model: nn.Module) -> None:
+    """Have every DTensor parameter's gradient take the parameter's placements
+    (`_grad_like_param`). apply_tensor_parallel does it for materialized weights; a model
+    sharded on the meta device needs it once `to_empty()` has made its parameters (the
+    hooks of the meta parameters no longer fire then, measured with torch 2.13)."""
+    for param in {id(q): q for q in model.parameters()}.values():
+        if isinstance(param, DTensor):
+            param.register_post_accumulate_grad_hook(_grad_like_param)
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ class Groups:
     def build(cls, spec: RunSpec) -> "Groups":
         p = spec.parallel
         world, n = dist.get_world_size(), spec.world_size
-        mesh = build_mesh(p.dp, p.pp, p.tp)
+        mesh = build_mesh(p.dp, p.pp, p.tp, p.dp_shard if p.dp_mode == "hsdp" else 1)
         active = idle = None
         if world > n:
             active = dist.new_group(ranks=list(range(n)))

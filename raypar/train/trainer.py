@@ -29,8 +29,8 @@ from raypar.config import RunSpec, model_config
 from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
 from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
-from raypar.model import GPT, lm_loss, param_groups
-from raypar.parallel.data import finish_gradient_sync, gradient_sync
+from raypar.model import lm_loss, param_groups
+from raypar.parallel.data import gradient_sync
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
@@ -105,12 +105,11 @@ class RankTrainer:
             self._val_feed.plan(range(t.eval_batches), self._val_indices)
         self.mcfg = model_config(spec, vocab_size)
         self.n_micro = spec.grad_accum
-        # The full model is built from the seed on every rank, then cut down to this
-        # rank's stages and shards: every layout starts from the single-process weights.
-        torch.manual_seed(t.seed)
-        rank_model = parallelize(GPT(self.mcfg), self.pm, p, self.device,
-                                 t.activation_checkpointing)
-        self.modules, self.plain = rank_model.modules, rank_model.plain
+        # Each rank materializes only its stages' shards, with the values the single-process
+        # model has there: every layout starts from the same weights.
+        rank_model = parallelize(self.mcfg, t.seed, self.pm, p, self.device,
+                                 t.activation_checkpointing, t.dtype)
+        self.modules = self.plain = rank_model.modules
         self.stage_indices, self.n_stages = rank_model.stage_indices, rank_model.n_stages
         self.tied_copy = rank_model.tied_copies()
         # One optimizer per stage module, so each one's state dict is keyed by the
@@ -138,7 +137,10 @@ class RankTrainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
-        if self.spec.train.dtype == "bf16":
+        """bf16 under autocast with dp = 1; with dp > 1 the data-parallel units cast instead
+        (FSDP2's mixed-precision policy: bf16 compute, fp32 master weights and gradient
+        reduction, raypar/parallel/data.py)."""
+        if self.spec.train.dtype == "bf16" and self.pm.dp == 1:
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -174,8 +176,7 @@ class RankTrainer:
         if self.pm.dp == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.pm.dp_group)
-        return t.item() / self.pm.dp
+        return self.pm.all_reduce_dp(t).item() / self.pm.dp
 
     def _forward_backward(self, batch: torch.Tensor) -> float:
         """Gradients of the mean loss over this rank's micro-batches; returns that loss."""
@@ -227,7 +228,6 @@ class RankTrainer:
 
     def _optimizer_step(self) -> float:
         """Gradients are complete: synchronise, clip, step; returns the gradient norm."""
-        finish_gradient_sync(self.plain)
         if self.pipeline is not None:
             sync_tied_grads(self.plain, self.pm.pp_group)
         grad_norm = self._clip()
