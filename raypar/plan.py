@@ -40,6 +40,7 @@ def format_plan(spec: RunSpec, plans: Sequence[RankPlan], vocab_size: int) -> st
     p = spec.parallel
     lines = elastic + [f"layout: dp={p.dp} x pp={p.pp} x tp={p.tp} = {spec.world_size} workers"
              f"  (dp_mode={p.dp_mode}"
+             + (f", shard groups of {p.dp_shard}" if p.dp_mode == "hsdp" else "")
              + (f", schedule={p.schedule}, virtual_stages={p.virtual_stages}" if p.pp > 1 else "")
              + (", sequence_parallel" if p.sequence_parallel and p.tp > 1 else "") + ")",
              f"batch: global {spec.train.global_batch} = dp {p.dp} x {spec.grad_accum} "

@@ -19,7 +19,7 @@ import torch
 
 from raypar import cli
 from raypar.cluster import WORKER_BASE_BYTES, layout_memory_bytes
-from raypar.config import ConfigError, load_spec, model_config
+from raypar.config import load_spec, model_config
 from raypar.data import packing
 from raypar.model import GPT
 from raypar.parallel import schedules
@@ -72,8 +72,8 @@ def meta_reference(spec, vocab_size):
                 n = prm.numel()
                 if p.tp > 1 and tp_shard_dim(name) is not None:
                     n //= p.tp
-                if p.dp_mode == "fsdp":
-                    n = -(-n // p.dp)
+                if p.shard_size > 1:
+                    n = -(-n // p.shard_size)
                 params += 4 * n
                 if name.startswith("layers."):
                     block += 4 * n
@@ -148,7 +148,9 @@ MODELS = list(itertools.product(("rope", "learned"), (False, True), (True, False
 def spec_for(pp, schedule, virtual, dp_mode, dp, tp, model, ac):
     pos, bias, tie, d_ff = model
     micro = 8  # micro-batches per replica: enough for every schedule's rule at pp <= 4
-    return load_spec(None, [
+    # hsdp: two shard groups of dp / 2 (dp 6: groups of 3, which 40 and 52 do not divide).
+    shard = [f"parallel.dp_shard={dp // 2}"] if dp_mode == "hsdp" else []
+    return load_spec(None, [*shard,
         f"parallel.pp={pp}", f"parallel.schedule={schedule}",
         f"parallel.virtual_stages={virtual}", f"parallel.dp_mode={dp_mode}",
         f"parallel.dp={dp}", f"parallel.tp={tp}", "model.n_layer=11", "model.n_head=4",
@@ -165,17 +167,15 @@ def as_rows(plans):
 
 
 @pytest.mark.parametrize("pp, schedule, virtual", LAYOUTS)
-@pytest.mark.parametrize("dp_mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dp_mode", ["ddp", "fsdp", "hsdp"])
 def test_plan_equals_the_meta_device_plan(pp, schedule, virtual, dp_mode):
     """Bytes, stages and layers of every rank, over every model option, tp 1 and 2,
-    dp 3 (FSDP's ceil(n / dp) rounds: d_model 40 and d_ff 52 do not divide by 3)."""
+    dp 3 (FSDP's ceil(n / dp) rounds: d_model 40 and d_ff 52 do not divide by 3), hsdp
+    over dp 6 in shard groups of 3."""
     for i, model in enumerate(MODELS):
         tp, ac = (1, 2)[i % 2], i % 3 == 0
-        try:
-            spec = spec_for(pp, schedule, virtual, dp_mode, 3, tp, model, ac)
-        except ConfigError:  # zero-bubble schedules with plain DDP: refused, as they should
-            assert dp_mode == "ddp" and schedules.get(schedule).zero_bubble and tp == 1
-            continue
+        spec = spec_for(pp, schedule, virtual, dp_mode, 6 if dp_mode == "hsdp" else 3, tp,
+                        model, ac)
         ref = meta_reference(spec, VOCAB)
         assert as_rows(plan(spec, VOCAB)) == ref, (model, tp, ac)
         assert layout_memory_bytes(spec, VOCAB) == sum(

@@ -74,6 +74,12 @@ LAYOUTS = {
     "dp2-fsdp-pp2-zbv": FSDP + ZERO_BUBBLE["zbv"],
     "dp2-ddp-tp2-pp2-zbv": DDP + TP + ZERO_BUBBLE["zbv"],
 }
+# bf16 with dp > 1: FSDP2's mixed-precision policy (bf16 compute, fp32 master weights and
+# gradient reduction); compared with the fp32 single process at BF16_RTOL.
+BF16_RTOL, BF16_RTOL_GRAD_NORM = 2e-3, 3e-2
+BF16_LAYOUTS = {"dp2-fsdp-tp2-bf16": FSDP + TP + ["train.dtype=bf16"],
+                "dp4-hsdp2-pp2-bf16": HSDP + SCHEDULES["1f1b"] + ["train.micro_batch=1",
+                                                                  "train.dtype=bf16"]}
 # Through the whole path (driver, Ray Train, reports, timeline): the one with every feature.
 WHOLE_RUN = FSDP + TP + SCHEDULES["interleaved"]
 
@@ -95,7 +101,8 @@ def curves(ray_local, small_corpus, cache_dir, tmp_path_factory):
     corpus = prepare_corpus(spec_for(small_corpus, cache_dir).data, cache_dir)
     only = os.environ.get("RAYPAR_TEST_LAYOUTS")  # a comma-separated subset, when debugging
     jobs = [{"name": name, "spec": spec_for(small_corpus, cache_dir, *overrides).to_dict(),
-             "steps": STEPS, "curve": True} for name, overrides in LAYOUTS.items()
+             "steps": STEPS, "curve": True}
+            for name, overrides in {**LAYOUTS, **BF16_LAYOUTS}.items()
             if not only or name in only.split(",")]
     results = run_probe(jobs, padded_vocab(corpus.tokenizer.vocab_size), corpus.train,
                         corpus.val, str(tmp_path_factory.mktemp("probe")), num_workers=8)
@@ -123,6 +130,21 @@ def test_layout_reproduces_single_process(layout, curves, reference):
     for r in ranks[1:]:
         assert [(x["step"], x["first_block"]) for x in r["rows"]] == \
                [(x["step"], x["first_block"]) for x in ranks[0]["rows"]]
+
+
+@pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
+def test_bf16_mixed_precision_stays_near_fp32(layout, curves, reference):
+    """bf16 compute moves the loss by ~2e-4 and the gradient norm by ~6e-3 (relative, over
+    these 6 steps; measured), so 2e-3 and 3e-2 hold with margin while a wrong shard or a
+    missed reduction (1e-2 and more on the loss within two steps) still fails. And bf16
+    must really be in use: the curve is not the fp32 one."""
+    rows = curves[layout][0]["rows"]
+    differs = False
+    for key, rtol in (("loss", BF16_RTOL), ("grad_norm", BF16_RTOL_GRAD_NORM)):
+        got, want = [r[key] for r in rows], [r[key] for r in reference]
+        assert got == pytest.approx(want, rel=rtol), key
+        differs |= got != pytest.approx(want, rel=1e-6)
+    assert differs, "bf16 gave the fp32 curve: the mixed-precision policy is not applied"
 
 
 def test_whole_run_with_every_feature_reproduces_single_process(
@@ -161,6 +183,16 @@ def test_whole_run_with_every_feature_reproduces_single_process(
     (["parallel.schedule=zigzag"], r"^parallel.schedule: expected one of gpipe, 1f1b"),
     (["parallel.dp_mode=zero9"], r"^parallel.dp_mode: expected one of ddp, fsdp"),
     (["parallel.virtual_stages=2"], r"^parallel.virtual_stages: only the interleaved"),
+    (["parallel.dp=4", "parallel.dp_mode=hsdp"], r"^parallel.dp_shard: hsdp needs the replicas "
+                                                 r"per shard group, a divisor of parallel.dp=4"),
+    (["parallel.dp=4", "parallel.dp_mode=hsdp", "parallel.dp_shard=3"],
+     r"^parallel.dp_shard: 3 must divide parallel.dp=4 \(whole shard groups\)$"),
+    (["parallel.dp=4", "parallel.dp_shard=2"], r"^parallel.dp_shard: only with parallel.dp_mode=hsdp"),
+    # An elastic hsdp run keeps whole shard groups: its smallest size must hold them (and
+    # each group size it grows to, raypar.config.choose_dp, is validated the same way).
+    (["parallel.dp_mode=hsdp", "parallel.dp_shard=2",
+      "parallel.elastic={min_replicas: 3, max_replicas: 4}", "train.global_batch=24"],
+     r"^parallel.elastic.min_replicas=3: parallel.dp_shard: 2 must divide parallel.dp=3"),
 ])
 def test_impossible_layouts_are_refused_before_any_worker(overrides, message):
     with pytest.raises(ConfigError, match=message):

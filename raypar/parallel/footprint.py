@@ -73,13 +73,14 @@ def _shapes(cfg) -> dict[str, list[tuple[str, int]]]:
 
 def _bytes(params: list[tuple[str, int]], spec: RunSpec) -> int:
     """fp32 bytes of one rank's share: a tp shard floors the sharded dim's 1/tp (the
-    sizes divide), FSDP gives each dp rank at most ceil(n / dp) of every parameter."""
+    sizes divide), FSDP gives each rank of a shard group (every replica with fsdp,
+    dp_shard of them with hsdp) at most ceil(n / group) of every parameter."""
     p, total = spec.parallel, 0
     for name, n in params:
         if p.tp > 1 and tp_shard_dim(name) is not None:
             n //= p.tp
-        if p.dp_mode == "fsdp":
-            n = -(-n // p.dp)
+        if p.shard_size > 1:
+            n = -(-n // p.shard_size)
         total += FP32 * n
     return total
 
