@@ -69,7 +69,7 @@ def save_single(root: Path, step: int, seed: int = 0) -> Path:
     msd, osd = get_state_dict(model, opt)
     folder = root / "checkpoints" / ckpt.dir_name(step)
     ckpt.save({"model": msd, "optim": osd}, {"step": step, "tokens": 100 * step},
-              meta_for(model.cfg), {ckpt.rng_name(0): ckpt.rng_state_bytes()}, local_dir=folder)
+              meta_for(model.cfg), {ckpt.rng_name(0): ckpt.rng_state_bytes()}, dest=folder)
     return folder
 
 
@@ -220,7 +220,7 @@ def test_tied_weight_stored_once_still_loads(tmp_path):
     ref = reference_model(seed=2)
     state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
     folder = tmp_path / ckpt.dir_name(1)
-    ckpt.write({"model": state}, {"step": 1}, meta_for(ref.cfg), local_dir=folder)
+    ckpt.write({"model": state}, {"step": 1}, meta_for(ref.cfg), dest=folder)
     assert ckpt.verify(folder) is None
     model = reference_model(seed=3)
     ckpt.load_model_state(folder, model)
@@ -232,11 +232,11 @@ def test_save_rejects_reserved_names_and_used_dirs(tmp_path):
     model = reference_model()
     with pytest.raises(ValueError, match="reserved"):
         ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, {"meta.json": b"{}"},
-                  local_dir=tmp_path / "a")
+                  dest=tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, local_dir=tmp_path / "b")
+        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, dest=tmp_path / "b")
 
 
 # -- two processes: DTensor shards, merged like Ray merges the ranks' uploads --------------
@@ -274,7 +274,7 @@ def _two_rank_worker(rank: int, port: int, base: str) -> None:
         # import would cost each spawned process seconds).
         ckpt.write(state, {"step": 5, "tokens": 500}, meta_for(ref.cfg),
                   {ckpt.rng_name(rank): ckpt.rng_state_bytes()},
-                  local_dir=base_dir / f"rank{rank}")
+                  dest=base_dir / f"rank{rank}")
         dist.barrier()
         merged = base_dir / "run" / "checkpoints" / ckpt.dir_name(5)
         if rank == 0:  # what Ray Train does with every rank's upload
