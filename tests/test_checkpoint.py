@@ -181,6 +181,60 @@ def test_pyarrow_filesystem_paths(tmp_path, monkeypatch):
     assert ckpt.verify(str(tmp_path / "nowhere")) == "not a directory"
 
 
+def test_a_flipped_byte_passes_the_size_check_and_fails_the_load_naming_the_file(tmp_path):
+    """A start checks sizes only; the bytes a load reads are hashed per DCP item against
+    the hashes taken as the save streamed them out."""
+    folder = save_single(tmp_path, 1)
+    entry = ckpt.read_manifest(folder, 0)["files"]["__0_0.distcp"]
+    assert entry["items"] and all(len(h) == 64 for _, _, h in entry["items"])
+    assert sum(n for _, n, _ in entry["items"]) <= entry["size"]
+    shard = folder / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.verify(folder, hashes=False) is None
+    assert ckpt.latest_valid(tmp_path, hashes=False) == folder
+    assert "sha256" in ckpt.verify(folder)
+    model, opt = trained(0)
+    msd, osd = get_state_dict(model, opt)
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"__0_0\.distcp sha256 mismatch at bytes"):
+        ckpt.load({"model": msd, "optim": osd}, folder)
+
+
+def _empty_like_saved(metadata, fqns):
+    return {fqn.split(".", 1)[1]: torch.empty(tuple(metadata.state_dict_metadata[fqn].size))
+            for fqn in fqns}
+
+
+def test_a_load_reads_only_the_items_it_needs_once(tmp_path):
+    """No folder copy: a load reads .metadata and exactly the byte ranges of the entries it
+    asks for, one ranged read each, even when two stage modules ask for the same one."""
+    from raypar.train.safe_dcp import read_metadata
+    folder = save_single(tmp_path, 1)
+    metadata = read_metadata(folder)
+    length = {i.fqn: s.length for i, s in metadata.storage_data.items()}
+    meta_size = (folder / ".metadata").stat().st_size
+    total = sum(p.stat().st_size for p in folder.iterdir())
+
+    wanted = ["model.tok_emb.weight", "model.layers.0.attn.wq.weight"]
+    assert set(wanted) <= set(length), sorted(length)
+    state = {"model": _empty_like_saved(metadata, wanted)}
+    stats = ckpt.load(state, folder)
+    assert stats.bytes == meta_size + sum(length[f] for f in wanted) < total / 4
+    assert stats.reads == 1 + len(wanted) and stats.files == {".metadata", "__0_0.distcp"}
+    ref = trained(0)[0].state_dict()
+    for fqn in wanted:
+        assert torch.equal(state["model"][fqn.split(".", 1)[1]], ref[fqn.split(".", 1)[1]])
+
+    # Two stage modules, both holding the embedding (a tied copy): its bytes are read once.
+    source = ckpt.Source(folder)
+    first = {"model": _empty_like_saved(metadata, wanted)}
+    second = {"model": _empty_like_saved(metadata, wanted[:1])}
+    source.load([first, second])
+    assert source.stats.bytes == stats.bytes
+    assert torch.equal(second["model"]["tok_emb.weight"], ref["tok_emb.weight"])
+
+
 def test_check_compatible_names_every_field():
     meta = {"model": vars(model_cfg(d_model=64, n_layer=4))}
     with pytest.raises(ValueError) as e:
