@@ -1,15 +1,21 @@
 """Checkpoints: torch.distributed.checkpoint (DCP) shards, one writer per rank, verified.
 
-Each rank writes its shard into a local temporary directory; `ray.train.report`
-uploads every rank's directory into one checkpoint folder in the run's storage
-(Ray merges them), named `step_<8 digits>` (`step_<8 digits>.<k>` for a step trained
-again after a restart whose first folder is still there, see `dir_name`). So that a crash half-way through an
-upload can never be mistaken for a checkpoint, every rank also writes
-`manifest-<rank>.json`: the name, byte size and sha256 of every file it wrote,
-with the step and the world size. A folder is a checkpoint only when the
-manifests of all `world_size` ranks are there and every file they list matches
-(`verify`); `latest_valid` picks the newest such folder and says why it skipped
-any newer one.
+Every rank writes its shard straight into the checkpoint's folder in the run's storage
+(a local path or an s3://, gs://, ... URI, through pyarrow: raypar/train/dcp_io.py), named
+`step_<8 digits>` (`step_<8 digits>.<k>` for a step trained again after a restart whose
+first folder is still there, see `dir_name`); Ray Train registers that folder as it is. So
+that a crash half-way through a save can never be mistaken for a checkpoint, every rank
+writes `manifest-<rank>.json` last: the name, byte size and sha256 of every file it
+wrote, and of every DCP storage item in them (offset, length, sha256), with the step and
+the world size, all hashed as the bytes streamed out. A folder is a checkpoint only when
+the manifests of all `world_size` ranks are there and every file they list has its size
+(`verify(path, hashes=False)`, what a worker's start checks) and, for `verify(path)`,
+its sha256; `latest_valid` picks the newest such folder and says why it skipped any newer
+one.
+
+Loading (`Source`, `load`) reads in place: each rank reads `.metadata` and, by ranged
+reads, each storage item its state needs, once, and checks the item's sha256 before DCP
+uses it; a mismatch raises CorruptCheckpoint naming the file.
 
 Rank 0 adds `meta.json` (model config, run spec, tokenizer JSON) and
 `train_state.json` (step, tokens seen, ...), so a checkpoint is self-describing:
@@ -23,12 +29,8 @@ is read by an allow-listed unpickler and every other entry with
 
 Why our own manifest: DCP's `.metadata` says which tensors exist and where, but
 not whether the bytes behind it arrived whole, and Ray records a checkpoint
-once every worker has reported, not whether the copy into storage completed
+once every worker has reported, not whether every rank's write completed
 after a node died. A per-rank list with hashes answers both.
-
-Paths: local paths everywhere; `verify`, `candidates`, `latest_valid` and the
-readers also take `s3://`, `gs://`, ... URIs (raypar/train/storage.py). `load` of a
-URI copies the folder to a local temporary directory first.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Union
 
 import pyarrow.fs as pafs
 import torch
@@ -143,13 +145,19 @@ def _resolve(dest: Optional[Dest]) -> tuple["pafs.FileSystem", str, PathLike]:
 
 def save(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
          extra_files: Optional[dict[str, bytes]] = None, *, dest: Optional[Dest] = None,
-         process_group: Optional[dist.ProcessGroup] = None) -> "Checkpoint":
+         process_group: Optional[dist.ProcessGroup] = None,
+         before_manifest: Optional[Callable[[], None]] = None) -> "Checkpoint":
     """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`
-    (with checkpoint_upload_mode=NO_UPLOAD: it is already where it belongs)."""
+    (with checkpoint_upload_mode=NO_UPLOAD: it is already where it belongs).
+    before_manifest: called once this rank's data is written, before its manifest (the
+    recovery tests' crash in the middle of a save)."""
     from ray.train import Checkpoint  # deferred: slow to import, and only a training rank saves
 
     fs, fs_path, _ = _resolve(dest)
-    write(state, train_state, meta, extra_files, dest=(fs, fs_path), process_group=process_group)
+    writer, _ = _writer(extra_files, (fs, fs_path), process_group)
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=writer, process_group=process_group)
+    _complete(writer, train_state, meta, extra_files, process_group, before_manifest)
     return Checkpoint(fs_path, filesystem=fs)
 
 
@@ -229,7 +237,8 @@ def _writer(extra_files: Optional[dict[str, bytes]], dest: Optional[Dest],
 
 def _complete(writer: dcp_io.Writer, train_state: dict[str, Any], meta: dict[str, Any],
               extra_files: Optional[dict[str, bytes]],
-              group: Optional[dist.ProcessGroup] = None) -> None:
+              group: Optional[dist.ProcessGroup] = None,
+              before_manifest: Optional[Callable[[], None]] = None) -> None:
     """This rank's small files, then its manifest, last: what this rank wrote (the sizes and
     hashes taken as the bytes streamed out, each DCP item's too). A folder is a checkpoint
     once every rank's manifest is there."""
@@ -243,6 +252,8 @@ def _complete(writer: dcp_io.Writer, train_state: dict[str, Any], meta: dict[str
         files.write_bytes(files.concat_path(writer.path, name), data)
     manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world, "step": step,
                 "files": writer.entries()}
+    if before_manifest is not None:
+        before_manifest()
     with files.fs.open_output_stream(files.concat_path(writer.path, manifest_name(rank))) as f:
         f.write(_json(manifest))
 

@@ -69,11 +69,14 @@ class Saver:
             self._events.append(CheckpointEvent(step=t.step, mode="async",
                                                 stall_s=time.perf_counter() - started))
             return None
+        # The 'save' fault dies with this rank's shard in storage and its manifest not: a
+        # crash in the middle of a save, which leaves a folder that does not verify.
         checkpoint = ckpt.save(t.state_dict(), state, self.meta, rng, dest=dest,
-                               process_group=self.groups.active)
+                               process_group=self.groups.active,
+                               before_manifest=lambda: faults.fire(self.fault, self.rank, t.step,
+                                                                   "save", SIGTERM.is_set))
         took = time.perf_counter() - started
         self._events.append(CheckpointEvent(step=t.step, mode="sync", save_s=took, stall_s=took))
-        faults.fire(self.fault, self.rank, t.step, "save", SIGTERM.is_set)
         return checkpoint
 
     def land(self) -> tuple[ray.train.Checkpoint, int]:
