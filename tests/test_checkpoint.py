@@ -69,7 +69,7 @@ def save_single(root: Path, step: int, seed: int = 0) -> Path:
     msd, osd = get_state_dict(model, opt)
     folder = root / "checkpoints" / ckpt.dir_name(step)
     ckpt.save({"model": msd, "optim": osd}, {"step": step, "tokens": 100 * step},
-              meta_for(model.cfg), {ckpt.rng_name(0): ckpt.rng_state_bytes()}, local_dir=folder)
+              meta_for(model.cfg), {ckpt.rng_name(0): ckpt.rng_state_bytes()}, dest=folder)
     return folder
 
 
@@ -181,6 +181,60 @@ def test_pyarrow_filesystem_paths(tmp_path, monkeypatch):
     assert ckpt.verify(str(tmp_path / "nowhere")) == "not a directory"
 
 
+def test_a_flipped_byte_passes_the_size_check_and_fails_the_load_naming_the_file(tmp_path):
+    """A start checks sizes only; the bytes a load reads are hashed per DCP item against
+    the hashes taken as the save streamed them out."""
+    folder = save_single(tmp_path, 1)
+    entry = ckpt.read_manifest(folder, 0)["files"]["__0_0.distcp"]
+    assert entry["items"] and all(len(h) == 64 for _, _, h in entry["items"])
+    assert sum(n for _, n, _ in entry["items"]) <= entry["size"]
+    shard = folder / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.verify(folder, hashes=False) is None
+    assert ckpt.latest_valid(tmp_path, hashes=False) == folder
+    assert "sha256" in ckpt.verify(folder)
+    model, opt = trained(0)
+    msd, osd = get_state_dict(model, opt)
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"__0_0\.distcp sha256 mismatch at bytes"):
+        ckpt.load({"model": msd, "optim": osd}, folder)
+
+
+def _empty_like_saved(metadata, fqns):
+    return {fqn.split(".", 1)[1]: torch.empty(tuple(metadata.state_dict_metadata[fqn].size))
+            for fqn in fqns}
+
+
+def test_a_load_reads_only_the_items_it_needs_once(tmp_path):
+    """No folder copy: a load reads .metadata and exactly the byte ranges of the entries it
+    asks for, one ranged read each, even when two stage modules ask for the same one."""
+    from raypar.train.safe_dcp import read_metadata
+    folder = save_single(tmp_path, 1)
+    metadata = read_metadata(folder)
+    length = {i.fqn: s.length for i, s in metadata.storage_data.items()}
+    meta_size = (folder / ".metadata").stat().st_size
+    total = sum(p.stat().st_size for p in folder.iterdir())
+
+    wanted = ["model.tok_emb.weight", "model.layers.0.attn.wq.weight"]
+    assert set(wanted) <= set(length), sorted(length)
+    state = {"model": _empty_like_saved(metadata, wanted)}
+    stats = ckpt.load(state, folder)
+    assert stats.bytes == meta_size + sum(length[f] for f in wanted) < total / 4
+    assert stats.reads == 1 + len(wanted) and stats.files == {".metadata", "__0_0.distcp"}
+    ref = trained(0)[0].state_dict()
+    for fqn in wanted:
+        assert torch.equal(state["model"][fqn.split(".", 1)[1]], ref[fqn.split(".", 1)[1]])
+
+    # Two stage modules, both holding the embedding (a tied copy): its bytes are read once.
+    source = ckpt.Source(folder)
+    first = {"model": _empty_like_saved(metadata, wanted)}
+    second = {"model": _empty_like_saved(metadata, wanted[:1])}
+    source.load([first, second])
+    assert source.stats.bytes == stats.bytes
+    assert torch.equal(second["model"]["tok_emb.weight"], ref["tok_emb.weight"])
+
+
 def test_check_compatible_names_every_field():
     meta = {"model": vars(model_cfg(d_model=64, n_layer=4))}
     with pytest.raises(ValueError) as e:
@@ -220,7 +274,7 @@ def test_tied_weight_stored_once_still_loads(tmp_path):
     ref = reference_model(seed=2)
     state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
     folder = tmp_path / ckpt.dir_name(1)
-    ckpt.write({"model": state}, {"step": 1}, meta_for(ref.cfg), local_dir=folder)
+    ckpt.write({"model": state}, {"step": 1}, meta_for(ref.cfg), dest=folder)
     assert ckpt.verify(folder) is None
     model = reference_model(seed=3)
     ckpt.load_model_state(folder, model)
@@ -232,11 +286,11 @@ def test_save_rejects_reserved_names_and_used_dirs(tmp_path):
     model = reference_model()
     with pytest.raises(ValueError, match="reserved"):
         ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, {"meta.json": b"{}"},
-                  local_dir=tmp_path / "a")
+                  dest=tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, local_dir=tmp_path / "b")
+        ckpt.save({"model": model.state_dict()}, {"step": 1}, {}, dest=tmp_path / "b")
 
 
 # -- two processes: DTensor shards, merged like Ray merges the ranks' uploads --------------
@@ -274,7 +328,7 @@ def _two_rank_worker(rank: int, port: int, base: str) -> None:
         # import would cost each spawned process seconds).
         ckpt.write(state, {"step": 5, "tokens": 500}, meta_for(ref.cfg),
                   {ckpt.rng_name(rank): ckpt.rng_state_bytes()},
-                  local_dir=base_dir / f"rank{rank}")
+                  dest=base_dir / f"rank{rank}")
         dist.barrier()
         merged = base_dir / "run" / "checkpoints" / ckpt.dir_name(5)
         if rank == 0:  # what Ray Train does with every rank's upload

@@ -119,12 +119,14 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(
         progress=False)
     rows, [event] = recoveries(run_dir)
     assert_same_run(rows, reference)
-    # Rank 1 died with its shard written locally but never uploaded: the half-saved
-    # step_10 (if rank 0's part got there) does not verify, so step_5 is used.
+    # Rank 1 died with its shard in storage but not its manifest: the half-saved step_10
+    # does not verify, so step_5 is used.
     assert event["step"] == EVERY and event["checkpoint"].endswith(ckpt.dir_name(EVERY))
-    assert all(p.endswith(ckpt.dir_name(2 * EVERY)) for p, _ in event["skipped"])
-    # The redone save of step_10 is whole.
-    assert ckpt.verify(run_dir / "checkpoints" / ckpt.dir_name(2 * EVERY)) is None
+    half = ckpt.dir_name(2 * EVERY)
+    assert [(p.rsplit("/", 1)[-1], "manifest-1.json missing" in r)
+            for p, r in event["skipped"]] == [(half, True)], event["skipped"]
+    # The redone save of step_10 is whole, in a folder of its own.
+    assert ckpt.verify(run_dir / "checkpoints" / ckpt.dir_name(2 * EVERY, {half})) is None
 
 
 def test_sigterm_saves_a_checkpoint_and_a_partial_replica_sits_out(

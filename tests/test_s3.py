@@ -125,3 +125,99 @@ def test_a_mixture_from_s3_and_a_local_corpus_resumes_at_another_layout(
         history = client.get_metric_history(summary["mlflow_run_id"], f"tokens_{name}")
         assert sorted(m.step for m in history) == list(range(1, 11))
         assert max(history, key=lambda m: m.step).value == rows[-1]["source_tokens"][name]
+
+
+def test_checkpoints_in_the_bucket_are_read_in_place_and_checked(s3_ray, tmp_path, capsys,
+                                                                  caplog):
+    """Without Ray's workers: a checkpoint written straight into the bucket, a load that
+    reads only the entries it asks for (ranged reads, no folder copy), a truncated object
+    skipped by the size check with the warning naming it, and a bucket that does not exist
+    refused in one line before any worker starts."""
+    import logging
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from raypar.train import checkpoint as ckpt
+    from raypar.train.safe_dcp import read_metadata
+    from test_checkpoint import _empty_like_saved, meta_for, trained
+
+    from conftest import raypar_records
+    root = f"s3://{BUCKET}/unit/checkpoints"
+    for step in (1, 2):
+        model, opt = trained(step)
+        msd, osd = get_state_dict(model, opt)
+        ckpt.write({"model": msd, "optim": osd}, {"step": step, "tokens": step},
+                   meta_for(model.cfg), dest=f"{root}/{ckpt.dir_name(step)}")
+    newest, older = (f"{root}/{ckpt.dir_name(s)}" for s in (2, 1))
+    listing = ckpt.storage.list_dir(newest)
+    assert {"manifest-0.json", ".metadata", "__0_0.distcp"} <= set(listing)
+
+    metadata = read_metadata(newest)
+    length = {i.fqn: s.length for i, s in metadata.storage_data.items()}
+    wanted = ["model.tok_emb.weight", "model.layers.1.mlp.fc.weight"]
+    stats = ckpt.load({"model": _empty_like_saved(metadata, wanted)}, newest)
+    total = sum(size for _, size in listing.values())
+    assert stats.bytes == listing[".metadata"][1] + sum(length[f] for f in wanted) < total / 4
+    assert stats.reads == 3
+
+    key = f"unit/checkpoints/{ckpt.dir_name(2)}/__0_0.distcp"
+    body = s3_ray.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3_ray.put_object(Bucket=BUCKET, Key=key, Body=body[:len(body) // 2])
+    with caplog.at_level(logging.WARNING, logger="raypar"):
+        assert ckpt.latest_valid(root, hashes=False) == older
+    [warning] = raypar_records(caplog, logging.WARNING)
+    assert ckpt.dir_name(2) in warning.getMessage() and "__0_0.distcp has" in warning.getMessage()
+
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(TINY), "--run-dir", str(tmp_path / "run"),
+                     "--no-progress", "--set", "checkpoint.storage_path=s3://no-such-bucket/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("raypar: error: checkpoint.storage_path: cannot write checkpoints to "
+                   "s3://no-such-bucket/x (Bucket 'no-such-bucket' does not exist)"), err
+
+
+def test_a_checkpoint_whose_bytes_changed_in_the_bucket_is_skipped_at_load(
+        s3_ray, small_corpus, tmp_path, monkeypatch):
+    """A checkpoint whose object is damaged in the bucket after it was registered (same size:
+    only the hashes find it) passes the size check at the restart and fails its read-time
+    check on every rank: skipped with the reason naming the file, the previous checkpoint
+    is loaded, and every redone step reproduces its loss."""
+    import threading
+    import time
+
+    ckpt_uri = f"s3://{BUCKET}/flipped"
+    run_dir = tmp_path / "run"
+    folder = f"flipped/{run_dir.name}/step_00000004"
+    done = threading.Event()
+
+    def damage_step_4():
+        # Once every rank's manifest of step 4 is in the bucket, flip one byte of rank 0's shard.
+        while not done.is_set():
+            names = set(keys(s3_ray, folder + "/"))
+            if {f"{folder}/manifest-0.json", f"{folder}/manifest-1.json"} <= names:
+                key = f"{folder}/__0_0.distcp"
+                body = bytearray(s3_ray.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+                body[len(body) // 2] ^= 0xFF
+                s3_ray.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=damage_step_4, daemon=True)
+    watcher.start()
+    monkeypatch.setenv("RAYPAR_FAULT", "rank=1,step=6")
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_S", "0.3")  # the watcher's time to damage step 4
+    try:
+        run(load_spec(TINY, [f"data.path={small_corpus}", f"data.cache_dir={tmp_path / 'c'}",
+                             f"checkpoint.storage_path={ckpt_uri}", "train.steps=7",
+                             "checkpoint.every=2", "checkpoint.max_failures=1",
+                             "train.dtype=fp32", "parallel.dp=2"]), run_dir, progress=False)
+    finally:
+        done.set()
+        watcher.join()
+    rows, events = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    [event] = [e for e in events if e["event"] == "recovery"]
+    assert event["step"] == 2 and event["checkpoint"].endswith("step_00000002"), event
+    [(skipped, reason)] = event["skipped"]
+    assert skipped.endswith("step_00000004") and "__0_0.distcp sha256 mismatch" in reason, reason
+    assert event["mismatched_steps"] == []

@@ -1,15 +1,21 @@
 """Checkpoints: torch.distributed.checkpoint (DCP) shards, one writer per rank, verified.
 
-Each rank writes its shard into a local temporary directory; `ray.train.report`
-uploads every rank's directory into one checkpoint folder in the run's storage
-(Ray merges them), named `step_<8 digits>` (`step_<8 digits>.<k>` for a step trained
-again after a restart whose first folder is still there, see `dir_name`). So that a crash half-way through an
-upload can never be mistaken for a checkpoint, every rank also writes
-`manifest-<rank>.json`: the name, byte size and sha256 of every file it wrote,
-with the step and the world size. A folder is a checkpoint only when the
-manifests of all `world_size` ranks are there and every file they list matches
-(`verify`); `latest_valid` picks the newest such folder and says why it skipped
-any newer one.
+Every rank writes its shard straight into the checkpoint's folder in the run's storage
+(a local path or an s3://, gs://, ... URI, through pyarrow: raypar/train/dcp_io.py), named
+`step_<8 digits>` (`step_<8 digits>.<k>` for a step trained again after a restart whose
+first folder is still there, see `dir_name`); Ray Train registers that folder as it is. So
+that a crash half-way through a save can never be mistaken for a checkpoint, every rank
+writes `manifest-<rank>.json` last: the name, byte size and sha256 of every file it
+wrote, and of every DCP storage item in them (offset, length, sha256), with the step and
+the world size, all hashed as the bytes streamed out. A folder is a checkpoint only when
+the manifests of all `world_size` ranks are there and every file they list has its size
+(`verify(path, hashes=False)`, what a worker's start checks) and, for `verify(path)`,
+its sha256; `latest_valid` picks the newest such folder and says why it skipped any newer
+one.
+
+Loading (`Source`, `load`) reads in place: each rank reads `.metadata` and, by ranged
+reads, each storage item its state needs, once, and checks the item's sha256 before DCP
+uses it; a mismatch raises CorruptCheckpoint naming the file.
 
 Rank 0 adds `meta.json` (model config, run spec, tokenizer JSON) and
 `train_state.json` (step, tokens seen, ...), so a checkpoint is self-describing:
@@ -23,36 +29,37 @@ is read by an allow-listed unpickler and every other entry with
 
 Why our own manifest: DCP's `.metadata` says which tensors exist and where, but
 not whether the bytes behind it arrived whole, and Ray records a checkpoint
-once every worker has reported, not whether the copy into storage completed
+once every worker has reported, not whether every rank's write completed
 after a node died. A per-rank list with hashes answers both.
-
-Paths: local paths everywhere; `verify`, `candidates`, `latest_valid` and the
-readers also take `s3://`, `gs://`, ... URIs (raypar/train/storage.py). `load` of a
-URI copies the folder to a local temporary directory first.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Union
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+# Private: the one function DCP's planner flattens a state dict's names with; a Source
+# uses it to find the entries two stage modules both ask for.
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 
 from raypar.config import ConfigError
 from raypar.model import GPTConfig
-from raypar.train import storage
-from raypar.train.safe_dcp import SafePlanner, SafeReader, UnsafeCheckpoint, read_metadata
+from raypar.train import dcp_io, storage
+from raypar.train.dcp_io import CorruptCheckpoint
+from raypar.train.safe_dcp import SafePlanner, UnsafeCheckpoint, read_metadata
 from raypar.train.rundir import CHECKPOINTS
 from raypar.train.storage import PathLike
 
@@ -64,7 +71,7 @@ PREFIX = "step_"
 META = "meta.json"
 TRAIN_STATE = "train_state.json"
 DCP_METADATA = ".metadata"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: DCP files list each storage item's byte range and sha256
 _STEP_DIR = re.compile(rf"^{PREFIX}(\d+)(?:\.(\d+))?$")
 _RESERVED = re.compile(r"^(manifest-\d+\.json|meta\.json|train_state\.json|\.metadata|.*\.distcp)$")
 
@@ -118,114 +125,141 @@ def _quiet_single_process():
 
 
 # -- save ----------------------------------------------------------------------------------
+# A destination: a local path or URI, or (pyarrow filesystem, path inside it), which is
+# what Ray Train's storage context gives: a checkpoint reported on that very filesystem
+# object is one Ray Train registers without copying it (checkpoint_upload_mode=NO_UPLOAD).
+Dest = Union[PathLike, tuple["pafs.FileSystem", str]]
+
+
+def _resolve(dest: Optional[Dest]) -> tuple["pafs.FileSystem", str, PathLike]:
+    """(filesystem, path in it, the path as raypar names it) of a destination; None: a
+    fresh local temporary directory."""
+    if dest is None:
+        dest = Path(tempfile.mkdtemp(prefix="raypar-ckpt-"))
+    if isinstance(dest, tuple):
+        fs, fs_path = dest
+        return fs, fs_path, fs_path
+    fs, fs_path = storage.filesystem(dest)
+    return fs, fs_path, dest if storage.is_uri(dest) else storage.local_path(dest)
+
 
 def save(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
-         extra_files: Optional[dict[str, bytes]] = None, *,
-         local_dir: Optional[PathLike] = None,
-         process_group: Optional[dist.ProcessGroup] = None) -> "Checkpoint":
-    """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`."""
+         extra_files: Optional[dict[str, bytes]] = None, *, dest: Optional[Dest] = None,
+         process_group: Optional[dist.ProcessGroup] = None,
+         before_manifest: Optional[Callable[[], None]] = None) -> "Checkpoint":
+    """Write this rank's part of a checkpoint (see `write`); returns it for `ray.train.report`
+    (with checkpoint_upload_mode=NO_UPLOAD: it is already where it belongs).
+    before_manifest: called once this rank's data is written, before its manifest (the
+    recovery tests' crash in the middle of a save)."""
     from ray.train import Checkpoint  # deferred: slow to import, and only a training rank saves
 
-    return Checkpoint.from_directory(str(write(state, train_state, meta, extra_files,
-                                               local_dir=local_dir,
-                                               process_group=process_group)))
+    fs, fs_path, _ = _resolve(dest)
+    writer, _ = _writer(extra_files, (fs, fs_path), process_group)
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=writer, process_group=process_group)
+    _complete(writer, train_state, meta, extra_files, process_group, before_manifest)
+    return Checkpoint(fs_path, filesystem=fs)
 
 
 def write(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
-          extra_files: Optional[dict[str, bytes]] = None, *,
-          local_dir: Optional[PathLike] = None,
-          process_group: Optional[dist.ProcessGroup] = None) -> Path:
-    """Write this rank's part of a checkpoint into a local directory; returns it.
+          extra_files: Optional[dict[str, bytes]] = None, *, dest: Optional[Dest] = None,
+          process_group: Optional[dist.ProcessGroup] = None) -> PathLike:
+    """Write this rank's part of a checkpoint straight into its folder; returns the folder.
 
     state: a DCP state dict keyed by global names, e.g. {"model": ..., "optim": ...}
     from `torch.distributed.checkpoint.state_dict.get_state_dict` (DTensors are
-    fine). Every rank of the process group must call this (DCP is collective);
-    without a process group it saves the whole state from this process.
+    fine). Every rank of the process group must call this (DCP is collective), with the
+    same dest; without a process group it saves the whole state from this process.
     train_state and meta (JSON-serialisable) are written by rank 0 only;
     extra_files ({name: bytes}, e.g. `{rng_name(rank): rng_state_bytes()}`) by
-    the rank that passes them. local_dir: where to write (default: a fresh
-    temporary directory); it must be empty or missing. process_group: the ranks that
-    save (default: all); a rank's number in it names its manifest.
+    the rank that passes them. dest: the checkpoint's folder, local or in object storage
+    (default: a fresh temporary directory); it must be empty or missing. process_group:
+    the ranks that save (default: all); a rank's number in it names its manifest.
     """
-    local = _new_dir(extra_files, local_dir)
+    writer, where = _writer(extra_files, dest, process_group)
     with _quiet_single_process():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local)),
-                 process_group=process_group)
-    return _complete(local, train_state, meta, extra_files, process_group)
+        dcp.save(state, storage_writer=writer, process_group=process_group)
+    _complete(writer, train_state, meta, extra_files, process_group)
+    return where
 
 
 class PendingSave:
     """A checkpoint being written in the background (`write_async`): `done()` polls,
     `finish()` waits for the shard, adds the JSON files and the manifest, and returns
-    the local directory (collective: every rank calls it at the same point)."""
+    the folder (collective: every rank calls it at the same point)."""
 
-    def __init__(self, future, local: Path, train_state: dict[str, Any], meta: dict[str, Any],
+    def __init__(self, future, writer: dcp_io.Writer, where: PathLike,
+                 train_state: dict[str, Any], meta: dict[str, Any],
                  extra_files: Optional[dict[str, bytes]],
                  ranks: Optional[dist.ProcessGroup] = None):
-        self.future, self.local, self.ranks = future, local, ranks
+        self.future, self.writer, self.where, self.ranks = future, writer, where, ranks
         self.train_state, self.meta, self.extra_files = train_state, meta, extra_files
         self.step = int(train_state.get("step", -1))
 
     def done(self) -> bool:
         return self.future.done()
 
-    def finish(self) -> Path:
+    def finish(self) -> PathLike:
         self.future.result()
-        return _complete(self.local, self.train_state, self.meta, self.extra_files, self.ranks)
+        _complete(self.writer, self.train_state, self.meta, self.extra_files, self.ranks)
+        return self.where
 
 
 def write_async(state: dict[str, Any], train_state: dict[str, Any], meta: dict[str, Any],
-                extra_files: Optional[dict[str, bytes]] = None, *,
+                extra_files: Optional[dict[str, bytes]] = None, *, dest: Optional[Dest] = None,
                 process_group: Optional[dist.ProcessGroup] = None) -> PendingSave:
-    """Like `write`, but returns once DCP has staged the state into host memory; the
-    files are written by a background thread. process_group: a group of its own for
-    DCP's collectives (they run on that thread, concurrently with training's), over the
-    ranks that save."""
-    local = _new_dir(extra_files, None)
+    """Like `write`, but returns once DCP has staged the state into host memory; a
+    background thread writes the shards straight to dest. process_group: a group of its
+    own for DCP's collectives (they run on that thread, concurrently with training's), over
+    the ranks that save."""
+    writer, where = _writer(extra_files, dest, process_group)
     with _quiet_single_process():
-        future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(str(local)),
-                                process_group=process_group)
+        future = dcp.async_save(state, storage_writer=writer, process_group=process_group)
     future = getattr(future, "upload_completion", future)  # AsyncSaveResponse or Future
-    return PendingSave(future, local, train_state, meta, extra_files, process_group)
+    return PendingSave(future, writer, where, train_state, meta, extra_files, process_group)
 
 
-def _new_dir(extra_files: Optional[dict[str, bytes]], local_dir: Optional[PathLike]) -> Path:
+def _writer(extra_files: Optional[dict[str, bytes]], dest: Optional[Dest],
+            group: Optional[dist.ProcessGroup]) -> tuple[dcp_io.Writer, PathLike]:
     for name in extra_files or {}:
         if "/" in name or "\\" in name or name in ("", ".", "..") or _RESERVED.match(name):
             raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
-    local = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="raypar-ckpt-"))
-    local.mkdir(parents=True, exist_ok=True)
-    if any(local.iterdir()):
-        raise ValueError(f"checkpoint directory {local} is not empty")
-    return local
+    fs, fs_path, where = _resolve(dest)
+    # Rank 0 looks before DCP's first collective: no rank writes a byte before it, so
+    # a used folder (which could mix two saves' files) is refused without a race.
+    if _rank_world(group)[0] == 0:
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.File or (info.type == pafs.FileType.Directory and
+                                               fs.get_file_info(pafs.FileSelector(fs_path))):
+            raise ValueError(f"checkpoint directory {where} is not empty")
+    return dcp_io.Writer(fs, fs_path), where
 
 
-def _complete(local: Path, train_state: dict[str, Any], meta: dict[str, Any],
+def _complete(writer: dcp_io.Writer, train_state: dict[str, Any], meta: dict[str, Any],
               extra_files: Optional[dict[str, bytes]],
-              group: Optional[dist.ProcessGroup] = None) -> Path:
+              group: Optional[dist.ProcessGroup] = None,
+              before_manifest: Optional[Callable[[], None]] = None) -> None:
+    """This rank's small files, then its manifest, last: what this rank wrote (the sizes and
+    hashes taken as the bytes streamed out, each DCP item's too). A folder is a checkpoint
+    once every rank's manifest is there."""
     rank, world = _rank_world(group)
     step = int(train_state.get("step", -1))
+    files = writer.files
     if rank == 0:
-        _write_json(local / META, meta)
-        _write_json(local / TRAIN_STATE, train_state)
+        files.write_bytes(files.concat_path(writer.path, META), _json(meta))
+        files.write_bytes(files.concat_path(writer.path, TRAIN_STATE), _json(train_state))
     for name, data in (extra_files or {}).items():
-        (local / name).write_bytes(data)
-    # Everything in this rank's directory is this rank's: Ray merges directories,
-    # so the manifest written last lists exactly the files this rank contributes.
-    files = {}
-    for p in sorted(local.iterdir()):
-        if p.is_file():
-            files[p.name] = {"size": p.stat().st_size, "sha256": storage.sha256(p)}
+        files.write_bytes(files.concat_path(writer.path, name), data)
     manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world, "step": step,
-                "files": files}
-    _write_json(local / manifest_name(rank), manifest)
-    return local
+                "files": writer.entries()}
+    if before_manifest is not None:
+        before_manifest()
+    with files.fs.open_output_stream(files.concat_path(writer.path, manifest_name(rank))) as f:
+        f.write(_json(manifest))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
 
 
 def rng_state_bytes() -> bytes:
@@ -247,9 +281,13 @@ def read_rng_state(path: PathLike, rank: int) -> Optional[dict[str, torch.Tensor
     listing = storage.list_dir(path) or {}
     if rng_name(rank) not in listing:
         return None
-    state = torch.load(io.BytesIO(storage.read_bytes(target)), weights_only=True, map_location="cpu")
+    return _rng_from(storage.read_bytes(target), target)
+
+
+def _rng_from(data: bytes, where: PathLike) -> dict[str, torch.Tensor]:
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{target}: not an RNG state (expected a dict of tensors)")
+        raise ValueError(f"{where}: not an RNG state (expected a dict of tensors)")
     return state
 
 
@@ -264,14 +302,15 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 # -- verify and find -----------------------------------------------------------------------
 
-def verify(path: PathLike) -> Optional[str]:
+def verify(path: PathLike, hashes: bool = True) -> Optional[str]:
     """None when the checkpoint at path is complete and intact, else a short reason.
 
     Complete: manifest-0.json present and naming world_size W, manifests 0..W-1
     present and agreeing on the step, every file they list present with the
-    listed size and sha256, and meta.json, train_state.json and DCP's .metadata
-    among them. Sizes are checked before any hashing, so a short file is cheap
-    to find.
+    listed size (and, with hashes, sha256), and meta.json, train_state.json and DCP's
+    .metadata among them. Sizes come from one listing; only hashes=True reads the files.
+    A training start checks sizes only: a load checks the hash of every byte it reads
+    (`Source`), so a corrupt file it needs is found there.
     """
     listing = storage.list_dir(path)
     if listing is None:
@@ -282,7 +321,7 @@ def verify(path: PathLike) -> Optional[str]:
     expected = _listed_files(manifests)
     if isinstance(expected, str):
         return expected
-    return _check_files(path, listing, expected)
+    return _check_files(path, listing, expected, hashes)
 
 
 def _read_manifests(path: PathLike, listing: dict[str, tuple[bool, int]]
@@ -333,7 +372,7 @@ def _listed_files(manifests: dict[int, Any]) -> Union[dict[str, dict], str]:
 
 
 def _check_files(path: PathLike, listing: dict[str, tuple[bool, int]],
-                 expected: dict[str, dict]) -> Optional[str]:
+                 expected: dict[str, dict], hashes: bool = True) -> Optional[str]:
     """Every listed file present with its size (all sizes first: cheap), then its hash."""
     for fname, entry in expected.items():
         if fname not in listing or listing[fname][0]:
@@ -341,7 +380,7 @@ def _check_files(path: PathLike, listing: dict[str, tuple[bool, int]],
         size = listing[fname][1]
         if size != entry.get("size"):
             return f"{fname} has {size} bytes, manifest says {entry.get('size')}"
-    for fname, entry in expected.items():
+    for fname, entry in (expected.items() if hashes else ()):
         try:
             digest = storage.sha256(storage.join(path, fname))
         except OSError as e:
@@ -377,12 +416,16 @@ def candidates(root: PathLike) -> list[PathLike]:
 
 
 def latest_valid(root: PathLike, log: logging.Logger = logging.getLogger("raypar"),
-                 skipped: Optional[list[list[str]]] = None) -> Optional[PathLike]:
-    """The newest checkpoint under root that verifies, or None. Each newer one that
-    fails verification is skipped with one warning naming it and the reason, and
-    appended to `skipped` (if given) as [path, reason]."""
+                 skipped: Optional[list[list[str]]] = None, hashes: bool = True,
+                 older_than: Optional[PathLike] = None) -> Optional[PathLike]:
+    """The newest checkpoint under root that verifies (`verify(path, hashes)`), or None.
+    Each newer one that fails verification is skipped with one warning naming it and the
+    reason, and appended to `skipped` (if given) as [path, reason]. older_than: only
+    candidates older than that checkpoint (the next one to try after it failed to load)."""
     for path in candidates(root):
-        reason = verify(path)
+        if older_than is not None and _order(path) >= _order(older_than):
+            continue
+        reason = verify(path, hashes)
         if reason is None:
             return path
         log.warning("checkpoint %s skipped: %s", path, reason)
@@ -405,24 +448,97 @@ def read_manifest(path: PathLike, rank: int = 0) -> dict[str, Any]:
     return storage.read_json(storage.join(path, manifest_name(rank)))
 
 
-def load(state: dict[str, Any], path: PathLike,
-         process_group: Optional[dist.ProcessGroup] = None) -> None:
-    """DCP load into `state` in place (same keys as saved, any layout: DCP reshards
-    by global names). Collective over process_group (default: all ranks) when a process
-    group is initialized. Loads only the keys `state` has, so {"model": ...} alone skips
-    the optimizer."""
-    with storage.local_copy(path) as local, _quiet_single_process():
-        # Checked here, before DCP: DCP turns a failed metadata read into an assertion
-        # about per-rank metadata, and the reason would be lost in it.
-        metadata = checked_metadata(local)
+class Source:
+    """A checkpoint opened for loading on this rank, straight from storage: its manifests
+    and DCP metadata read once, then every storage item this rank needs read once, with one
+    ranged read, and its sha256 checked against the manifests before it is used
+    (raypar/train/dcp_io.py). A mismatch raises CorruptCheckpoint naming the file.
+
+        source = Source(path)
+        source.load([stage0_state, stage1_state], process_group)   # collective
+        train_state = source.read_json(TRAIN_STATE)
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = path
+        self.fs, self.fs_path = storage.filesystem(path)
+        manifests = _read_manifests(path, storage.list_dir(path) or {})
+        listed = _listed_files(manifests) if not isinstance(manifests, str) else manifests
+        if isinstance(listed, str):
+            raise dcp_io.CorruptCheckpoint(f"not a valid checkpoint ({listed})")
+        self.expected: dict[str, dict] = listed
+        self.stats = dcp_io.ReadStats()
+        self.metadata = read_metadata(path, {name: int(e.get("size", -1))
+                                             for name, e in listed.items()},
+                                      data=self.read_bytes(DCP_METADATA))
+
+    def read_bytes(self, name: str) -> bytes:
+        """A whole file the manifests list, checked against its size and sha256."""
+        entry = self.expected.get(name)
+        if entry is None:
+            raise dcp_io.CorruptCheckpoint(f"{name} not in the manifests")
         try:
-            dcp.load(state, storage_reader=SafeReader(local, metadata),
-                     planner=SafePlanner(str(path)), process_group=process_group)
-        except CheckpointException as e:  # a refusal on any rank: say which, in one line
-            refused = _refusal(e)
-            if refused is not None:
-                raise refused from None
-            raise
+            data = storage.read_bytes(storage.join(self.path, name))
+        except OSError as e:
+            raise dcp_io.CorruptCheckpoint(f"{name} unreadable ({type(e).__name__})") from None
+        self.stats.bytes += len(data)
+        self.stats.reads += 1
+        self.stats.files.add(name)
+        if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise dcp_io.CorruptCheckpoint(f"{name} sha256 mismatch (corrupt)")
+        return data
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name).decode("utf-8"))
+
+    def rng_state(self, rank: int) -> Optional[dict[str, torch.Tensor]]:
+        """The RNG states rank `rank` saved (see `read_rng_state`), checked."""
+        if rng_name(rank) not in self.expected:
+            return None
+        return _rng_from(self.read_bytes(rng_name(rank)), storage.join(self.path, rng_name(rank)))
+
+    def load(self, states: list[dict[str, Any]],
+             process_group: Optional[dist.ProcessGroup] = None) -> None:
+        """DCP load into each of `states` in place, in turn (one per stage module: a rank
+        hosting an embedding and its tied copy asks for the same entries twice, whose
+        requests would collide in one dict; the bytes are read once and kept for the
+        second). Collective over process_group, like `load`."""
+        reader = dcp_io.Reader(self.fs, self.fs_path, str(self.path), self.metadata,
+                               self.expected, self.stats)
+        wanted = [set(flatten_state_dict(s)[0]) for s in states]
+        counts: dict[str, int] = {}
+        for fqns in wanted:
+            for fqn in fqns:
+                counts[fqn] = counts.get(fqn, 0) + 1
+        reader.keep = {fqn: n for fqn, n in counts.items() if n > 1}
+        for state, fqns in zip(states, wanted):
+            self._load_one(state, reader, process_group)
+            reader.release(fqns)
+
+    def _load_one(self, state: dict[str, Any], reader: dcp_io.Reader,
+                  process_group: Optional[dist.ProcessGroup]) -> None:
+        with _quiet_single_process():
+            try:
+                dcp.load(state, storage_reader=reader, planner=SafePlanner(str(self.path)),
+                         process_group=process_group)
+            except CheckpointException as e:  # a failure on any rank: say which, in one line
+                for kind in (UnsafeCheckpoint, dcp_io.CorruptCheckpoint):
+                    inner = _failure(e, kind)
+                    if inner is not None:
+                        raise inner from None
+                raise
+
+
+def load(state: dict[str, Any], path: PathLike,
+         process_group: Optional[dist.ProcessGroup] = None) -> dcp_io.ReadStats:
+    """DCP load into `state` in place (same keys as saved, any layout: DCP reshards
+    by global names), straight from storage, every byte read checked (`Source`).
+    Collective over process_group (default: all ranks) when a process group is
+    initialized. Loads only the keys `state` has, so {"model": ...} alone skips the
+    optimizer. Returns what it read."""
+    source = Source(path)
+    source.load([state], process_group)
+    return source.stats
 
 
 def checked_metadata(path: PathLike) -> "Metadata":
@@ -436,11 +552,11 @@ def checked_metadata(path: PathLike) -> "Metadata":
                                 for name, entry in listed.items()})
 
 
-def _refusal(e: CheckpointException) -> Optional[UnsafeCheckpoint]:
-    """The UnsafeCheckpoint inside DCP's collective exception, if that is what failed."""
+def _failure(e: CheckpointException, kind: type) -> Optional[Exception]:
+    """The exception of that kind inside DCP's collective exception, if that is what failed."""
     for failure in getattr(e, "failures", {}).values():  # rank -> (exception, traceback)
         inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, UnsafeCheckpoint):
+        if isinstance(inner, kind):
             return inner
     return None
 

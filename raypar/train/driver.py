@@ -54,7 +54,10 @@ def _latest_checkpoint(spec: RunSpec, rd: RunDir) -> Optional[str]:
     refused: training on from step 0 would be a new run, which only --restart starts."""
     root = checkpoint_root(spec, rd.path)[2]
     found = ckpt.candidates(root)
-    latest = ckpt.latest_valid(root, log)
+    # Hashes too, of the newest checkpoint that has every file at its size (only the
+    # ones before it when it fails): an explicit --resume refuses a run whose checkpoints
+    # are all corrupt here, in one line. A worker's own start checks sizes only.
+    latest = ckpt.latest_valid(root, log, hashes=True)
     if found and latest is None:
         raise ConfigError(
             f"--resume: none of the {len(found)} checkpoints under {root} verifies (see the "

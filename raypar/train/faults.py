@@ -5,7 +5,7 @@ the environment, the worker fires it. Unset in normal use.
     RAYPAR_STEP_DELAY_S=0.5 raypar train ...                    # every step 0.5 s longer
 
 Phases: 'step' (SIGKILL after the step), 'save' (SIGKILL after writing its checkpoint
-shard, before reporting it), 'sigterm' (SIGTERM after the step, as a spot preemption or
+shard into storage, before its manifest), 'sigterm' (SIGTERM after the step, as a spot preemption or
 a node drain sends it). A marker file in the run directory makes a fault fire once per
 run, restarts included.
 """

@@ -35,6 +35,7 @@ from typing import Any, Collection, Optional
 import ray
 import ray.train
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 from torch.distributed.tensor import DTensor
 
 from raypar.config import from_dict
@@ -81,9 +82,12 @@ class Reporter:
              timings: list[CheckpointEvent]) -> None:
         report, self.next = self.next, WorkerReport()
         report.checkpoints = timings
+        # NO_UPLOAD: the ranks wrote the checkpoint into Ray Train's storage themselves
+        # (raypar/train/saver.py); Ray Train registers it where it is.
         self.notice = control.report(report.to_json(), checkpoint=checkpoint,
                                      checkpoint_dir_name=ckpt.dir_name(step, self.taken),
-                                     delete_local_checkpoint_after_upload=True) or self.notice
+                                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
+                                     ) or self.notice
         self.unconfirmed, self.last_sent = report.rows, time.perf_counter()
 
 
@@ -118,24 +122,67 @@ def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[s
     checkpoint out of Ray's list. Such a checkpoint verifies, and it carries every
     metrics row the driver may not have had (train_state.json "rows"), so no row is lost."""
     skipped: list[list[str]] = []
-    path = ckpt.latest_valid(root, log, skipped)
+    # Sizes against the manifests only: each byte a rank loads is hashed as it is read
+    # (ckpt.Source), and a checkpoint that fails there is skipped then (_load_newest).
+    path = ckpt.latest_valid(root, log, skipped, hashes=False)
     taken = [ckpt.storage.basename(c) for c in ckpt.candidates(root)]
     return (str(path) if path is not None else None), skipped, taken
 
 
-def _start(config: dict[str, Any], groups: Groups, trainer: RankTrainer, started: float,
-           choice: tuple[Optional[str], list[list[str]], list[str]]) -> Reporter:
-    """Load the chosen checkpoint; the first report says where this worker group starts
-    (the driver tells a restart from a fresh start and counts the steps redone), and the
-    checkpoint's own rows go out again: that report may have died with a worker before Ray
-    collected it (the driver skips the steps it knows)."""
+def _load_newest(config: dict[str, Any], groups: Groups, trainer: RankTrainer,
+                 choice: tuple[Optional[str], list[list[str]], list[str]], rebuild: Any
+                 ) -> tuple[RankTrainer, tuple[Optional[str], list[list[str]], list[str]],
+                            dict[str, Any], float]:
+    """Load the chosen checkpoint. One whose bytes do not match its manifests (checked as
+    they are read) is skipped with a warning naming it and the file, like one that fails
+    the size check, and the next older one is tried. Every training rank agrees: DCP's load
+    fails on all of them together, and each rank's own failures (its RNG file) are
+    gathered. A trainer that loaded part of a skipped checkpoint and has nothing older to
+    load is built again (rebuild()), so it starts from step 0 as a fresh one would.
+    Returns the trainer, the choice as it ended, the saved train state, the load's seconds."""
     path, skipped, taken = choice
     t_load = time.perf_counter()
-    saved = trainer.load(path) if path is not None else {}
+    touched = False
+    while path is not None:
+        reason, saved = None, {}
+        try:
+            saved = trainer.load(path)
+        except ckpt.CorruptCheckpoint as e:
+            reason = str(e)
+        reasons: list[Optional[str]] = [None] * groups.n_active
+        dist.all_gather_object(reasons, reason, group=groups.active)
+        reason = next((r for r in reasons if r), None)
+        if reason is None:
+            return trainer, (path, skipped, taken), saved, time.perf_counter() - t_load
+        touched = True
+        if dist.get_rank() == 0:
+            log.warning("checkpoint %s skipped: %s", path, reason)
+            skipped.append([path, reason])
+            older = ckpt.latest_valid(config["checkpoint_root"], log, skipped, hashes=False,
+                                      older_than=path)
+            box = [(str(older) if older is not None else None, skipped)]
+        else:
+            box = [None]
+        dist.broadcast_object_list(box, src=0, group=groups.active)
+        path, skipped = box[0]
+    if touched:
+        trainer.close()
+        trainer = rebuild()
+    return trainer, (None, skipped, taken), {}, time.perf_counter() - t_load
+
+
+def _start(groups: Groups, trainer: RankTrainer, started: float,
+           choice: tuple[Optional[str], list[list[str]], list[str]],
+           saved: dict[str, Any], load_s: float) -> Reporter:
+    """The first report says where this worker group starts (the driver tells a restart
+    from a fresh start and counts the steps redone), and the checkpoint's own rows go out
+    again: that report may have died with a worker before Ray collected it (the driver
+    skips the steps it knows)."""
+    path, skipped, taken = choice
     reporter = Reporter(taken)
     reporter.next.start = StartRecord(
         checkpoint=path, from_step=trainer.step, skipped=skipped, started=started,
-        loaded=time.time(), load_s=time.perf_counter() - t_load,
+        loaded=time.time(), load_s=load_s,
         saved_layout=saved.get("layout"), layout=trainer.layout(),
         workers=dist.get_world_size(), sitting_out=dist.get_world_size() - groups.n_active)
     reporter.next.rows = [StepRow.from_json(r) for r in saved.get("rows", [])]
@@ -206,28 +253,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         control.sit_out(groups)
         return
     train, val = data_sources(config, spec.data.seq_len)
-    trainer = RankTrainer(spec, config["vocab_size"], train, val, groups)
-    trainer.rss_init = peak_rss_bytes()
+
+    def build() -> RankTrainer:
+        built = RankTrainer(spec, config["vocab_size"], train, val, groups)
+        built.rss_init = peak_rss_bytes()
+        return built
+
+    trainer = build()
     if board:
         p = spec.parallel
         board.mark("model", f"built and parallelized (dp={p.dp} pp={p.pp} tp={p.tp} "
                             f"{p.dp_mode}), data opened")
     try:
-        _train(config, spec, groups, trainer, started, choice, board)
+        trainer, choice, saved, load_s = _load_newest(config, groups, trainer, choice, build)
+        _train(config, spec, groups, trainer, started, choice, saved, load_s, board)
     finally:
         trainer.close()
 
 
 def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, started: float,
-           choice: tuple[Optional[str], list[list[str]], list[str]],
-           board: Optional[StartupBoard] = None) -> None:
+           choice: tuple[Optional[str], list[list[str]], list[str]], saved: dict[str, Any],
+           load_s: float, board: Optional[StartupBoard] = None) -> None:
     """The step loop, after the trainer is built; returns when the run (or this group)
     is done."""
     rank = dist.get_rank()
     meta = {"model": vars(trainer.mcfg), "spec": config["spec"],
             "tokenizer": config["tokenizer_json"], "layout": dataclasses.asdict(spec.parallel)}
     saver = Saver(spec, trainer, groups, meta, config.get("fault"))
-    reporter = _start(config, groups, trainer, started, choice)
+    reporter = _start(groups, trainer, started, choice, saved, load_s)
     if board and choice[0] is not None:
         board.mark("checkpoint", f"loaded {ckpt.storage.basename(choice[0])} (step "
                                  f"{trainer.step})")
@@ -258,7 +311,8 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
             control.share_plan(plan.n_reports, plan.stop, groups)
         if plan.land:
             reporter.send(*saver.land(), saver.take_timings())
-        checkpoint = saver.save(reporter.unsent(), plan.sync) if plan.save else None
+        checkpoint = (saver.save(reporter.unsent(), plan.sync, reporter.taken) if plan.save
+                      else None)
         if plan.report:
             reporter.send(checkpoint, trainer.step, saver.take_timings())
     if not reporter.next.empty():

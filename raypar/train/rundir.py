@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -317,6 +318,10 @@ def check_storage(spec: RunSpec, run_dir: Path) -> None:
             probe.unlink()
     except Exception as e:  # noqa: BLE001 - any failure to write means the same to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if re.match(r"Bucket '[^']*' not found", reason):
+            # pyarrow's own text goes on about its allow_bucket_creation option, which
+            # raypar never sets: a missing bucket is the user's to create.
+            reason = reason.split(".", 1)[0].replace("not found", "does not exist")
         raise ConfigError(f"{field}: cannot write checkpoints to {storage} ({reason})") from None
 
 

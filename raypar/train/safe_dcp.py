@@ -27,10 +27,9 @@ import pickle
 from typing import Any, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 # Private names: _StorageInfo and _get_layout are what DCP's metadata pickles refer to;
 # set_element is the one function DCP's own planner puts a value back into a nested state
@@ -105,14 +104,17 @@ class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def read_metadata(path: PathLike, files: Optional[dict[str, int]] = None) -> Metadata:
+def read_metadata(path: PathLike, files: Optional[dict[str, int]] = None,
+                  data: Optional[bytes] = None) -> Metadata:
     """A checkpoint folder's DCP metadata (a local path or a URI), read with the
     allow-listed unpickler. files ({name: size}, from the manifests): every entry must point
-    into one of them, within its size."""
+    into one of them, within its size. data: the file's bytes, when the caller has read
+    (and checked) them already."""
     where = f"checkpoint {path}: {METADATA}"
     try:
-        with storage.open_read(storage.join(path, METADATA)) as f:
-            data = f.read()
+        if data is None:
+            with storage.open_read(storage.join(path, METADATA)) as f:
+                data = f.read()
     except OSError as e:
         raise UnsafeCheckpoint(f"{where} cannot be read ({e.strerror or type(e).__name__})"
                                ) from None
@@ -151,25 +153,6 @@ def _bad_entry(metadata: Metadata, files: Optional[dict[str, int]]) -> Optional[
             return (f"an entry points to {name} bytes {offset}..{offset + length}, which no "
                     f"manifest lists")
     return None
-
-
-class SafeReader(dcp.FileSystemReader):
-    """DCP's filesystem reader, handing DCP the metadata `read_metadata` already checked
-    (read once: a file changed in between cannot slip through)."""
-
-    def __init__(self, path: PathLike, metadata: Metadata):
-        super().__init__(str(path))
-        self.checked = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:  # per-rank metadata: raypar never writes it
-            raise UnsafeCheckpoint(f"checkpoint {self.path}: per-rank DCP metadata is not "
-                                   f"read")
-        metadata = self.checked
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 class SafePlanner(DefaultLoadPlanner):

@@ -3,6 +3,8 @@ s3://, gs://, ... URIs through pyarrow's filesystems, which Ray Train itself use
 
     entries = list_dir("s3://bucket/run/checkpoints/step_00000010")   # {name: (is_dir, size)}
     digest = sha256(join(folder, "__0_0.distcp"))
+
+Nothing here copies a whole folder to read it: checkpoints are read where they are.
 """
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -42,6 +42,14 @@ def basename(path: PathLike) -> str:
 
 def pa_fs(uri: str):
     return pafs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
+
+
+def filesystem(path: PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) of a local path or a URI: one way to read and
+    write both (checkpoints are written and read through it, raypar/train/dcp_io.py)."""
+    if is_uri(path):
+        return pa_fs(str(path))
+    return pafs.LocalFileSystem(), str(local_path(path).absolute())
 
 
 def list_dir(path: PathLike) -> Optional[dict[str, tuple[bool, int]]]:
@@ -99,23 +107,6 @@ def sha256(path: PathLike) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextmanager
-def local_copy(path: PathLike) -> Iterator[Path]:
-    """A local directory holding the checkpoint: path itself when local, else a
-    temporary copy (removed on exit)."""
-    if not is_uri(path):
-        yield local_path(path)
-        return
-    fs, src = pa_fs(str(path))
-    tmp = Path(tempfile.mkdtemp(prefix="raypar-ckpt-dl-"))
-    try:
-        pafs.copy_files(src, str(tmp), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def move(src: PathLike, dst: PathLike) -> None:

@@ -351,17 +351,20 @@ class RankTrainer:
         """Load model, optimizer, step, data position and (same layout) RNG state from the
         checkpoint at path, under this run's layout: DCP reshards by global names.
         Collective: every rank calls it with the same path. Returns the saved train state."""
+        # Straight from storage, each byte this rank needs read once and checked against the
+        # manifests (ckpt.Source): a mismatch raises ckpt.CorruptCheckpoint on every rank.
         # One DCP load per stage module (every rank hosts the same number of them): a rank
         # of a V-shaped schedule hosts both the embedding and its tied copy, whose requests
-        # would collide in one dict.
-        for i, (m, opt) in enumerate(zip(self.modules, self.optimizers)):
-            state = self._module_state(i)
-            ckpt.load(state, path, process_group=self.groups.active)
+        # would collide in one dict (the Source reads their bytes once for both).
+        source = ckpt.Source(path)
+        states = [self._module_state(i) for i in range(len(self.modules))]
+        source.load(states, process_group=self.groups.active)
+        for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
             set_state_dict(m, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=LOAD_OPTIONS)
-        saved = ckpt.read_train_state(path)
+        saved = source.read_json(ckpt.TRAIN_STATE)
         self.step = int(saved["step"])
         self.tokens_seen = int(saved["tokens"])
         # Checkpoints from before the position was recorded consumed step * global_batch.
@@ -375,7 +378,7 @@ class RankTrainer:
                         "continues from step %d, on other blocks than that run would have read",
                         path, saved.get("order", "not recorded"), self._order_id(), self.step)
         same_layout = saved.get("layout") == self.layout()
-        rng = ckpt.read_rng_state(path, dist.get_rank()) if same_layout else None
+        rng = source.rng_state(dist.get_rank()) if same_layout else None
         if rng is not None:
             ckpt.restore_rng_state(rng)
         else:
@@ -383,6 +386,7 @@ class RankTrainer:
             # the step (the weights and data continue exactly; with dropout 0 nothing differs).
             torch.manual_seed(self.spec.train.seed + 1 + self.pm.coords.dp + 7919 * self.step)
         self.prefetch()  # from the restored position
+        self.load_stats = source.stats
         return saved
 
     def _source_draws(self) -> Optional[list[int]]:
