@@ -224,10 +224,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         import ray
-        connect(address, spec.world_size)
+        connect(address, spec.world_size * spec.train.threads)
         use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
         check_capacity(spec, False, vocab, use_gpu)
-        place_on_nodes(plans, ray.nodes(), "GPU" if use_gpu else "CPU")
+        place_on_nodes(plans, ray.nodes(), "GPU" if use_gpu else "CPU",
+                       1 if use_gpu else spec.train.threads)
     else:
         check_local_memory(spec, vocab)
     print(format_plan(spec, plans, vocab))

@@ -1,7 +1,7 @@
 """The cluster: connect to Ray, check that a layout can ever run there (capacity, and a
 local machine's memory), and the ScalingConfig that Ray Train places the workers with.
 
-    is_local = connect(address, spec.world_size)
+    is_local = connect(address, spec.world_size * spec.train.threads)
     check_capacity(spec, is_local, vocab_size, use_gpu)
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
     return plan(spec, vocab_size).total_bytes(per_worker=WORKER_BASE_BYTES)
 
 
-def connect(address: Optional[str], workers: int) -> bool:
-    """Join the cluster at address / $RAY_ADDRESS, else start a local Ray that can place
-    `workers` one-CPU workers. Returns is_local."""
+def connect(address: Optional[str], cpus: int) -> bool:
+    """Join the cluster at address / $RAY_ADDRESS, else start a local Ray with at least
+    `cpus` logical CPUs (the workers' train.threads each). Returns is_local."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return False
@@ -57,13 +57,13 @@ def connect(address: Optional[str], workers: int) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
         return False
-    # A laptop gets one logical CPU per worker even with fewer cores: workers run one
-    # torch thread each and time-share the cores, which is slower but exact.
+    # A laptop gets a logical CPU per worker thread even with fewer cores: the workers
+    # time-share the cores, which is slower but exact.
     # address="local": always a fresh instance, never a `ray start` cluster that happens to
     # run on this machine (that one is reached with --address / RAY_ADDRESS).
     check_home_writable()
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), **common)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), **common)
     except OSError as e:  # a file Ray writes while starting (its session folder, a token)
         where = f"cannot write {e.filename}" if e.filename else "cannot start"
         raise ConfigError(f"local Ray: {where} ({e.strerror or e}); make HOME and the "
@@ -100,27 +100,34 @@ def check_home_writable() -> None:
 
 
 def check_capacity(spec: RunSpec, is_local: bool, vocab_size: int, use_gpu: bool) -> None:
-    """Refuse a layout the cluster can never hold, instead of waiting for it forever."""
-    resource = "GPU" if use_gpu else "CPU"
-    have = int(ray.cluster_resources().get(resource, 0))
+    """Refuse a layout the cluster can never hold, instead of waiting for it forever. A
+    worker takes one GPU (GPU clusters) and train.threads CPUs (scaling_config)."""
+    per = worker_resources(spec, use_gpu)
+    have = ray.cluster_resources()
+    fit = min(int(have.get(r, 0)) // n for r, n in per.items())
+    short = next((r for r, n in per.items() if int(have.get(r, 0)) // n == fit), "CPU")
+
+    def need(workers: int) -> str:
+        n = workers * per[short]
+        threads = f" ({per[short]} per worker: train.threads)" if per[short] > 1 else ""
+        return f"{n} {short}s{threads} but the cluster has {int(have.get(short, 0))}"
+
     waits = not is_local and spec.parallel.autoscale
     if spec.parallel.elastic.enabled:
-        need = spec.min_dp * spec.replica_size
-        if have < need and not waits:
+        least = spec.min_dp * spec.replica_size
+        if fit < least and not waits:
             raise ConfigError(
                 f"parallel.elastic.min_replicas: {spec.min_dp} replicas of pp*tp = "
-                f"{spec.replica_size} workers need {need} {resource}s but the cluster has "
-                f"{have}; lower it, add nodes, or set parallel.autoscale=true on an "
-                f"autoscaling cluster")
-        if have < spec.world_size:
+                f"{spec.replica_size} workers need {need(least)}; lower it, add nodes, or "
+                f"set parallel.autoscale=true on an autoscaling cluster")
+        if fit < spec.world_size:
             log.info("elastic: the cluster holds %d of the %d workers of %d replicas now; "
-                     "training starts with dp=%d and grows as nodes join", have,
-                     spec.world_size, spec.max_dp, max(choose_dp(spec, have), spec.min_dp))
-    elif have < spec.world_size and not waits:
-        need = spec.world_size
+                     "training starts with dp=%d and grows as nodes join", fit,
+                     spec.world_size, spec.max_dp, max(choose_dp(spec, fit), spec.min_dp))
+    elif fit < spec.world_size and not waits:
         raise ConfigError(
-            f"parallel: dp*pp*tp = {need} workers need {need} {resource}s but the cluster "
-            f"has {have}; add nodes, or set parallel.autoscale=true on an autoscaling cluster")
+            f"parallel: dp*pp*tp = {spec.world_size} workers need {need(spec.world_size)}; "
+            f"add nodes, or set parallel.autoscale=true on an autoscaling cluster")
     if is_local:
         check_local_memory(spec, vocab_size)
 
@@ -136,14 +143,23 @@ def check_local_memory(spec: RunSpec, vocab_size: int) -> None:
             f"or the model size")
 
 
+def worker_resources(spec: RunSpec, use_gpu: bool) -> dict[str, int]:
+    """What Ray reserves for one worker: the CPUs its torch threads use (train.threads), so
+    Ray never places more threads on a node than it has CPUs, and one GPU on a GPU cluster."""
+    return {"CPU": spec.train.threads, **({"GPU": 1} if use_gpu else {})}
+
+
 def scaling_config(spec: RunSpec, use_gpu: bool) -> ScalingConfig:
     """Ray Train's ScalingConfig: dp*pp*tp workers, or for an elastic run a range of whole
     replicas. Ray Train starts as many workers in the range as the cluster holds, restarts
     the group with fewer when a node is lost, and with more when it checks (every
     resize_interval_s) and finds room; every worker group resolves its dp from its size."""
     e = spec.parallel.elastic
+    resources = worker_resources(spec, use_gpu)
     if not e.enabled:
-        return ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu)
+        return ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu,
+                             resources_per_worker=resources)
     r = spec.replica_size
     return ScalingConfig(num_workers=(e.min_replicas * r, e.max_replicas * r), use_gpu=use_gpu,
+                         resources_per_worker=resources,
                          elastic_resize_monitor_interval_s=e.resize_interval_s)

@@ -5,7 +5,7 @@ and how much memory each rank needs (raypar/parallel/footprint.py computes it).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from raypar.config import RunSpec
 from raypar.parallel.footprint import RankPlan
@@ -16,16 +16,46 @@ MAX_ROWS = 64
 
 
 def place_on_nodes(plans: Sequence[RankPlan], nodes: list[dict[str, Any]],
-                   resource: str) -> None:
+                   resource: str, per_worker: int = 1) -> None:
     """Ray Train's PACK strategy fills nodes in order: mirror it to say where ranks land
-    (Ray may choose another node order; the grouping of neighbours is what holds)."""
+    (Ray may choose another node order; the grouping of neighbours is what holds). Each
+    worker takes `per_worker` of `resource` (train.threads CPUs on a CPU cluster)."""
     slots = []
     for node in nodes:
         if node.get("Alive"):
-            slots += [node["NodeManagerAddress"]] * int(node["Resources"].get(resource, 0))
+            fit = int(node["Resources"].get(resource, 0)) // max(per_worker, 1)
+            slots += [node["NodeManagerAddress"]] * fit
     # By index: the cluster's slots bound the work, however large the world is.
     for rank, node in enumerate(slots[:len(plans)]):
         plans[rank].node = node
+
+
+def tp_groups_across_nodes(ranks: Iterable[tuple[int, int, int, Optional[str]]]) -> list[str]:
+    """One line per tensor-parallel group whose ranks Ray placed on more than one node:
+    their all-reduces (every layer, forward and backward) then cross the network. ranks:
+    (rank, dp, pp, node) of every rank; a group is the ranks of one (dp, pp)."""
+    groups: dict[tuple[int, int], list[tuple[int, Optional[str]]]] = {}
+    for rank, dp, pp, node in ranks:
+        groups.setdefault((dp, pp), []).append((rank, node))
+    lines = []
+    for members in groups.values():
+        nodes = sorted({node for _, node in members if node})
+        if len(nodes) > 1:
+            ids = sorted(rank for rank, _ in members)
+            lines.append(f"tensor-parallel group of ranks {ids[0]}-{ids[-1]} spans nodes "
+                         f"{', '.join(nodes)}: its all-reduces cross the network; give each "
+                         f"node a multiple of parallel.tp workers")
+    return lines
+
+
+def _placed(plans: Sequence[RankPlan], world: int) -> Iterator[tuple[int, int, int, str]]:
+    """(rank, dp, pp, node) of the ranks place_on_nodes placed: a prefix of the ranks, as
+    long as the cluster's slots (so a huge world is not walked rank by rank)."""
+    for i in range(world):
+        r = plans[i]
+        if not r.node:
+            return
+        yield r.rank, r.dp, r.pp, r.node
 
 
 def _mib(n: int) -> str:
@@ -53,6 +83,8 @@ def format_plan(spec: RunSpec, plans: Sequence[RankPlan], vocab_size: int) -> st
     lines += [_row(plans[rank]) for rank in range(shown)]
     if shown < world:
         lines += _summary(plans, shown, replica, p.dp)
+    if p.tp > 1:
+        lines += ["warning: " + w for w in tp_groups_across_nodes(_placed(plans, world))]
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from raypar.parallel.footprint import _in_flight, activation_bytes, plan
 from raypar.parallel.mesh import coords_of
 from raypar.parallel.stages import build_stage_modules, stage_layout, stage_sizes
 from raypar.parallel.tensor import tp_shard_dim
-from raypar.plan import MAX_ROWS, format_plan
+from raypar.plan import MAX_ROWS, format_plan, place_on_nodes
 
 VOCAB = 320
 
@@ -345,3 +345,36 @@ def test_plan_of_a_large_world_prints_a_short_table(free_memory):
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) < 12
     assert "dp replicas 1..199999 (ranks 4..799999)" in proc.stdout
+
+
+def _nodes(*cpus):
+    return [{"Alive": True, "NodeManagerAddress": f"10.0.0.{i + 1}", "Resources": {"CPU": c}}
+            for i, c in enumerate(cpus)]
+
+
+def test_plan_places_threads_per_worker_and_warns_of_a_tp_group_across_nodes():
+    # 2 replicas x pp 1 x tp 2 = 4 workers of 2 threads; nodes of 6 and 8 CPUs hold 3 + 4
+    # workers: ranks 0-2 on the first, so tp group 2-3 spans both nodes.
+    spec = load_spec(None, ["parallel.dp=2", "parallel.pp=1", "parallel.tp=2",
+                            "train.threads=2", "train.global_batch=8"])
+    plans = plan(spec, VOCAB)
+    place_on_nodes(plans, _nodes(6, 8), "CPU", spec.train.threads)
+    assert [plans[r].node for r in range(4)] == ["10.0.0.1"] * 3 + ["10.0.0.2"]
+    text = format_plan(spec, plans, VOCAB)
+    assert text.splitlines()[-1] == (
+        "warning: tensor-parallel group of ranks 2-3 spans nodes 10.0.0.1, 10.0.0.2: its "
+        "all-reduces cross the network; give each node a multiple of parallel.tp workers")
+    # Whole groups per node: nothing to say.
+    plans = plan(spec, VOCAB)
+    place_on_nodes(plans, _nodes(4, 4), "CPU", spec.train.threads)
+    assert "warning" not in format_plan(spec, plans, VOCAB)
+
+
+def test_workers_reserve_their_threads_with_ray():
+    from raypar.cluster import scaling_config
+    spec = load_spec(None, ["train.threads=3"])
+    assert scaling_config(spec, False).resources_per_worker == {"CPU": 3}
+    assert scaling_config(spec, True).resources_per_worker == {"CPU": 3, "GPU": 1}
+    elastic = load_spec(None, ["train.threads=2",
+                               "parallel.elastic={min_replicas: 1, max_replicas: 2}"])
+    assert scaling_config(elastic, False).resources_per_worker == {"CPU": 2}

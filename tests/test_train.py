@@ -93,4 +93,9 @@ def test_more_workers_than_the_cluster_holds_fails_fast(ray_local, small_corpus,
                                           r"but the cluster has 8"):
         run(spec, tmp_path / "big", progress=False)
     assert not (tmp_path / "big").exists()
+    # Each worker reserves its torch threads: 4 workers of 3 threads do not fit 8 CPUs.
+    spec = tiny(small_corpus, cache_dir, "parallel.dp=4", "train.threads=3")
+    with pytest.raises(ConfigError, match=r"^parallel: dp\*pp\*tp = 4 workers need 12 CPUs "
+                                          r"\(3 per worker: train.threads\) but the cluster has 8"):
+        run(spec, tmp_path / "threads", progress=False)
 

@@ -140,7 +140,7 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     """Connect to Ray, check the cluster can hold the layout, prepare the dataset, or each
     source of a mixture (Ray Data tasks write its shards; this process holds only the
     manifests). Returns (datasets, padded vocabulary size, use_gpu)."""
-    is_local = connect(address, spec.world_size)
+    is_local = connect(address, spec.world_size * spec.train.threads)
     guard.install()  # again: ray.init put a SIGTERM handler of its own in its place
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from raypar.config import RunSpec
 from raypar.parallel.timeline import pipeline_bubble, plot_timeline, theoretical_bubble
+from raypar.plan import tp_groups_across_nodes
 from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
 from raypar.train.records import (TIMELINE_STEP, CheckpointEvent, LayoutEvent, Record,
@@ -157,6 +158,7 @@ class Follower:
         # Made when the first steps arrive: its rate (and ETA) then counts steps only, not
         # the start-up before them.
         self.bar: Optional[tqdm] = None
+        self.placement: Optional[int] = None  # ranks.json's mtime when last checked
 
     def follow(self, thread: threading.Thread, guard: "SignalGuard") -> None:
         """Until the started fit() thread ends."""
@@ -171,6 +173,8 @@ class Follower:
     def poll(self) -> None:
         if not self.started_up:
             self.started_up = self.startup.poll()
+        if self.spec.parallel.tp > 1:
+            self._check_placement()
         new, self.offset = self.rd.follow_metrics(self.offset)
         for event in (r for r in new if not isinstance(r, StepRow)):
             self.events.append(event)
@@ -188,6 +192,20 @@ class Follower:
                 self.bar.update(len(new))
             self.bar.set_postfix(loss=f"{new[-1].loss:.4f}",
                                  tok_s=f"{new[-1].tokens_per_s:.0f}")
+
+    def _check_placement(self) -> None:
+        """Warn (run.log and the console) about each tensor-parallel group that Ray placed
+        across nodes, once per worker group (each writes ranks.json anew)."""
+        try:
+            stamp = self.rd.ranks.stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp == self.placement:
+            return
+        self.placement = stamp
+        for line in tp_groups_across_nodes((r.rank, r.dp, r.pp, r.node_ip)
+                                           for r in self.rd.read_ranks() or []):
+            log.warning(line)
 
     def close(self) -> None:
         if self.bar is not None:
