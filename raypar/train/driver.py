@@ -346,7 +346,11 @@ def _run_config(spec: RunSpec, rd: RunDir, storage: str, name: str,
     # registered checkpoints (its checkpoint_manager_snapshot.json): that is --resume.
     return RunConfig(
         name=name, storage_path=storage,
-        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        # A node Ray drains for preemption (with notice: raypar saves at once) is charged to
+        # Ray Train's own preemption budget, never to checkpoint.max_failures; there is no
+        # limit to how often a spot cluster may reclaim nodes.
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures,
+                                     max_preemption_failures=-1),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
         callbacks=[MetricsSink(str(rd.path.resolve()), t_start,
                                elastic=spec.parallel.elastic.enabled)])

@@ -319,7 +319,9 @@ class Merger:
         if self.recovery is not None:  # failed again before any new step
             out.append(self.recovery)
         if self.failed_at is not None:
-            cause = "preemption" if "received SIGTERM" in self.failure else "failure"
+            preempted = "received SIGTERM" in self.failure or self.failure.startswith(
+                "node preempted")
+            cause = "preemption" if preempted else "failure"
             since = self.failed_at
         elif first:
             cause, since = "resume", self.started

@@ -13,6 +13,18 @@ from raypar.train.records import Merger, WorkerReport
 from raypar.train.rundir import RunDir
 
 
+# How a worker death on a node Ray drained for preemption (a spot reclaim through the
+# autoscaler, `ray drain-node --reason=DRAIN_NODE_REASON_PREEMPTION`) starts its message.
+PREEMPTED = "node preempted"
+
+
+def _preempted(error: BaseException) -> bool:
+    """Whether Ray says this worker died with a preempted node: the RayActorError (inside
+    Ray Train's health-check error) carries the flag Ray Train's failure policy reads."""
+    inner = getattr(error, "health_check_failure", None) or error
+    return bool(getattr(inner, "preempted", False))
+
+
 class MetricsSink(ray.train.UserCallback):
     """Runs in the Ray Train controller, which Ray pins to the driver's node: merges rank
     0's every report into metrics.jsonl, the run's record of truth (records.Merger decides
@@ -28,6 +40,9 @@ class MetricsSink(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions):
         first = next(iter(worker_exceptions.values()), None)
         message = str(first).strip() or type(first).__name__
+        if any(_preempted(e) for e in worker_exceptions.values()):
+            # Ray Train charges it to FailureConfig.max_preemption_failures, not max_failures.
+            message = f"{PREEMPTED}: {message}"
         if self.merger is None:
             self.failure = self.failure or (time.time(), message)
         else:
