@@ -84,6 +84,13 @@ def test_end_to_end_tiny(ray_local, small_corpus, cache_dir, tmp_path, capsys):
     assert {"config.yaml", "loss.png"} <= artifacts
     runs = client.search_runs([mrun.info.experiment_id])
     assert len(runs) == 1                                     # exactly one MLflow run
+    # Each rank's peak resident memory once built, after its first step and at the end of
+    # the run: in ranks.json and in MLflow.
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert 0 < r["rss_init_bytes"] <= r["rss_peak_bytes"] <= r["rss_end_bytes"], r
+        assert mrun.data.metrics[f"memory.rank{r['rank']}.rss_end_bytes"] == r["rss_end_bytes"]
 
 
 def test_more_workers_than_the_cluster_holds_fails_fast(ray_local, small_corpus, cache_dir,

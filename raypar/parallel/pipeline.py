@@ -2,7 +2,7 @@
 
     ids     = stage_ids(pp_rank, pp, virtual, schedule)               # global stages of this rank
     modules = build_stage_modules(model, pp_rank, pp, virtual, schedule)
-    ... tensor parallel, then DDP / FSDP2, on each module ...
+    ... tensor parallel, then replicate / FSDP2, on each module ...
     pipe    = Pipeline(modules, ids, pp * virtual, pp_group, device, schedule,
                        n_microbatches, lm_loss, loss_context=...)
     loss    = pipe.step(inputs, targets)        # forward + backward of every micro-batch
@@ -27,10 +27,11 @@ it is an interleaved GPipe, dominated by interleaved_1f1b) and CSV-loaded custom
 
 Limits of the split backward, from torch's implementation rather than from gloo:
 - torch computes the W part with `torch.autograd.grad` and writes `.grad` itself, so
-  DDP's reducer, which hooks autograd's gradient accumulation, never averages those
-  gradients over dp (seen with dp=2 x pp=2 on gloo: wrong gradients). A DDP-wrapped stage
-  module is therefore refused with the zero-bubble schedules; FSDP2 works (the
-  schedule reduces it explicitly), and so does a gradient all-reduce after the step.
+  torch's `DistributedDataParallel`, whose reducer hooks autograd's gradient
+  accumulation, would never average those gradients over dp (seen with dp=2 x pp=2 on
+  gloo: wrong gradients); a DDP-wrapped stage module is refused with the zero-bubble
+  schedules. raypar's data parallelism is FSDP2's family (`replicate`, `fully_shard`),
+  which the schedule reduces explicitly after the last micro-batch.
 - torch refuses stage modules that use torch.compile with the zero-bubble schedules.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pipeline stages: cut the GPT into per-stage modules and keep tied embeddings in step.
 
     modules = build_stage_modules(model, pp_rank, pp, virtual, schedule)
-    ... tensor parallel, then DDP / FSDP2, on each module; run them with Pipeline ...
+    ... tensor parallel, then replicate / FSDP2, on each module; run them with Pipeline ...
     sync_tied_grads(modules, pp_group)          # after Pipeline.step, before clipping
 
 A stage is a copy of the whole model with the blocks it does not own deleted from

@@ -91,8 +91,9 @@ class Reporter:
         self.unconfirmed, self.last_sent = report.rows, time.perf_counter()
 
 
-def rank_info(trainer: RankTrainer) -> RankInfo:
-    """What the driver shows and logs per rank: placement, stages and memory."""
+def rank_info(trainer: RankTrainer, end: bool = False) -> RankInfo:
+    """What the driver shows and logs per rank: placement, stages and memory (with `end`,
+    sent again after the run's last step, also the peak memory of the whole run)."""
     c = trainer.pm.coords
     return RankInfo(
         rank=dist.get_rank(), dp=c.dp, pp=c.pp, tp=c.tp, stages=trainer.stage_indices,
@@ -102,7 +103,9 @@ def rank_info(trainer: RankTrainer) -> RankInfo:
         block_param_bytes=sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
                               for m in trainer.plain for n, p in m.named_parameters()
                               if n.startswith("layers.")),
-        rss_init_bytes=trainer.rss_init, rss_peak_bytes=peak_rss_bytes(),
+        rss_init_bytes=trainer.rss_init,
+        rss_peak_bytes=trainer.rss_first_step or peak_rss_bytes(),
+        rss_end_bytes=peak_rss_bytes() if end else None,
         **(trainer.memory or {}))
 
 
@@ -197,7 +200,10 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         pipe.record_timeline = True
     row = trainer.train_step()
     if not reporter.placed:  # after this worker group's first step, which measures memory
+        trainer.rss_first_step = peak_rss_bytes()
         reporter.next.rank_info, reporter.placed = rank_info(trainer), True
+    if trainer.step == trainer.spec.train.steps:  # the run's last step: its whole peak
+        reporter.next.rank_info = rank_info(trainer, end=True)
     if timeline:
         pipe.record_timeline = False
         reporter.next.timeline = Timeline(pipe.timeline, pipe.step_start, pipe.step_end)

@@ -175,6 +175,7 @@ class RankInfo(Record):
     cuda_max_allocated_bytes: Optional[int] = None
     rss_init_bytes: Optional[int] = None  # the process's peak resident memory once built
     rss_peak_bytes: Optional[int] = None  # ... and after its first step
+    rss_end_bytes: Optional[int] = None  # ... and after the run's last step
 
 
 # The step whose pipeline timeline is recorded: after the first, which pays one-off costs.

@@ -134,6 +134,7 @@ class RankTrainer:
         self.position = 0
         self.memory: dict[str, float] | None = None
         self.rss_init: Optional[int] = None  # peak RSS once built (the worker loop sets it)
+        self.rss_first_step: Optional[int] = None  # ... and after this group's first step
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
