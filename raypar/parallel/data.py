@@ -33,6 +33,7 @@ updates the fp32 master weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -63,20 +64,26 @@ def shard_data_parallel(model: nn.Module, pm: ParallelMesh, mode: str = "ddp",
         raise ValueError(f"unknown dp_mode {mode!r}")
     if pm.dp == 1:
         return model
-    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    root = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    # A block's inputs are left as they come: the hidden states are bf16 already (the root
+    # cast them, or the embedding made them), and the rotary tables must stay fp32, as
+    # apply_rope computes in fp32 (FSDP would otherwise round them to bf16).
+    block = {"mp_policy": dataclasses.replace(mp_policy, cast_forward_inputs=False)
+             } if mp_policy is not None else {}
+    blocks = list(getattr(model, "layers", {}).values())
     if mode == "ddp":
-        units = [*getattr(model, "layers", {}).values(), model]
-        for unit in units:
-            replicate(unit, mesh=pm.dp_mesh, **kwargs)
+        for unit in blocks:
+            replicate(unit, mesh=pm.dp_mesh, **block)
+        replicate(model, mesh=pm.dp_mesh, **root)
         return model
     mesh = pm.hsdp_mesh if mode == "hsdp" else pm.dp_mesh
     # Inside a pipeline each micro-batch runs forward separately; keeping the gathered
     # parameters between forward and backward avoids one all-gather per micro-batch (at
     # the cost of holding one stage's full parameters).
     reshard = pm.pp == 1
-    for block in getattr(model, "layers", {}).values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **kwargs)
+    for unit in blocks:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, **block)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **root)
     return model
 
 

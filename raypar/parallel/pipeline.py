@@ -139,7 +139,7 @@ class Pipeline:
     """Runs this pp rank's stage modules under one torch pipeline schedule.
 
     stage_modules / stage_indices: this rank's modules (as build_stage_modules made
-        them, possibly tensor-parallel and DDP / FSDP2 wrapped) and their global
+        them, possibly tensor-parallel and replicate / FSDP2 sharded) and their global
         indices (stage_ids); n_stages = pp * virtual.
     pp_group: the pipeline ProcessGroup, or the 1-D pp DeviceMesh (its group is used).
     loss_fn(logits, targets) -> scalar mean loss of one micro-batch (e.g. lm_loss).

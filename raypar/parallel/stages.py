@@ -191,8 +191,9 @@ def build_stage_modules(model: GPT, pp_rank: int, pp: int, virtual: int,
     deepcopy's memo), so a stage costs its own share of memory, not the whole model's.
     With tied embeddings the last stage's `lm_head.weight` becomes its own Parameter
     holding the same values as `tok_emb.weight` (no stage holds both); keep the copies
-    equal with `sync_tied_grads`, and don't call `init_weights` on a stage (it would
-    re-draw the copy independently). pp == 1 returns [model] itself.
+    equal with `sync_tied_grads`. `init_weights(seed)` on a stage gives the copy the
+    embedding's values (both are keyed by the embedding's name). pp == 1 returns
+    [model] itself.
     """
     ids = stage_ids(pp_rank, pp, virtual, schedule)
     if pp == 1:

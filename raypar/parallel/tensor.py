@@ -282,7 +282,7 @@ def _grad_like_param(param: torch.Tensor) -> None:
     vocab-sharded embedding backward; the slice to Shard(0) is local), and with
     sequence parallelism a norm weight's gradient comes out Partial (this
     all-reduces it). Matching layouts keep the optimizer state, gradient
-    accumulation and the dp all-reduce of local shards shaped like the shards.
+    accumulation and the gradient norm's sums shaped like the shards.
     """
     grad = param.grad
     if isinstance(grad, DTensor) and grad.placements != param.placements:

@@ -480,6 +480,8 @@ class Source:
         try:
             data = storage.read_bytes(storage.join(self.path, name))
         except OSError as e:
+            if not dcp_io.missing(e):
+                raise  # transient: see dcp_io.missing
             raise dcp_io.CorruptCheckpoint(f"{name} unreadable ({type(e).__name__})") from None
         self.stats.bytes += len(data)
         self.stats.reads += 1

@@ -297,6 +297,17 @@ class Reader(dcp.StorageReader):
         return self._whole[name]
 
 
+def missing(e: OSError) -> bool:
+    """Whether a storage error says the file is not there (a checkpoint whose files are
+    missing is incomplete: skipped for an older one). Any other error (a throttled or
+    dropped request, a full disk) is not the checkpoint's fault and is raised: the worker
+    group then restarts and reads it again, instead of skipping a good checkpoint."""
+    if isinstance(e, FileNotFoundError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("does not exist", "NoSuchKey", "Not Found", "HTTP 404"))
+
+
 class _LazyFile:
     """One checkpoint file, opened on its first read (items served from memory open none)."""
 
@@ -315,7 +326,9 @@ class _LazyFile:
         if self.f is None:
             try:
                 self.f = r.fs.open_input_file(f"{r.path}/{self.name}")
-            except (FileNotFoundError, OSError) as e:
+            except OSError as e:
+                if not missing(e):
+                    raise  # transient (a 503, a dropped connection): the group restarts
                 raise CorruptCheckpoint(f"{self.name} unreadable ({type(e).__name__})") from None
             r.stats.files.add(self.name)
         size = self.f.size()

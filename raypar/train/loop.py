@@ -121,7 +121,7 @@ def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[s
 
     Why the storage listing and not only `ray.train.get_checkpoint()`: Ray Train
     registers a checkpoint when its controller collects the report, up to one health
-    check after the upload; a worker that dies in between takes a complete, uploaded
+    check after the checkpoint is written; a worker that dies in between takes a complete
     checkpoint out of Ray's list. Such a checkpoint verifies, and it carries every
     metrics row the driver may not have had (train_state.json "rows"), so no row is lost."""
     skipped: list[list[str]] = []
@@ -328,7 +328,7 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
         if rank == 0:
             control.share_plan(1, True, groups)
         reporter.send(None, trainer.step, saver.take_timings())
-    # Every rank has uploaded its part of the last checkpoint before any of them exits.
+    # Every rank has written its part of the last checkpoint before any of them exits.
     control.barrier()
     if trainer.step < spec.train.steps and not flags.stop:  # (the driver's stop: return)
         if SIGTERM.is_set():

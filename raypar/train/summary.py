@@ -159,6 +159,7 @@ class Follower:
         # the start-up before them.
         self.bar: Optional[tqdm] = None
         self.placement: Optional[int] = None  # ranks.json's mtime when last checked
+        self.warned: set[str] = set()  # placement warnings already given
 
     def follow(self, thread: threading.Thread, guard: "SignalGuard") -> None:
         """Until the started fit() thread ends."""
@@ -195,7 +196,7 @@ class Follower:
 
     def _check_placement(self) -> None:
         """Warn (run.log and the console) about each tensor-parallel group that Ray placed
-        across nodes, once per worker group (each writes ranks.json anew)."""
+        across nodes, once per placement (each worker group writes ranks.json anew)."""
         try:
             stamp = self.rd.ranks.stat().st_mtime_ns
         except OSError:
@@ -205,7 +206,9 @@ class Follower:
         self.placement = stamp
         for line in tp_groups_across_nodes((r.rank, r.dp, r.pp, r.node_ip)
                                            for r in self.rd.read_ranks() or []):
-            log.warning(line)
+            if line not in self.warned:
+                self.warned.add(line)
+                log.warning(line)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -67,7 +67,7 @@ def _rename(state: dict[str, dict[str, Any]], src: str, dst: str) -> dict[str, d
 
 
 class RankTrainer:
-    """One rank's state: mesh, its stage modules (tensor-sharded, data-parallel wrapped),
+    """One rank's state: mesh, its stage modules (tensor-sharded, data-parallel),
     one optimizer per stage module, and its view of the data."""
 
     def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: BlockSource | np.ndarray,
@@ -357,7 +357,19 @@ class RankTrainer:
         # One DCP load per stage module (every rank hosts the same number of them): a rank
         # of a V-shaped schedule hosts both the embedding and its tied copy, whose requests
         # would collide in one dict (the Source reads their bytes once for both).
-        source = ckpt.Source(path)
+        # Every rank opens the checkpoint (its manifests and DCP's metadata) before any
+        # enters DCP's collectives: a rank that finds it corrupt tells the others here,
+        # rather than leave them waiting in a collective it never joins.
+        source, problem = None, None
+        try:
+            source = ckpt.Source(path)
+        except (ckpt.CorruptCheckpoint, ckpt.UnsafeCheckpoint) as e:
+            problem = str(e)  # a forged one (safe_dcp) is skipped like a corrupt one
+        problems: list[Optional[str]] = [None] * self.groups.n_active
+        dist.all_gather_object(problems, problem, group=self.groups.active)
+        problem = next((p for p in problems if p), None)
+        if problem is not None:
+            raise ckpt.CorruptCheckpoint(problem)
         states = [self._module_state(i) for i in range(len(self.modules))]
         source.load(states, process_group=self.groups.active)
         for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
