@@ -4,8 +4,9 @@
     raypar train --config jobs/configs/tiny.yaml --set train.steps=50 --run-dir runs/t
     raypar generate --run-dir runs/t --prompt "def main(" --max-new-tokens 200
     raypar train --resume runs/t --set train.steps=100  # continue (any layout) from its checkpoint
-    raypar export runs/t                           # -> runs/t/export/model.safetensors
-    raypar generate --checkpoint runs/t/export/model.safetensors --prompt "def "
+    raypar export runs/t                           # -> runs/t/export/ (transformers loads it)
+    raypar export runs/t --format raypar           # -> runs/t/export.safetensors
+    raypar generate --checkpoint runs/t/export.safetensors --prompt "def "
     raypar bench --quick --out runs/bench               # raypar vs bare PyTorch and torchrun
     raypar prepare --set data.path=corpus/ --set data.dataset_dir=s3://bucket/ds  # token shards
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from raypar.config import ConfigError, load_spec
-from raypar.train.rundir import EXPORT, RunDir
+from raypar.train.rundir import EXPORT_RAYPAR, RunDir
 
 # Each command imports what pulls in torch or ray (seconds) inside its function, so
 # that `--help` and a config error print in a fraction of a second.
@@ -55,9 +56,9 @@ def _train_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("--run-dir", help="a run directory: its newest valid checkpoint is used (else "
-                   "its export/model.safetensors); with --checkpoint, the two must match")
-    p.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported "
-                   ".safetensors file")
+                   f"its {EXPORT_RAYPAR}); with --checkpoint, the two must match")
+    p.add_argument("--checkpoint", help="a checkpoint directory (step_*) or a file written by "
+                   "`raypar export --format raypar`")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -66,11 +67,17 @@ def _generate_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="consolidate a checkpoint into one model.safetensors")
+    p = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model "
+                       "directory (transformers loads it), or one raypar safetensors file")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest valid one "
                    "under RUN_DIR)")
-    p.add_argument("--out", help="output file (default: RUN_DIR/export/model.safetensors)")
+    p.add_argument("--format", choices=("hf", "raypar"), default="hf", help="hf (default): "
+                   "config.json, model.safetensors and tokenizer files for transformers' "
+                   "AutoModelForCausalLM / AutoTokenizer; raypar: one file with raypar's "
+                   "names and config, which `raypar generate --checkpoint` reads")
+    p.add_argument("--out", help="output directory (hf; default: RUN_DIR/export) or file "
+                   f"(raypar; default: RUN_DIR/{EXPORT_RAYPAR})")
 
 
 def _plan_parser(sub) -> None:
@@ -193,13 +200,22 @@ def _generation_source(args: argparse.Namespace):
     if source is None:
         source = ckpt.latest_valid(run_dir, ex.log)
         if source is None:
-            exported = RunDir(run_dir).export
-            if not exported.is_file():
+            rd = RunDir(run_dir)
+            # export/model.safetensors was the raypar file before exports became HF folders
+            # (a HF export's model.safetensors beside its config.json is not one).
+            found = [p for p in (rd.export_raypar, rd.export_legacy) if p.is_file()
+                     and not (p.parent / "config.json").is_file()]
+            if not found:
                 raise ConfigError(f"--run-dir: no checkpoint that verifies under {run_dir} "
-                                  f"(and no {EXPORT})")
-            source = exported
+                                  f"(and no {EXPORT_RAYPAR})")
+            source = found[0]
     elif not Path(source).exists():
         raise ConfigError(f"--checkpoint: no such file or directory: {source}")
+    if Path(source).is_dir() and (Path(source) / "config.json").is_file() \
+            and not (Path(source) / ckpt.META).is_file():
+        raise ConfigError(f"--checkpoint: {source} is a Hugging Face export, which transformers "
+                          f"loads (AutoModelForCausalLM.from_pretrained); raypar generate reads "
+                          f"a checkpoint or `raypar export --format raypar`'s file")
     if Path(source).is_file():
         model, meta = ex.load_exported(source)
     else:
@@ -262,8 +278,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"RUN_DIR: no such directory: {args.run_dir}")
-    out = export(args.run_dir, args.checkpoint, args.out)
-    print(f"exported: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    out = export(args.run_dir, args.checkpoint, args.out, format=args.format)
+    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    print(f"exported: {out} ({size / 2**20:.1f} MiB)")
     return 0
 
 

@@ -1,7 +1,12 @@
-"""Export a trained model to one safetensors file, and load it back for generation.
+"""Export a trained model for transformers, or to one raypar safetensors file, and load
+the latter back for generation.
 
-    path = export("runs/t")                       # newest valid checkpoint -> runs/t/export/model.safetensors
+    export("runs/t")                              # newest valid checkpoint -> runs/t/export/ (HF)
+    path = export("runs/t", format="raypar")      # -> runs/t/export.safetensors
     model, meta = load_exported(path)             # GPT in eval mode; meta["tokenizer"] is its JSON
+
+The Hugging Face directory (raypar/hf_export.py) is what AutoModelForCausalLM and
+AutoTokenizer load. The rest of this page is about the raypar-native file.
 
 The checkpoint may have been saved by any layout (dp, tp, pp, FSDP): DCP
 reshards by global parameter names, so loading it into a plain full GPT in one
@@ -30,6 +35,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from raypar.config import ConfigError, load_spec, model_config
 from raypar.data.tokenizer import Tokenizer, padded_vocab, parse_tokenizer
+from raypar.hf_export import (MAX_SHARD_BYTES, check_exportable, check_out_dir, give_usual_mode,
+                              write_hf)
 from raypar.model import GPT, GPTConfig
 from raypar.train import checkpoint as ckpt
 from raypar.train import storage
@@ -167,6 +174,7 @@ def save_safetensors(model: GPT, meta: dict[str, Any], out: PathLike,
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        give_usual_mode(tmp)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk its own way
         tmp.unlink(missing_ok=True)
@@ -188,29 +196,50 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out: cannot write {out} ({e.strerror or type(e).__name__})") from None
 
 
+FORMATS = ("hf", "raypar")
+
+
 def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
-           out: Optional[PathLike] = None) -> Path:
-    """Consolidate a checkpoint into one safetensors file; returns its path.
+           out: Optional[PathLike] = None, format: str = "hf",
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Consolidate a checkpoint into a Hugging Face directory (format "hf") or one raypar
+    safetensors file (format "raypar"); returns its path.
 
     The checkpoint is `checkpoint`, else the newest valid one under run_dir. When
     run_dir holds the run's config.yaml, the checkpoint must match it
-    (ConfigError naming the fields otherwise). out defaults to
-    run_dir/export/model.safetensors.
+    (ConfigError naming the fields otherwise). out defaults to run_dir/export/ (hf) or
+    run_dir/export.safetensors (raypar). The hf weights are split into files of at most
+    max_shard_bytes, with an index, when they are larger.
     """
+    if format not in FORMATS:
+        raise ConfigError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
     path = find_checkpoint(run_dir, checkpoint)
     if out is None:
         if run_dir is None or storage.is_uri(run_dir):
             raise ConfigError("--out: needed when there is no local run directory")
-        out = RunDir(run_dir).export
+        out = RunDir(run_dir).export if format == "hf" else RunDir(run_dir).export_raypar
     out = Path(out)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
-        check_out(out)  # before the consolidation's work
+        # Before the consolidation's work: where it goes, and (hf) that the model maps.
+        if format == "hf":
+            check_out_dir(out)
+            try:
+                saved_model = ckpt.read_meta(path).get("model") or {}
+            except (OSError, ValueError):
+                saved_model = {}  # consolidate names the unreadable meta.json
+            check_model_config(saved_model, f"{path}/meta.json")
+            check_exportable(saved_model)
+        else:
+            check_out(out)
         if run_dir is not None and not storage.is_uri(run_dir):
             expected = run_model_config(run_dir)
             if expected is not None:
                 ckpt.check_compatible(ckpt.read_meta(path), expected)
         model, meta = consolidate(path)
+        if format == "hf":
+            tok = parse_tokenizer(meta.get("tokenizer") or "", f"{path}/meta.json: its tokenizer")
+            return write_hf(model, tok, out, max_shard_bytes)
         train_state = ckpt.read_train_state(path)
         return save_safetensors(model, meta, out, train_state, source=str(path))
     except BaseException:

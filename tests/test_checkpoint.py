@@ -380,8 +380,8 @@ def test_two_rank_checkpoint_verifies_and_reshards_to_one_process(two_rank_run, 
 
 
 def test_export_then_generate(two_rank_run, tmp_path, capsys):
-    out = ex.export(two_rank_run)
-    assert out == two_rank_run / "export" / "model.safetensors"
+    out = ex.export(two_rank_run, format="raypar")
+    assert out == two_rank_run / "export.safetensors"
     model, meta = ex.load_exported(out)
     reference = reference_model(seed=0)
     assert_same_weights(model, reference)
@@ -400,7 +400,7 @@ def test_export_then_generate(two_rank_run, tmp_path, capsys):
 
     # Through the CLI, with --out.
     other = tmp_path / "m.safetensors"
-    assert cli.main(["export", str(two_rank_run), "--out", str(other)]) == 0
+    assert cli.main(["export", str(two_rank_run), "--format", "raypar", "--out", str(other)]) == 0
     assert str(other) in capsys.readouterr().out
     assert_same_weights(ex.load_exported(other)[0], reference)
 
@@ -475,7 +475,8 @@ def test_forged_metadata_is_refused_in_generate_and_export(tmp_path, capsys):
     assert cli.main(["generate", "--run-dir", str(tmp_path), "--max-new-tokens", "2"]) == 2
     _one_line_error(capsys, ".metadata refused", "os")
     new_dir = tmp_path / "new" / "sub"
-    assert cli.main(["export", str(tmp_path), "--out", str(new_dir / "m.safetensors")]) == 2
+    assert cli.main(["export", str(tmp_path), "--format", "raypar",
+                     "--out", str(new_dir / "m.safetensors")]) == 2
     _one_line_error(capsys, str(folder), ".metadata refused")
     assert not (tmp_path / "new").exists(), "a failed export leaves no directories behind"
     with pytest.raises(ConfigError, match=r"\.metadata refused"):
@@ -520,7 +521,7 @@ def test_export_out_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pa
     a_dir = tmp_path / "a-dir"
     a_dir.mkdir()
     for out in (blocker / "m.safetensors", a_dir, Path("/proc/raypar/m.safetensors")):
-        assert cli.main(["export", str(tmp_path), "--out", str(out)]) == 2
+        assert cli.main(["export", str(tmp_path), "--format", "raypar", "--out", str(out)]) == 2
         _one_line_error(capsys, "--out", str(out))
     assert list(a_dir.iterdir()) == [] and blocker.read_text() == "x"
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.probe"))

@@ -18,10 +18,13 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from raypar import cli
+from raypar import export as ex
 from raypar.config import load_spec
+from raypar.data.tokenizer import Tokenizer
 from raypar.train import checkpoint as ckpt
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
@@ -369,12 +372,27 @@ def test_resume_refuses_another_model_and_finished_runs(killed_pp_run, tmp_path,
 
 def test_export_and_generate_from_a_pipeline_checkpoint(killed_pp_run, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
-    assert cli.main(["export", str(killed_pp_run), "--out", str(out)]) == 0
+    assert cli.main(["export", str(killed_pp_run), "--format", "raypar", "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith("exported: ")
     assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "def ",
                      "--max-new-tokens", "20", "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("def ") and len(text.rstrip("\n")) > len("def "), text
+
+    # The same trained dp2 x pp2 model and its bpe tokenizer, through transformers.
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    assert cli.main(["export", str(killed_pp_run), "--out", str(hf_dir)]) == 0
+    model, meta = ex.load_exported(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours = Tokenizer.from_json(meta["tokenizer"])
+    ids = tok("def main():")["input_ids"]
+    assert ids == ours.encode("def main():") and tok.eos_token_id == ours.eot_id
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits,
+                                   model(torch.tensor([ids]))[..., :ours.vocab_size],
+                                   atol=1e-5, rtol=0)
 
 
 def test_unwritable_storage_is_refused_before_training(small_corpus, cache_dir, tmp_path,

@@ -5,7 +5,10 @@
 
 Every tokenizer serialises to one JSON string, so it travels to Ray Data tasks
 as plain data, is stored in a prepared dataset's manifest, and its hash is part of the
-dataset's key.
+dataset's key. That string is a Hugging Face `tokenizer.json` for every kind (the byte
+tokenizer is written as a byte-level BPE without merges whose ids are the bytes), so
+`tokenizers.Tokenizer.from_file` and transformers' `PreTrainedTokenizerFast` read what
+raypar writes; the byte tokenizer's older `{"raypar_tokenizer": "byte"}` form still reads.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -32,6 +36,49 @@ EOT = "<|endoftext|>"
 # Tokenizers from elsewhere name their end-of-text token differently; the first found wins.
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 _BYTE_KIND = "byte"
+# What the byte tokenizer was saved as before it became a HF tokenizer.json. Its sha256
+# stays the byte tokenizer's digest, so the datasets and caches keyed by it before keep
+# their keys, and an old and a new byte tokenizer compare as the same one.
+_LEGACY_BYTE_JSON = json.dumps({"raypar_tokenizer": _BYTE_KIND, "vocab_size": 257, "eot_id": 256})
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The printable character HF's ByteLevel pre-tokenizer stands each byte for (GPT-2's
+    table): printable Latin-1 bytes are themselves, the others take code points from 256 up
+    in byte order."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_hf() -> HFTokenizer:
+    """The byte tokenizer as a HF tokenizer: ByteLevel turns the text's UTF-8 bytes into one
+    symbol each (no regex split, no prefix space), a BPE without merges maps symbol b to id
+    b, and the end-of-text token is the special id 256. Its ids equal the byte kind's for any
+    text that does not spell the end-of-text token itself (raypar's byte encoder reads that
+    as bytes: tokenizer_config.json's split_special_tokens does the same in transformers)."""
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return hf
+
+
+_BYTE_HF_JSON: Optional[str] = None
+
+
+def _byte_hf_json() -> str:
+    global _BYTE_HF_JSON
+    if _BYTE_HF_JSON is None:
+        _BYTE_HF_JSON = _byte_hf().to_str()
+    return _BYTE_HF_JSON
 
 
 class Tokenizer:
@@ -54,6 +101,15 @@ class Tokenizer:
     def hf(self) -> Optional[HFTokenizer]:
         """The wrapped HF tokenizers.Tokenizer (None for the byte-level one)."""
         return self._hf
+
+    def to_hf(self) -> HFTokenizer:
+        """A HF tokenizers.Tokenizer with this one's ids, for every kind (a new object)."""
+        return _byte_hf() if self._hf is None else HFTokenizer.from_str(self._hf.to_str())
+
+    @property
+    def eot_token(self) -> str:
+        """The end-of-text token's text (what HF calls the eos token)."""
+        return EOT if self._hf is None else self._hf.id_to_token(self.eot_id)
 
     def encode(self, text: str) -> list[int]:
         if self._hf is None:
@@ -94,20 +150,23 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def to_json(self) -> str:
-        if self._hf is None:
-            return json.dumps({"raypar_tokenizer": _BYTE_KIND, "vocab_size": 257, "eot_id": 256})
-        return self._hf.to_str()
+        """A HF tokenizer.json (for every kind)."""
+        return _byte_hf_json() if self._hf is None else self._hf.to_str()
 
     @classmethod
     def from_json(cls, text: str, where: str = "data.tokenizer: the tokenizer") -> "Tokenizer":
         """Parse to_json's output or a HF tokenizer.json; `where` names the source in the
         ConfigError for a tokenizer without an end-of-text token."""
         head = text.lstrip()[:200]
-        if '"raypar_tokenizer"' in head:
+        if '"raypar_tokenizer"' in head:  # the byte tokenizer's older form
             obj = json.loads(text)
             if isinstance(obj, dict) and obj.get("raypar_tokenizer") == _BYTE_KIND:
                 return cls()
         hf = HFTokenizer.from_str(text)
+        # The byte tokenizer's own file (re-serialised, so spacing and key order do not
+        # matter) is the byte kind again: its encoder needs no HF pass.
+        if hf.get_vocab_size(with_added_tokens=True) == 257 and hf.to_str() == _byte_hf_json():
+            return cls()
         return cls(hf, _find_eot(hf, where))
 
     def save(self, path: str | Path) -> None:
@@ -119,8 +178,10 @@ class Tokenizer:
 
     @property
     def digest(self) -> str:
-        """sha256 of the serialised tokenizer: its identity in cache keys."""
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        """sha256 of the serialised tokenizer: its identity in cache keys, and what says two
+        tokenizers are the same one (the byte kind keeps its older form's)."""
+        text = _LEGACY_BYTE_JSON if self._hf is None else self.to_json()
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"

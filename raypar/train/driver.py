@@ -31,7 +31,7 @@ from raypar.data import mixture
 from raypar.data.corpus import is_uri
 from raypar.data.pipeline import default_cache_dir
 from raypar.data.prepare import PreparedDataset, console_progress
-from raypar.data.tokenizer import expected_vocab, padded_vocab
+from raypar.data.tokenizer import Tokenizer, expected_vocab, padded_vocab, parse_tokenizer
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
@@ -70,7 +70,10 @@ def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size
                     tokenizer_json: str) -> None:
     """--resume: the same tokenizer and model as the checkpoints, steps left to train, and
     the rows of steps this run trains again on another course moved aside."""
-    if rd.tokenizer.exists() and json.loads(rd.tokenizer.read_text()) != json.loads(tokenizer_json):
+    # Compared by digest, not by text: a run saved with the byte tokenizer's older JSON
+    # resumes with a config that builds the byte tokenizer (now a HF tokenizer.json).
+    if rd.tokenizer.exists() and parse_tokenizer(rd.tokenizer.read_text(), str(rd.tokenizer)) \
+            .digest != Tokenizer.from_json(tokenizer_json).digest:
         raise ConfigError("data: this config builds a different tokenizer than the run's "
                           f"{rd.tokenizer}; resume with the run's data settings")
     if latest is not None:

@@ -29,8 +29,12 @@ log = logging.getLogger("raypar")
 
 # The folder of a run's checkpoints (when checkpoint.storage_path is not set).
 CHECKPOINTS = "checkpoints"
-# Where `raypar export` writes in a run directory, relative to it.
-EXPORT = Path("export") / "model.safetensors"
+# Where `raypar export` writes in a run directory, relative to it: the Hugging Face
+# directory, and with --format raypar the one raypar-native file (`raypar generate` reads it).
+EXPORT = Path("export")
+EXPORT_RAYPAR = Path("export.safetensors")
+# Where the raypar-native file went before exports were Hugging Face directories.
+EXPORT_LEGACY = Path("export") / "model.safetensors"
 
 # --resume: how long RUN_DIR must have gone unwritten, and how long to wait for that.
 QUIET_S, QUIET_TIMEOUT_S = 5.0, 120.0
@@ -152,6 +156,14 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.path / EXPORT
+
+    @property
+    def export_raypar(self) -> Path:
+        return self.path / EXPORT_RAYPAR
+
+    @property
+    def export_legacy(self) -> Path:
+        return self.path / EXPORT_LEGACY
 
     # -- metrics.jsonl --------------------------------------------------------------------------
     def read_metrics(self) -> tuple[list[StepRow], list[Record]]:
