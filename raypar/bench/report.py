@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from raypar.train.tracking import artifact_location
+
 CHARTS = ("bench_ratios.png", "bench_pipeline.png", "bench_memory.png")
 
 
@@ -94,7 +96,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("raypar-bench")
-    exp_id = exp.experiment_id if exp else client.create_experiment("raypar-bench")
+    # Artifacts beside the store (out/ by default), never ./mlruns in the working directory.
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        "raypar-bench", artifact_location=artifact_location(uri, "raypar-bench"))
     run_id = client.create_run(exp_id, run_name=f"bench-{report['mode']}").info.run_id
     report["mlflow"] = {"uri": uri, "run_id": run_id}
     (out / "bench.json").write_text(json.dumps(report, indent=2))

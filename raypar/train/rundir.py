@@ -140,10 +140,6 @@ class RunDir:
         return self.path / "mlflow.db"
 
     @property
-    def mlflow_artifacts(self) -> Path:
-        return self.path / "mlartifacts"
-
-    @property
     def fault_marker(self) -> Path:
         """Written when the tests' injected fault fires (raypar/train/faults.py)."""
         return self.path / ".fault-fired"

@@ -21,7 +21,26 @@ from typing import Any, Iterable
 from raypar.config import ConfigError, RunSpec
 from raypar.train.rundir import RunDir
 
-METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "dp")
+# Every numeric per-step field of a metrics.jsonl row (raypar/train/records.py StepRow),
+# and a mixture's tokens per source as tokens_<name>. time is MLflow's own timestamp; the
+# block indices are data, not metrics.
+METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "dp",
+               "data_s")
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its runs' artifacts (each run gets its own folder under
+    it, named by its run id), for a SQLite store: `mlartifacts/<experiment>` beside the
+    database file. So a store several runs share (MLFLOW_TRACKING_URI) keeps every run's
+    artifacts apart from every run directory: deleting one run's directory loses nothing
+    of another's. (Given no location, MLflow would use ./mlruns in the working directory.)
+    With raypar's default store, the database is in the run directory, and so are its
+    artifacts. Other stores (a file store, a tracking server) decide for themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "default"
+    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
 
 
 def resolve_uri(spec: RunSpec, run_dir: Path) -> str:
@@ -94,10 +113,9 @@ class Tracker:
             if exp is not None:
                 exp_id = exp.experiment_id
             else:
-                local = self.uri.startswith("sqlite:") and not spec.tracking.uri
-                artifacts = RunDir(run_dir).mlflow_artifacts.resolve().as_uri() if local else None
-                exp_id = self.client.create_experiment(spec.tracking.experiment,
-                                                       artifact_location=artifacts)
+                exp_id = self.client.create_experiment(
+                    spec.tracking.experiment,
+                    artifact_location=artifact_location(self.uri, spec.tracking.experiment))
             run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
                                          tags={"raypar.run_dir": str(Path(run_dir).resolve())})
             self.run_id = run.info.run_id
