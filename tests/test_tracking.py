@@ -1,5 +1,6 @@
 """MLflow tracking without Ray: where a run's artifacts go, and which fields are metrics."""
 import shutil
+import time
 from pathlib import Path
 
 from raypar.config import load_spec
@@ -18,6 +19,7 @@ def test_runs_sharing_a_store_keep_their_artifacts_apart(tmp_path, monkeypatch):
     store.parent.mkdir()
     uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     spec = load_spec(None, [])
     runs = {}
     for name in ("first", "second"):
@@ -29,6 +31,7 @@ def test_runs_sharing_a_store_keep_their_artifacts_apart(tmp_path, monkeypatch):
         tracker.log_rows([{"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "dp": 2,
                            "tokens": 64, "tokens_per_s": 100.0, "data_s": 0.25,
                            "source_tokens": {"web": 48}}])
+        time.sleep(0.6)  # a few samples of the system metrics
         tracker.finish("FINISHED")
         runs[name] = tracker.run_id
     shutil.rmtree(tmp_path / "first")
@@ -40,5 +43,8 @@ def test_runs_sharing_a_store_keep_their_artifacts_apart(tmp_path, monkeypatch):
     assert client.get_run(runs["second"]).info.artifact_uri.startswith(
         (tmp_path / "shared" / "mlartifacts").resolve().as_uri())
     metrics = client.get_run(runs["second"]).data.metrics
-    assert metrics == {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "dp": 2, "tokens": 64,
-                       "tokens_per_s": 100.0, "data_s": 0.25, "tokens_web": 48}
+    system = {k for k in metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert {k: v for k, v in metrics.items() if k not in system} == {
+        "loss": 2.5, "lr": 1e-3, "grad_norm": 0.7, "dp": 2, "tokens": 64,
+        "tokens_per_s": 100.0, "data_s": 0.25, "tokens_web": 48}

@@ -123,6 +123,13 @@ class Tracker:
         tmp = record.with_name(".mlflow.json.tmp")
         tmp.write_text(json.dumps({"uri": self.uri, "run_id": self.run_id}))
         tmp.replace(record)
+        # The driver node's CPU, memory, disk, network (and GPU where there is one) as
+        # MLflow's system/* metrics, every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL),
+        # for as long as the run trains.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        self.system = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
+                                           resume_logging=run is not None and bool(have))
+        self.system.start()
         params = [(k, str(v)) for k, v in spec.flat().items() if k not in have]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params[i:i + 100]])
@@ -163,6 +170,7 @@ class Tracker:
 
     def finish(self, status: str) -> None:
         """End the MLflow run as FINISHED, FAILED or KILLED (a run stopped by a signal)."""
+        self.system.finish()
         self.client.set_terminated(self.run_id, status=status)
 
 
