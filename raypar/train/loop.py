@@ -103,6 +103,8 @@ def rank_info(trainer: RankTrainer) -> RankInfo:
                               for m in trainer.plain for n, p in m.named_parameters()
                               if n.startswith("layers.")),
         rss_init_bytes=trainer.rss_init, rss_peak_bytes=peak_rss_bytes(),
+        rss_base_bytes=trainer.rss_base, load_s=trainer.load_s,
+        load_bytes=trainer.load_stats.bytes if trainer.load_stats is not None else None,
         **(trainer.memory or {}))
 
 
@@ -196,7 +198,9 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
     if timeline:
         pipe.record_timeline = True
     row = trainer.train_step()
-    if not reporter.placed:  # after this worker group's first step, which measures memory
+    # After this worker group's first step, which measures memory, and again after the
+    # run's last, so that rss_peak_bytes covers the steady state too.
+    if not reporter.placed or trainer.step == trainer.spec.train.steps:
         reporter.next.rank_info, reporter.placed = rank_info(trainer), True
     if timeline:
         pipe.record_timeline = False
@@ -255,8 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train, val = data_sources(config, spec.data.seq_len)
 
     def build() -> RankTrainer:
+        base = peak_rss_bytes()  # Ray's worker, torch, the process groups, the data opened
         built = RankTrainer(spec, config["vocab_size"], train, val, groups)
-        built.rss_init = peak_rss_bytes()
+        built.rss_base, built.rss_init = base, peak_rss_bytes()
         return built
 
     trainer = build()
@@ -266,6 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             f"{p.dp_mode}), data opened")
     try:
         trainer, choice, saved, load_s = _load_newest(config, groups, trainer, choice, build)
+        if choice[0] is not None:
+            trainer.load_s = load_s
         _train(config, spec, groups, trainer, started, choice, saved, load_s, board)
     finally:
         trainer.close()
