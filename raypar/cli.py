@@ -95,6 +95,8 @@ def _bench_parser(sub) -> None:
                    "minutes on 2 cores)")
     p.add_argument("--out", help="output directory (default: runs/bench-<timestamp>)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--only", metavar="SECTION,...", help="measure only these sections (and "
+                   "what their rows read): prepare, throughput, probe, memory, scale, cuda")
 
 
 def _prepare_parser(sub) -> None:
@@ -293,7 +295,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if (out / "bench.json").exists():
         raise ConfigError(f"--out: {out} already holds a bench report; choose another "
                           f"directory")
-    report = run_bench(out, quick=args.quick, address=args.address)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    report = run_bench(out, quick=args.quick, address=args.address, only=only)
     print((out / "bench.md").read_text(), end="")
     missed = [r["name"] for r in report["rows"] if r["met"] is False]
     print(f"{len(report['rows'])} rows in {report['seconds']:.0f} s; "

@@ -16,7 +16,7 @@ from raypar.bench.stats import ratio_row, row, windows
 from conftest import ROOT
 
 SECTIONS = {"overhead": 1, "launcher": 5, "scaling": 3, "pipeline": 9, "tensor": 2,
-            "data": 10, "checkpoint": 6, "memory": 5}
+            "data": 10, "checkpoint": 6, "memory": 5, "scale": 6}
 
 
 def test_windows_leave_out_the_warm_up_seconds_and_checkpoint_steps():

@@ -33,18 +33,21 @@ import torch
 from ray.data import DataContext
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypar.bench import dataprep, sections
+from raypar.bench import dataprep, scale, sections
 from raypar.bench.gpu import GPU_MODEL, mfu_rows
 from raypar.bench.probe import run_probe
 from raypar.bench.report import write_report
+from raypar.bench.sections import _dir_bytes
 from raypar.bench.stats import median
 from raypar.cluster import connect
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import prepare_corpus
 from raypar.data.tokenizer import padded_vocab
 from raypar.model import param_count
+from raypar.parallel.footprint import plan as footprint_plan
+from raypar.train import checkpoint as ckpt
 from raypar.train.driver import run
-from raypar.train.rundir import RunDir, read_metrics
+from raypar.train.rundir import RunDir, checkpoint_root, read_metrics
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,15 @@ class Size:
     repeats: int  # windows the steady steps split into
     probe_steps: int  # timed steps per probe layout
     profile_steps: int
+    scale: scale.ScaleSize  # the scale section's models and runs (scale.py)
 
 
-QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1)
-FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3)
+QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1, scale=scale.QUICK)
+FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3, scale=scale.FULL)
+
+# The sections `raypar bench --only` can pick, in the order they run (the data preparation
+# that every one of them trains on always runs first).
+SECTIONS = ("prepare", "throughput", "probe", "memory", "scale", "cuda")
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
 # not Python overhead or communication, dominates (about 0.8 M parameters, 128 tokens).
@@ -94,8 +102,10 @@ def bench_spec(corpus: Path, cache: Path, steps: int, *overrides: str) -> RunSpe
 
 
 def _connect(address: Optional[str]) -> None:
-    """Ray for the bench: at most two workers run at once, each on one torch thread."""
-    if not connect(address, 2):
+    """Ray for the bench: two workers at once, each on one torch thread, except the scale
+    section's 4-rank layouts (a local Ray gets 4 logical CPUs: its ranks time-share the
+    cores, as a laptop's do; the other sections never start more than two)."""
+    if not connect(address, 4):
         return  # a cluster's size is its own (an autoscaling one grows on demand)
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < 2:
@@ -213,12 +223,16 @@ class Bench:
         return [json.loads(out.read_text()) for out in outs]
 
     # -- raypar runs -----------------------------------------------------------------
-    def _run(self, name: str, spec: RunSpec, kill_after_save: bool = False) -> dict:
+    def _run(self, name: str, spec: RunSpec, kill_after_save: bool = False,
+             kill_after: tuple[int, ...] = ()) -> dict:
         """A real raypar run (raypar.train.driver.run). kill_after_save: once the first
-        background checkpoint is recorded, SIGKILL rank 1's process, as a crash would."""
+        background checkpoint is recorded, SIGKILL rank 1's process, as a crash would;
+        kill_after: the same once each of these numbers of checkpoints is recorded ("kept":
+        how many checkpoints were in storage at each kill)."""
         run_dir = self.work / name
-        outcome: dict[str, Any] = {}
+        outcome: dict[str, Any] = {"kept": []}
         t0 = time.time()
+        todo = list(kill_after) or ([0] if kill_after_save else [])
 
         def train() -> None:
             try:
@@ -228,21 +242,25 @@ class Bench:
 
         thread = threading.Thread(target=train, daemon=True)
         thread.start()
-        killed = not kill_after_save
         while thread.is_alive():
             thread.join(timeout=0.2)
-            if not killed:
+            if todo:
                 _, events = read_metrics(run_dir)
-                if any(e["event"] == "checkpoint" and e["mode"] == "async" for e in events):
+                saves = [e for e in events if e["event"] == "checkpoint"]
+                if (len(saves) >= todo[0] if todo[0] else
+                        any(e["mode"] == "async" for e in saves)):
+                    outcome["kept"].append(len(ckpt.candidates(
+                        checkpoint_root(spec, run_dir)[2])))
                     _kill_rank(run_dir, 1)
-                    killed = True
+                    todo.pop(0)
         if "error" in outcome:
             raise outcome["error"]
-        if not killed:
+        if todo:
             raise RuntimeError(f"bench: the {name} run ended before its worker could be killed")
         rows, events = read_metrics(run_dir)
         return {"dir": run_dir, "t0": t0, "summary": outcome["summary"], "rows": rows,
-                "events": events, "step_end": [r["time"] for r in rows]}
+                "events": events, "step_end": [r["time"] for r in rows],
+                "kept": outcome["kept"]}
 
     def throughput(self) -> None:
         """The baselines and raypar's two runs: overhead, launcher, scaling, data and
@@ -341,6 +359,79 @@ class Bench:
         n_params = param_count(model_config(self.spec(), self.vocab))
         self.rows += sections.memory(n_params, self.memory_runs)
 
+    # -- scale -----------------------------------------------------------------------
+    def scale(self, s3: Optional[str]) -> None:
+        """Memory per rank against its share for a model >= 8x the default under pp=2 x
+        tp=2 and fsdp dp=4; checkpoint loads per rank for two models 4x apart; step time
+        lost to a save (local disk, the local S3 server at s3); restart after a worker
+        kill with 3 checkpoints kept against 1 (scale.py)."""
+        z = self.size.scale
+        if ray.cluster_resources().get("CPU", 0) < 4:
+            self.context["scale"] = "skipped: the cluster has fewer than 4 CPUs"
+            return
+        if s3 is None:
+            self.context["scale_s3"] = ("skipped: moto is not installed (pip install "
+                                        "'moto[server]'), or the bench joined a cluster")
+
+        def spec(model, steps, *overrides):
+            return self.spec(steps, *model, *scale.COMMON, *overrides)
+
+        def params(model) -> int:
+            return param_count(model_config(spec(model, 1), self.vocab))
+
+        big_n, small_n = params(z.big), params(z.small)
+        # The full model's training state: fp32 parameters, gradients, AdamW's 2 moments.
+        full_bytes = 16 * big_n
+        for layout, fields in (("pp=2 x tp=2", scale.PP2_TP2), ("fsdp dp=4", scale.FSDP4)):
+            self.say(f"scale: {big_n / 1e6:.1f} M parameters at {layout}, {z.steps} steps")
+            name = "scale-" + layout.replace(" ", "").replace("=", "")
+            s = spec(z.big, z.steps, *fields, "checkpoint.every=0", "checkpoint.keep=1")
+            r = self._run(name, s)
+            ranks = RunDir(r["dir"]).read_ranks()
+            self.rows += scale.memory_rows(layout, ranks, footprint_plan(s, self.vocab),
+                                           full_bytes)
+            if fields is scale.PP2_TP2 and z.io:
+                # Its final checkpoint, loaded by a --resume for one more step.
+                self.say("scale: resuming it (each rank loads its share)")
+                run(spec(z.big, z.steps + 1, *fields, "checkpoint.every=0",
+                         "checkpoint.keep=1"), r["dir"], progress=False, resume=True)
+                big_loads = RunDir(r["dir"]).read_ranks()
+
+        if not z.io:
+            self.context["scale"] = {"big_params": big_n, "full_model_bytes": full_bytes,
+                                     "io": "checkpoint loads, saves and restarts: in the "
+                                           "full bench only (raypar bench without --quick)"}
+            return
+        # Killed twice: after the first save (1 checkpoint kept), then once `saves` more
+        # are made (keep=3 holds 3): the two restarts differ in nothing else. On S3 once.
+        steps = z.every * (z.saves + 3)
+        kills = {}
+        for where, kill_after in (("local", (1, z.saves + 1)), ("s3", (z.saves,))):
+            if where == "s3" and s3 is None:
+                continue
+            name = f"scale-kills-{where}"
+            self.say(f"scale: {small_n / 1e6:.1f} M parameters at pp=2 x tp=2, a background "
+                     f"save every {z.every} steps to {where}, keep=3, killed after saves "
+                     f"{', '.join(map(str, kill_after))}")
+            storage = [f"checkpoint.storage_path={s3}/{name}"] if where == "s3" else []
+            kills[where] = self._run(name, spec(
+                z.small, steps, *scale.PP2_TP2, f"checkpoint.every={z.every}",
+                "checkpoint.keep=3", "checkpoint.async_save=true",
+                f"checkpoint.max_failures={len(kill_after)}", *storage), kill_after=kill_after)
+        local, on_s3 = kills["local"], kills.get("s3")
+        self.rows += scale.load_rows(big_loads, RunDir(local["dir"]).read_ranks(), big_n,
+                                     small_n, RunDir(on_s3["dir"]).read_ranks() if on_s3
+                                     else None)
+        ckpt_bytes = _dir_bytes(ckpt.candidates(RunDir(local["dir"]).checkpoints)[0])
+        self.rows.append(scale.save_row("local disk", scale.save_losses(
+            local["step_end"], z.every), ckpt_bytes))
+        if on_s3:
+            self.rows.append(scale.save_row("local S3 server", scale.save_losses(
+                on_s3["step_end"], z.every), ckpt_bytes))
+        self.rows += scale.restart_rows(local, on_s3)
+        self.context["scale"] = {"big_params": big_n, "small_params": small_n,
+                                 "full_model_bytes": full_bytes, "s3": s3 is not None}
+
     # -- CUDA ------------------------------------------------------------------------
     def cuda(self) -> None:
         if ray.cluster_resources().get("GPU", 0) < 1:
@@ -360,14 +451,34 @@ def _machine() -> dict[str, Any]:
 
 
 def run_bench(out: Path, quick: bool = True, address: Optional[str] = None,
-              say: Callable[[str], None] = lambda m: print(f"bench: {m}", file=sys.stderr)
-              ) -> dict:
-    """Measure everything, write bench.json, bench.md and the PNGs to out, log them to
-    MLflow; returns the report."""
+              say: Callable[[str], None] = lambda m: print(f"bench: {m}", file=sys.stderr),
+              only: Optional[list[str]] = None) -> dict:
+    """Measure everything (or the sections in `only`, of SECTIONS), write bench.json,
+    bench.md and the PNGs to out, log them to MLflow; returns the report."""
+    picked = set(only or SECTIONS)
+    unknown = sorted(picked - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"--only: unknown section {unknown[0]}; choose from "
+                          f"{', '.join(SECTIONS)}")
+    if "memory" in picked:  # its rows read the throughput and probe runs' ranks
+        picked |= {"throughput", "probe"}
+    if "probe" in picked:
+        picked.add("throughput")
+    if "throughput" in picked:  # its data rows take the preparation's
+        picked.add("prepare")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
     t0 = time.time()
+    # The local S3 server starts before Ray, so that Ray's workers inherit its endpoint; a
+    # joined cluster's workers could not reach this machine's 127.0.0.1.
+    with scale.local_s3(enabled="scale" in picked and not (
+            address or os.environ.get("RAY_ADDRESS"))) as s3:
+        return _run_bench(out, size, address, say, picked, s3, t0, quick)
+
+
+def _run_bench(out: Path, size: Size, address: Optional[str], say: Callable[[str], None],
+               picked: set[str], s3: Optional[str], t0: float, quick: bool) -> dict:
     _connect(address)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -376,17 +487,25 @@ def run_bench(out: Path, quick: bool = True, address: Optional[str] = None,
     bench.cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     try:
         bench.prepare()
-        bench.prepare_rates()
-        bench.throughput()
-        bench.probe()
-        bench.memory()
-        bench.cuda()
+        if "prepare" in picked:
+            bench.prepare_rates()
+        if "throughput" in picked:
+            bench.throughput()
+        if "probe" in picked:
+            bench.probe()
+        if "memory" in picked:
+            bench.memory()
+        if "scale" in picked:
+            bench.scale(s3)
+        if "cuda" in picked:
+            bench.cuda()
     except BaseException:
         say(f"the runs' directories are kept in {bench.work}")
         raise
     shutil.rmtree(bench.work, ignore_errors=True)
     report = {
         "mode": "quick" if quick else "full", "seconds": round(time.time() - t0, 1),
+        "sections": [name for name in SECTIONS if name in picked],
         "machine": _machine(),
         "model": {"fields": MODEL, "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH,
                   "micro_batch": MICRO_BATCH, "dtype": "fp32"},

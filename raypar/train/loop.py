@@ -106,6 +106,8 @@ def rank_info(trainer: RankTrainer, end: bool = False) -> RankInfo:
         rss_init_bytes=trainer.rss_init,
         rss_peak_bytes=trainer.rss_first_step or peak_rss_bytes(),
         rss_end_bytes=peak_rss_bytes() if end else None,
+        rss_base_bytes=trainer.rss_base, load_s=trainer.load_s,
+        load_bytes=trainer.load_stats.bytes if trainer.load_stats is not None else None,
         **(trainer.memory or {}))
 
 
@@ -261,8 +263,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train, val = data_sources(config, spec.data.seq_len)
 
     def build() -> RankTrainer:
+        base = peak_rss_bytes()  # Ray's worker, torch, the process groups, the data opened
         built = RankTrainer(spec, config["vocab_size"], train, val, groups)
-        built.rss_init = peak_rss_bytes()
+        built.rss_base, built.rss_init = base, peak_rss_bytes()
         return built
 
     trainer = build()
@@ -272,6 +275,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             f"{p.dp_mode}), data opened")
     try:
         trainer, choice, saved, load_s = _load_newest(config, groups, trainer, choice, build)
+        if choice[0] is not None:
+            trainer.load_s = load_s
         _train(config, spec, groups, trainer, started, choice, saved, load_s, board)
     finally:
         trainer.close()

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("raypar")
 
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "optim_bytes", "activation_peak_bytes",
-               "block_param_bytes", "rss_init_bytes", "rss_peak_bytes", "rss_end_bytes")
+               "block_param_bytes", "rss_init_bytes", "rss_peak_bytes", "rss_end_bytes",
+               "rss_base_bytes")
 
 
 def announce(spec: RunSpec, event: Record, tracker: Optional[tracking.Tracker]) -> None:
