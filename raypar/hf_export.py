@@ -85,7 +85,10 @@ def hf_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
                 "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
                 "hidden_dropout": cfg.dropout, "classifier_dropout": 0.0,
                 "rope_parameters": {"rope_type": "default", "rope_theta": _ROPE_BASE,
-                                    "partial_rotary_factor": 1.0}}
+                                    "partial_rotary_factor": 1.0},
+                # The same, as transformers before rope_parameters read it (its default
+                # rotary_pct, 0.25, would rotate a quarter of each head).
+                "rotary_pct": 1.0, "rotary_emb_base": _ROPE_BASE}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.ff_dim, "n_positions": cfg.seq_len,
@@ -109,7 +112,8 @@ def _norm(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hf_tensors(model: GPT, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, tensor) for every weight, the vocabulary cut to `vocab` rows.
-    One layer at a time: the fused and transposed copies never exist for the whole model."""
+    The fused and transposed ones are copies: the export holds about twice the model in
+    host memory at its peak (the consolidated model and what is written)."""
     cfg = model.cfg
     arch = check_exportable(vars(cfg))
     d, hd = cfg.d_model, cfg.head_dim
@@ -160,7 +164,10 @@ def hf_tensors(model: GPT, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
     yield f"{final}.weight", w
     yield f"{final}.bias", b
     if not cfg.tie_embeddings:  # tied: transformers ties lm_head to the embedding itself
-        yield "lm_head.weight", model.lm_head.weight[:vocab]
+        # GPT-NeoX's own name for its head is embed_out (transformers before 5.13, vLLM,
+        # every Pythia checkpoint); later transformers renames it to lm_head as it loads.
+        head = "embed_out.weight" if arch == "GPT-NeoX" else "lm_head.weight"
+        yield head, model.lm_head.weight[:vocab]
 
 
 def tokenizer_config(tok: Tokenizer, seq_len: int) -> dict[str, Any]:

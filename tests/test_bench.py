@@ -136,3 +136,33 @@ def test_quick_bench_writes_every_row(tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"raypar: error: --out: {out} already holds a bench report; choose another directory"]
+
+
+def test_scale_rows_from_ranks_records():
+    """The scale section's arithmetic, on records as ranks.json holds them: memory against
+    the planned share, loads paired rank by rank, and a save's cost per window."""
+    from types import SimpleNamespace as NS
+
+    from raypar.bench import scale
+    MB = scale.MB
+    plans = [NS(param_bytes=10 * MB, grad_bytes=10 * MB, optim_bytes=20 * MB,
+                activation_bytes=MB)] * 2
+    ranks = [NS(rank=r, rss_base_bytes=400 * MB, rss_init_bytes=412 * MB,
+                rss_end_bytes=460 * MB) for r in (1, 0)]
+    init, steady, whole = scale.memory_rows("pp=2 x tp=2", ranks, plans, full_bytes=160 * MB)
+    assert init["value"] == pytest.approx(412 / 410) and init["met"]
+    assert steady["value"] == pytest.approx(460 / 440) and steady["met"]
+    assert whole["value"] == pytest.approx(460 / 560) and whole["met"]
+    # Loads: rank 1 did not load in the small run; only rank 0 is compared.
+    big = [NS(rank=0, load_s=2.0, load_bytes=40 * MB), NS(rank=1, load_s=2.0, load_bytes=40 * MB)]
+    small = [NS(rank=0, load_s=1.0, load_bytes=10 * MB), NS(rank=1, load_s=None,
+                                                             load_bytes=None)]
+    rows = scale.load_rows(big, small, 4_000_000, 1_000_000, None)
+    assert [r["value"] for r in rows[:2]] == [20.0, 10.0]
+    assert rows[2]["value"] == pytest.approx((2.0 / 1.0) / 4.0) and rows[2]["met"]
+    # Saves after steps 3 and 6 cost their next two steps 0.5 s more than the clean step.
+    ends, t = [], 0.0
+    for step in range(1, 10):
+        t += 1.0 + (0.5 if step in (4, 5, 7, 8) else 0.0)
+        ends.append(t)
+    assert scale.save_losses(ends, 3) == pytest.approx([1.0, 1.0])

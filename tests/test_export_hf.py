@@ -165,6 +165,21 @@ def test_learned_bias_model_exports_to_gpt2_sharded(tmp_path):
     assert_matches_transformers(model, out, "GPT2LMHeadModel")
 
 
+def test_untied_rope_model_with_biases_exports_to_gpt_neox(tmp_path):
+    # Its own head goes under GPT-NeoX's name for it (embed_out), which every transformers
+    # version reads; the biases are real.
+    model = reference(**dict(ROPE, bias=True, tie_embeddings=False))
+    folder = tmp_path / "run" / "checkpoints" / ckpt.dir_name(1)
+    ckpt.write({"model": model.state_dict()}, {"step": 1, "tokens": 10},
+               meta_for(model, Tokenizer.byte_level().to_json()),
+               {ckpt.rng_name(0): ckpt.rng_state_bytes()}, dest=folder)
+    out = ex.export(tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["attention_bias"] is True
+    assert config["rotary_pct"] == 1.0
+    assert_matches_transformers(model, out, "GPTNeoXForCausalLM")
+
+
 def test_a_model_no_architecture_reproduces_is_one_line(pipeline_run, tmp_path, capsys,
                                                        monkeypatch):
     with pytest.raises(ConfigError, match=r"^model\.pos_encoding='alibi' maps onto no "):

@@ -156,9 +156,15 @@ def load_rows(big: list[Any], small: list[Any], big_params: int, small_params: i
         rows.append(row("scale", f"checkpoint load per rank, {n / 1e6:.1f} M parameters "
                                  f"(pp=2 x tp=2, local disk)", median(rates), "MB/s", rates,
                         seconds=secs, bytes=nbytes))
-    _, t_big, b_big = load_rates(big)
-    _, t_small, b_small = load_rates(small)
-    # Rank by rank (the same coordinates in both layouts): time ratio over bytes ratio.
+    # Rank by rank (the same coordinates in both layouts): time ratio over bytes ratio,
+    # for the ranks that loaded in both runs.
+    small_by_rank = {r.rank: r for r in small if r.load_s}
+    pairs = [(r, small_by_rank[r.rank]) for r in sorted(big, key=lambda r: r.rank)
+             if r.load_s and r.rank in small_by_rank]
+    if not pairs:
+        raise RuntimeError("bench: no rank loaded a checkpoint in both runs")
+    t_big, b_big = [b.load_s for b, _ in pairs], [b.load_bytes for b, _ in pairs]
+    t_small, b_small = [s.load_s for _, s in pairs], [s.load_bytes for _, s in pairs]
     per_rank = [(tb / ts) / (bb / bs) for tb, ts, bb, bs in zip(t_big, t_small, b_big, b_small)]
     value = median(per_rank)
     rows.append(row("scale", "load time per rank, big / small model, over its bytes' ratio",

@@ -101,11 +101,12 @@ def bench_spec(corpus: Path, cache: Path, steps: int, *overrides: str) -> RunSpe
         "parallel.dp=1", "parallel.pp=1", "parallel.tp=1", *overrides])
 
 
-def _connect(address: Optional[str]) -> None:
-    """Ray for the bench: two workers at once, each on one torch thread, except the scale
-    section's 4-rank layouts (a local Ray gets 4 logical CPUs: its ranks time-share the
-    cores, as a laptop's do; the other sections never start more than two)."""
-    if not connect(address, 4):
+def _connect(address: Optional[str], scale_picked: bool) -> None:
+    """Ray for the bench: two workers at once, each on one torch thread; with the scale
+    section, whose layouts have 4 ranks, a local Ray gets 4 logical CPUs (its ranks
+    time-share the cores, as a laptop's do). Only then: Ray Data's preparation runs as
+    many tasks as there are CPUs, and the data rows are measured on 2."""
+    if not connect(address, 4 if scale_picked else 2):
         return  # a cluster's size is its own (an autoscaling one grows on demand)
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < 2:
@@ -369,7 +370,7 @@ class Bench:
         if ray.cluster_resources().get("CPU", 0) < 4:
             self.context["scale"] = "skipped: the cluster has fewer than 4 CPUs"
             return
-        if s3 is None:
+        if s3 is None and z.io:
             self.context["scale_s3"] = ("skipped: moto is not installed (pip install "
                                         "'moto[server]'), or the bench joined a cluster")
 
@@ -472,14 +473,14 @@ def run_bench(out: Path, quick: bool = True, address: Optional[str] = None,
     t0 = time.time()
     # The local S3 server starts before Ray, so that Ray's workers inherit its endpoint; a
     # joined cluster's workers could not reach this machine's 127.0.0.1.
-    with scale.local_s3(enabled="scale" in picked and not (
+    with scale.local_s3(enabled="scale" in picked and size.scale.io and not (
             address or os.environ.get("RAY_ADDRESS"))) as s3:
         return _run_bench(out, size, address, say, picked, s3, t0, quick)
 
 
 def _run_bench(out: Path, size: Size, address: Optional[str], say: Callable[[str], None],
                picked: set[str], s3: Optional[str], t0: float, quick: bool) -> dict:
-    _connect(address)
+    _connect(address, "scale" in picked)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     started = time.time()

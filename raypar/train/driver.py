@@ -272,6 +272,10 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
                 pass
             if follower is not None:
                 follower.poll()  # what the workers wrote before they went
+        except BaseException:  # anything else: the MLflow run ends FAILED, not RUNNING
+            if tracker is not None:
+                tracker.abandon()
+            raise
     finally:  # this run's GCS keys, however it ends
         if guard.flag is not None:
             guard.flag.clear()
@@ -290,11 +294,14 @@ def _tracker(spec: RunSpec, rd: RunDir, uri: str, resume: bool, earlier: list,
     Ray connection, and the run fails in one line."""
     if not uri:
         return None
+    tracker = None
     try:
         tracker = tracking.Tracker(spec, rd.path, resume=resume)
         tracker.log_artifact(rd.config)
         tracker.backfill(earlier)
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; one line for each
+        if tracker is not None:
+            tracker.abandon()
         end_ray()
         thread.join(timeout=30)
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -104,6 +104,7 @@ class Tracker:
                 logging.getLogger("raypar").warning(
                     "MLflow run %s not found at %s: starting a new MLflow run",
                     previous["run_id"], self.uri)
+        resumed = run is not None
         if run is not None:
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -123,19 +124,20 @@ class Tracker:
         tmp = record.with_name(".mlflow.json.tmp")
         tmp.write_text(json.dumps({"uri": self.uri, "run_id": self.run_id}))
         tmp.replace(record)
-        # The driver node's CPU, memory, disk, network (and GPU where there is one) as
-        # MLflow's system/* metrics, every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL),
-        # for as long as the run trains.
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        self.system = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
-                                           resume_logging=run is not None and bool(have))
-        self.system.start()
         params = [(k, str(v)) for k, v in spec.flat().items() if k not in have]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params[i:i + 100]])
         for k, v in spec.flat().items():
             if k in have and have[k] != str(v):
                 self.client.set_tag(self.run_id, f"resumed.{k}", f"{have[k]} -> {v}")
+        # Last, so that nothing above can fail with it running: the driver node's CPU,
+        # memory, disk, network (and GPU, with nvidia-ml-py installed) as MLflow's system/*
+        # metrics every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while the run trains;
+        # a resumed run's continue its steps.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        self.system = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
+                                           resume_logging=resumed)
+        self.system.start()
 
     def backfill(self, rows: list[dict[str, Any]]) -> None:
         """Log the rows of metrics.jsonl that this MLflow run does not have yet."""
@@ -172,6 +174,14 @@ class Tracker:
         """End the MLflow run as FINISHED, FAILED or KILLED (a run stopped by a signal)."""
         self.system.finish()
         self.client.set_terminated(self.run_id, status=status)
+
+    def abandon(self) -> None:
+        """On an unexpected error: stop the system metrics and end the run FAILED, as far as
+        the store still answers (the error that got here is the one to report)."""
+        try:
+            self.finish("FAILED")
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the cause wins
+            logging.getLogger("raypar").warning("MLflow run %s not ended: %s", self.run_id, e)
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
