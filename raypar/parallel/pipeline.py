@@ -156,7 +156,7 @@ class Pipeline:
                  pp_group, device, schedule: str, n_microbatches: int,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  loss_context: Callable[[], ContextManager] | None = None,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, grad_divisor: int = 1):
         if isinstance(pp_group, DeviceMesh):
             pp_group = pp_group.get_group()
         self.spec = schedules.get(schedule)
@@ -175,6 +175,9 @@ class Pipeline:
         self.device = torch.device(device)
         self.schedule = schedule
         self.n_microbatches = n_microbatches
+        # Data-parallel replicas whose gradients are summed (raypar/parallel/data.py): the
+        # training loss is divided by them too, so the sum is the mean over all of them.
+        self.grad_divisor = grad_divisor
         self.loss_fn = loss_fn
         self.loss_context = loss_context
         self.record_timeline = record_timeline
@@ -209,7 +212,7 @@ class Pipeline:
         # Each micro-batch's mean loss / m: the accumulated gradients are those of the
         # mean over micro-batches. (torch's scale_grads would divide the .grad fields
         # after the step instead, which also rescales gradients accumulated earlier.)
-        loss = self.loss_fn(output, target) / self.n_microbatches
+        loss = self.loss_fn(output, target) / (self.n_microbatches * self.grad_divisor)
         # Every schedule computes the loss right after the last stage's forward of that
         # micro-batch: count it in that F bar rather than as idle time.
         ev = self._events
@@ -292,8 +295,9 @@ class Pipeline:
         out = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.has_last:
             total = torch.stack([_scalar(l) for l in losses]).sum()
-            # train: losses were divided by m, so their sum is the mean; eval: not.
-            out = total if train else total / self.n_microbatches
+            # train: losses were divided by m (and the replicas), so their sum is the
+            # mean (over this replica's micro-batches, once multiplied back); eval: not.
+            out = total * self.grad_divisor if train else total / self.n_microbatches
         if self.pp > 1:
             dist.broadcast(out, group=self.group, group_src=self.last_rank)
         return out.item()

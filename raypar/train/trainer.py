@@ -122,7 +122,8 @@ class RankTrainer:
         if p.pp > 1:
             self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
                                      self.pm.pp_group, self.device, p.schedule, self.n_micro,
-                                     lm_loss, loss_context=self.loss_ctx)
+                                     lm_loss, loss_context=self.loss_ctx,
+                                     grad_divisor=self.pm.dp)
         # Dropout draws from the global RNG: reseed it per replica so masks differ.
         torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
@@ -195,7 +196,9 @@ class RankTrainer:
                 with self.loss_ctx():
                     with self._autocast():
                         loss = lm_loss(model(mb[:, :-1]), mb[:, 1:])
-                    (loss / len(micro)).backward()
+                    # Scaled by every micro-batch of the step over all replicas: the
+                    # gradient reduction sums (raypar/parallel/data.py).
+                    (loss / (len(micro) * self.pm.dp)).backward()
             loss_sum += loss.item()
         return loss_sum / len(micro)
 
