@@ -86,7 +86,10 @@ def test_node_preempted_lost_and_regained(cluster, small_corpus, cache_dir, tmp_
     # Ray Train passes the notice on; raypar saves a checkpoint at once, off its schedule.
     store = run_dir / "checkpoints"
     deadline = time.time() + 60
-    while not any(ckpt.step_of(p) and ckpt.step_of(p) % EVERY for p in store.iterdir()):
+    # Complete (every rank's manifest written): the ranks write their shards straight into
+    # the folder, which therefore exists before the save is done.
+    while not any(ckpt.step_of(p) and ckpt.step_of(p) % EVERY and ckpt.verify(p, hashes=False)
+                  is None for p in store.iterdir()):
         assert time.time() < deadline, "no checkpoint after the preemption notice"
         time.sleep(0.1)
     cluster.remove_node(b)  # the node goes

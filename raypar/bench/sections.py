@@ -117,6 +117,7 @@ def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: 
         row("data", "worker peak RSS growth per byte of corpus (1x to 4x)", worker_per_byte,
             "bytes/byte", target=f"< {TARGETS['driver_growth']}",
             met=worker_per_byte < TARGETS["driver_growth"],
+            note="peak RSS after the first step above the process's own before its model",
             rss_mb_1x=small["worker_rss_bytes"] / 2**20,
             rss_mb_4x=large["worker_rss_bytes"] / 2**20),
         row("data", "start-up to first step, dataset already prepared", startup_s, "s",
