@@ -5,7 +5,6 @@ python -m pytest -q tests/test_export_hf.py
 import json
 import os
 import shutil
-import socket
 import stat
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from raypar.config import ConfigError, load_spec
 from raypar.data.tokenizer import EOT, Tokenizer, _LEGACY_BYTE_JSON, train_bpe
 from raypar.model import GPT, GPTConfig
 from raypar.train import checkpoint as ckpt
+
+from conftest import free_port
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,12 +45,6 @@ def reference(**cfg) -> GPT:
 
 def meta_for(model: GPT, tokenizer_json: str) -> dict:
     return {"model": vars(model.cfg), "spec": {}, "tokenizer": tokenizer_json}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pipeline_rank(rank: int, port: int, base: str) -> None:
@@ -81,7 +76,7 @@ def _pipeline_rank(rank: int, port: int, base: str) -> None:
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pp2")
-    mp.spawn(_pipeline_rank, args=(_free_port(), str(base)), nprocs=2, join=True)
+    mp.spawn(_pipeline_rank, args=(free_port(), str(base)), nprocs=2, join=True)
     return base / "run"
 
 

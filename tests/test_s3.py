@@ -9,50 +9,39 @@ Ray starts after that is set, so every worker sees the same endpoint.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from raypar import cli
+from raypar.bench.scale import local_s3
 from raypar.config import load_spec
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
 
-from conftest import ROOT, free_port, mixture_rows
+from conftest import ROOT, mixture_rows
 
 pytestmark = pytest.mark.ray
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 BUCKET = "raypar-test"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
 def s3_ray():
-    """A local S3 server with an empty bucket, and a local Ray whose workers reach it."""
-    moto_server = pytest.importorskip("moto.server")
+    """A local S3 server with an empty bucket (the bench's own, raypar/bench/scale.py), and
+    a local Ray started after it, so that its workers reach it."""
     boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     import ray
-    try:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")
-        yield boto3.client("s3")
-    finally:
-        ray.shutdown()
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_s3(bucket=BUCKET) as uri:
+        if uri is None:
+            pytest.skip("moto is not installed")
+        try:
+            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+                     configure_logging=True, logging_level="WARNING")
+            yield boto3.client("s3")
+        finally:
+            ray.shutdown()
 
 
 def keys(s3, prefix: str) -> list[str]:

@@ -65,7 +65,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_s3(enabled: bool = True) -> Iterator[Optional[str]]:
+def local_s3(enabled: bool = True, bucket: str = BUCKET) -> Iterator[Optional[str]]:
     """A moto S3 server on 127.0.0.1 with an empty bucket, and AWS_ENDPOINT_URL and test
     credentials in this process's environment (a Ray started inside inherits them, so its
     workers reach the server); yields the bucket's URI, or None when moto is not installed
@@ -87,8 +87,8 @@ def local_s3(enabled: bool = True) -> Iterator[Optional[str]]:
     saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     try:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
     finally:
         server.stop()
         for k, v in saved.items():
