@@ -104,7 +104,7 @@ def test_quick_bench_writes_every_row(tmp_path):
     assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
         "corpus_mb_1x"], growth
     # And a training worker's: it memory-maps the shards its blocks need, nothing more.
-    [worker] = [r for r in rows if r["name"].startswith("worker peak RSS growth")]
+    [worker] = [r for r in rows if r["name"].startswith("worker own RSS growth")]
     assert worker["met"] and worker["detail"]["rss_mb_1x"] > 50, worker
     # The command's start-up to its first step comes with its phases (the profile).
     [command] = [r for r in rows if r["name"].startswith("start-up to first step: `raypar")]

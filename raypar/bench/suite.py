@@ -194,12 +194,10 @@ class Bench:
             run(spec, self.work / "peak" / f"run-{name}", progress=False)
             [rank0] = [r for r in RunDir(self.work / "peak" / f"run-{name}").read_ranks()
                        if r.rank == 0]
-            # What training added over the process's own peak before its model: Ray may
-            # start the actor in a worker process that ran a preparation task before, and
-            # ru_maxrss keeps that task's peak (seen: 0.54-0.58 bytes/byte of "growth" in
-            # the suite, none when run alone).
-            self.prep_peaks[name]["worker_rss_bytes"] = (rank0.rss_peak_bytes
-                                                         - rank0.rss_base_bytes)
+            # The worker's own memory after its first step, without the pages of the shards
+            # it memory-maps (file pages the kernel can drop; they count in ru_maxrss, which
+            # read 0.54-0.58 bytes/byte of "growth" in the suite and none alone).
+            self.prep_peaks[name]["worker_rss_bytes"] = rank0.rss_anon_bytes
 
     # -- baselines -------------------------------------------------------------------
     def _baseline(self, mode: str, spec: RunSpec, nproc: int = 1) -> list[dict]:

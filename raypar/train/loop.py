@@ -106,6 +106,7 @@ def rank_info(trainer: RankTrainer, end: bool = False) -> RankInfo:
         rss_init_bytes=trainer.rss_init,
         rss_peak_bytes=trainer.rss_first_step or peak_rss_bytes(),
         rss_end_bytes=peak_rss_bytes() if end else None,
+        rss_anon_bytes=trainer.anon_first_step,
         rss_base_bytes=trainer.rss_base, load_s=trainer.load_s,
         load_bytes=trainer.load_stats.bytes if trainer.load_stats is not None else None,
         **(trainer.memory or {}))
@@ -114,6 +115,20 @@ def rank_info(trainer: RankTrainer, end: bool = False) -> RankInfo:
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def anon_rss_bytes() -> Optional[int]:
+    """This process's resident memory of its own now (Linux's RssAnon): without the pages of
+    memory-mapped files, such as the dataset shards a rank reads, which the kernel may drop
+    and read again at any time. None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[str]]:
@@ -202,7 +217,7 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         pipe.record_timeline = True
     row = trainer.train_step()
     if not reporter.placed:  # after this worker group's first step, which measures memory
-        trainer.rss_first_step = peak_rss_bytes()
+        trainer.rss_first_step, trainer.anon_first_step = peak_rss_bytes(), anon_rss_bytes()
         reporter.next.rank_info, reporter.placed = rank_info(trainer), True
     if trainer.step == trainer.spec.train.steps:  # the run's last step: its whole peak
         reporter.next.rank_info = rank_info(trainer, end=True)

@@ -176,6 +176,8 @@ class RankInfo(Record):
     rss_init_bytes: Optional[int] = None  # the process's peak resident memory once built
     rss_peak_bytes: Optional[int] = None  # ... and after its first step
     rss_end_bytes: Optional[int] = None  # ... and after the run's last step
+    rss_anon_bytes: Optional[int] = None  # its own (anonymous) resident memory after its
+    # first step: without memory-mapped files (the dataset shards)
     rss_base_bytes: Optional[int] = None  # ... before its model was built (its own baseline)
     load_s: Optional[float] = None  # this rank's checkpoint load at the group's start
     load_bytes: Optional[int] = None  # ... and the bytes it read from storage
