@@ -65,7 +65,7 @@ class Size:
     scale: scale.ScaleSize  # the scale section's models and runs (scale.py)
 
 
-QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=16, repeats=3, probe_steps=2, profile_steps=1, scale=scale.QUICK)
+QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=24, repeats=3, probe_steps=2, profile_steps=1, scale=scale.QUICK)
 FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3, scale=scale.FULL)
 
 # The sections `raypar bench --only` can pick, in the order they run (the data preparation
