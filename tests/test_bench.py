@@ -103,9 +103,10 @@ def test_quick_bench_writes_every_row(tmp_path):
     [growth] = [r for r in rows if r["name"].startswith("driver peak RSS growth")]
     assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
         "corpus_mb_1x"], growth
-    # And a training worker's: it memory-maps the shards its blocks need, nothing more.
+    # And a training worker's: it memory-maps the shards its blocks need, nothing more (its
+    # growth from the train loop's start holds its model, its optimizer state and a step).
     [worker] = [r for r in rows if r["name"].startswith("worker own RSS growth")]
-    assert worker["met"] and worker["detail"]["rss_mb_1x"] > 50, worker
+    assert worker["met"] and worker["detail"]["growth_mb_1x"] > 0, worker
     # The command's start-up to its first step comes with its phases (the profile).
     [command] = [r for r in rows if r["name"].startswith("start-up to first step: `raypar")]
     assert {"phase_imports_s", "phase_ray_s", "phase_workers_s", "phase_total_s"} <= set(

@@ -117,9 +117,10 @@ def data_prep(rates: dict[str, list[float]], peaks: dict[str, dict], startup_s: 
         row("data", "worker own RSS growth per byte of corpus (1x to 4x)", worker_per_byte,
             "bytes/byte", target=f"< {TARGETS['driver_growth']}",
             met=worker_per_byte < TARGETS["driver_growth"],
-            note="anonymous RSS after the first step: the mapped shards' pages left out",
-            rss_mb_1x=small["worker_rss_bytes"] / 2**20,
-            rss_mb_4x=large["worker_rss_bytes"] / 2**20),
+            note="anonymous RSS from the train loop's start to the first step's end: "
+                 "the mapped shards' pages left out",
+            growth_mb_1x=small["worker_rss_bytes"] / 2**20,
+            growth_mb_4x=large["worker_rss_bytes"] / 2**20),
         row("data", "start-up to first step, dataset already prepared", startup_s, "s",
             note="the `raypar train` command, dp=2: from its launch to its first step's end"),
     ]

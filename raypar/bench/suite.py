@@ -194,10 +194,14 @@ class Bench:
             run(spec, self.work / "peak" / f"run-{name}", progress=False)
             [rank0] = [r for r in RunDir(self.work / "peak" / f"run-{name}").read_ranks()
                        if r.rank == 0]
-            # The worker's own memory after its first step, without the pages of the shards
-            # it memory-maps (file pages the kernel can drop; they count in ru_maxrss, which
-            # read 0.54-0.58 bytes/byte of "growth" in the suite and none alone).
-            self.prep_peaks[name]["worker_rss_bytes"] = rank0.rss_anon_bytes
+            # What the worker's own memory grew by from the start of its train loop to the
+            # end of its first step, without the pages of the shards it memory-maps (file
+            # pages the kernel can drop; they count in ru_maxrss, which read 0.54-0.58
+            # bytes/byte of "growth" in the suite and none alone). From the start, not in
+            # absolute terms: a Ray worker process may be reused and keep what a preparation
+            # task left in its heap, which moved the absolute figure by 13 MB between runs.
+            self.prep_peaks[name]["worker_rss_bytes"] = (rank0.rss_anon_bytes
+                                                         - rank0.rss_anon_start_bytes)
 
     # -- baselines -------------------------------------------------------------------
     def _baseline(self, mode: str, spec: RunSpec, nproc: int = 1) -> list[dict]:

@@ -54,16 +54,20 @@ def _latest_checkpoint(spec: RunSpec, rd: RunDir) -> Optional[str]:
     refused: training on from step 0 would be a new run, which only --restart starts."""
     root = checkpoint_root(spec, rd.path)[2]
     found = ckpt.candidates(root)
-    # Hashes too, of the newest checkpoint that has every file at its size (only the
-    # ones before it when it fails): an explicit --resume refuses a run whose checkpoints
-    # are all corrupt here, in one line. A worker's own start checks sizes only.
-    latest = ckpt.latest_valid(root, log, hashes=True)
+    # Sizes only, as a worker's start checks them: every byte a rank loads is hashed as it
+    # is read, and a --resume whose checkpoints pass here but none of which loads fails in
+    # the workers, in one line (NoCheckpointLoads), rather than train from step 0. Hashing
+    # here would read every byte of the checkpoint once more, on this machine.
+    latest = ckpt.latest_valid(root, log, hashes=False)
     if found and latest is None:
-        raise ConfigError(
-            f"--resume: none of the {len(found)} checkpoints under {root} verifies (see the "
+        raise ConfigError(_none_verifies(len(found), root, rd))
+    return None if latest is None else str(latest)
+
+
+def _none_verifies(n: int, root: Any, rd: RunDir) -> str:
+    return (f"--resume: none of the {n} checkpoints under {root} verifies (see the "
             f"warnings above); to train again from step 0 in this directory, with the old "
             f"records moved aside: raypar train --resume {rd.path} --restart")
-    return None if latest is None else str(latest)
 
 
 def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size: int,
@@ -257,7 +261,8 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     try:
         try:  # from here a stop ends the MLflow run too
             thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay,
-                                 guard, outcome, t_start, startup.board.key)
+                                 guard, outcome, t_start, startup.board.key,
+                                 must_load=resume and latest is not None)
             # The worker group starts (seconds) while MLflow sets up its run (seconds too).
             thread.start()
             tracker = _tracker(spec, rd, uri, resume, earlier, thread)
@@ -278,6 +283,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
             raise
     finally:  # this run's GCS keys, however it ends
         if guard.flag is not None:
+            outcome["failed"] = guard.flag.failure()  # the workers' own word, if any
             guard.flag.clear()
         startup.board.clear()
     rows, events = (follower.rows, follower.events) if follower else ([], [])
@@ -321,9 +327,11 @@ def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
 
 def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
-                outcome: dict[str, Any], t_start: float, startup_key: str) -> threading.Thread:
+                outcome: dict[str, Any], t_start: float, startup_key: str,
+                must_load: bool = False) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
-    on a signal asks the workers to stop."""
+    on a signal asks the workers to stop. must_load (a --resume that found checkpoints):
+    workers none of whose checkpoints loads fail rather than train from step 0."""
     storage, name, root = checkpoint_root(spec, rd.path)
     flag = StopFlag()
     trainer = TorchTrainer(
@@ -336,6 +344,7 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
                                               lambda path: _shard_cache(spec, path)),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
             "step_delay_s": step_delay, "stop_flag": flag, "startup_key": startup_key,
+            "must_load": must_load,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))
@@ -424,6 +433,10 @@ def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record]
         raise Interrupted(f"stopped by {name} at step {step} of {spec.train.steps}; continue "
                           f"with: raypar train --resume {rd.path}", signum)
     if not ok:
+        if outcome.get("failed"):  # the workers ended for a reason the user is to mend
+            rd.write_status("failed", error=outcome["failed"])
+            log.error("training failed: %s", outcome["failed"])
+            raise ConfigError(outcome["failed"].replace("<run dir>", str(rd.path)))
         err = outcome.get("error")
         cause = root_cause(err) if err is not None else "incomplete"
         if err is not None:  # the whole story, for whoever reads run.log

@@ -106,7 +106,7 @@ def rank_info(trainer: RankTrainer, end: bool = False) -> RankInfo:
         rss_init_bytes=trainer.rss_init,
         rss_peak_bytes=trainer.rss_first_step or peak_rss_bytes(),
         rss_end_bytes=peak_rss_bytes() if end else None,
-        rss_anon_bytes=trainer.anon_first_step,
+        rss_anon_bytes=trainer.anon_first_step, rss_anon_start_bytes=trainer.anon_start,
         rss_base_bytes=trainer.rss_base, load_s=trainer.load_s,
         load_bytes=trainer.load_stats.bytes if trainer.load_stats is not None else None,
         **(trainer.memory or {}))
@@ -149,6 +149,12 @@ def choose_checkpoint(root: str) -> tuple[Optional[str], list[list[str]], list[s
     return (str(path) if path is not None else None), skipped, taken
 
 
+class NoCheckpointLoads(RuntimeError):
+    """A --resume whose checkpoints all failed as they were read (their sizes matched):
+    training from step 0 would be a new run, which only --restart starts. The workers
+    end (StopFlag.fail) and the driver shows it as a user error, in one line."""
+
+
 def _load_newest(config: dict[str, Any], groups: Groups, trainer: RankTrainer,
                  choice: tuple[Optional[str], list[list[str]], list[str]], rebuild: Any
                  ) -> tuple[RankTrainer, tuple[Optional[str], list[list[str]], list[str]],
@@ -185,6 +191,13 @@ def _load_newest(config: dict[str, Any], groups: Groups, trainer: RankTrainer,
             box = [None]
         dist.broadcast_object_list(box, src=0, group=groups.active)
         path, skipped = box[0]
+    if config.get("must_load") and taken:
+        # The driver found a checkpoint whose files have their sizes; none loaded here.
+        raise NoCheckpointLoads(
+            f"--resume: none of the {len(taken)} checkpoints under {config['checkpoint_root']} "
+            f"loads ({'; '.join(f'{p}: {r}' for p, r in skipped) or 'none found'}); to train "
+            f"again from step 0, with the old records moved aside: raypar train --resume "
+            f"<run dir> --restart")
     if touched:
         trainer.close()
         trainer = rebuild()
@@ -255,6 +268,9 @@ def data_sources(config: dict[str, Any], seq_len: int) -> tuple[Any, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker (again after every restart)."""
     started = time.time()
+    # This process's own memory before raypar opens anything: a Ray worker process may be
+    # reused, and keep what earlier tasks (a dataset's preparation) left in its heap.
+    anon_start = anon_rss_bytes()
     control.watch_sigterm()
     spec = control.resolve_layout(from_dict(config["spec"]), dist.get_world_size())
     groups = Groups.build(spec)
@@ -281,6 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         base = peak_rss_bytes()  # Ray's worker, torch, the process groups, the data opened
         built = RankTrainer(spec, config["vocab_size"], train, val, groups)
         built.rss_base, built.rss_init = base, peak_rss_bytes()
+        built.anon_start = anon_start
         return built
 
     trainer = build()
@@ -289,7 +306,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         board.mark("model", f"built and parallelized (dp={p.dp} pp={p.pp} tp={p.tp} "
                             f"{p.dp_mode}), data opened")
     try:
-        trainer, choice, saved, load_s = _load_newest(config, groups, trainer, choice, build)
+        try:
+            trainer, choice, saved, load_s = _load_newest(config, groups, trainer, choice,
+                                                          build)
+        except NoCheckpointLoads as e:  # every training rank raises it, together
+            if config.get("stop_flag") is None:
+                raise
+            if rank == 0:
+                config["stop_flag"].fail(str(e))
+            return  # every rank ends without an error: Ray Train has nothing to retry
         if choice[0] is not None:
             trainer.load_s = load_s
         _train(config, spec, groups, trainer, started, choice, saved, load_s, board)

@@ -179,6 +179,8 @@ class RankInfo(Record):
     rss_anon_bytes: Optional[int] = None  # its own (anonymous) resident memory after its
     # first step: without memory-mapped files (the dataset shards)
     rss_base_bytes: Optional[int] = None  # ... before its model was built (its own baseline)
+    rss_anon_start_bytes: Optional[int] = None  # its anonymous RSS as the train loop began
+    # (before the data, the model or a checkpoint were opened)
     load_s: Optional[float] = None  # this rank's checkpoint load at the group's start
     load_bytes: Optional[int] = None  # ... and the bytes it read from storage
 

@@ -66,9 +66,24 @@ class StopFlag:
     def is_set(self) -> bool:
         return internal_kv._internal_kv_exists(self.key, namespace=self.NAMESPACE)
 
+    def fail(self, message: str) -> None:
+        """Worker side: the run cannot go on for a reason that is the user's to mend (no
+        checkpoint of a --resume loads). The workers then end without an error, so that
+        Ray Train does not start them again for checkpoint.max_failures attempts that
+        would each find the same; the driver reads the message (failure()) and says it."""
+        internal_kv._internal_kv_put(f"{self.key}-failed", message, namespace=self.NAMESPACE)
+
+    def failure(self) -> Optional[str]:
+        try:
+            raw = internal_kv._internal_kv_get(f"{self.key}-failed", namespace=self.NAMESPACE)
+        except Exception:  # noqa: BLE001 - Ray is gone: nothing was written, or it is lost
+            return None
+        return raw.decode() if raw is not None else None
+
     def clear(self) -> None:
         try:
-            internal_kv._internal_kv_del(self.key, namespace=self.NAMESPACE)
+            for key in (self.key, f"{self.key}-failed"):
+                internal_kv._internal_kv_del(key, namespace=self.NAMESPACE)
         except Exception:  # noqa: BLE001 - Ray is gone: so is the key
             pass
 

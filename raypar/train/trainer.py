@@ -138,6 +138,7 @@ class RankTrainer:
         self.rss_first_step: Optional[int] = None  # ... and after this group's first step
         self.anon_first_step: Optional[int] = None  # its anonymous RSS then (no mapped files)
         self.rss_base: Optional[int] = None  # ... and before it was built
+        self.anon_start: Optional[int] = None  # its anonymous RSS as the train loop began
         self.load_s: Optional[float] = None  # seconds of the checkpoint load, if one was
         self.load_stats: Optional[ckpt.dcp_io.ReadStats] = None  # ... and what it read
 
