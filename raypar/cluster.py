@@ -62,9 +62,10 @@ def connect(address: Optional[str], cpus: int, dashboard_port: Optional[int] = N
     `cpus` logical CPUs (the workers' train.threads each). Returns is_local.
 
     A local Ray includes the dashboard, on 127.0.0.1 only, when its packages (ray[default])
-    are installed: its web UI, and the state API behind `ray list actors`. dashboard_port:
-    its port; by default Ray's 8265, or the next free one of the 50 after it.
-    `local_ray_note()` then says how to reach it from another shell."""
+    are installed and RAYPAR_DASHBOARD is not 0: its web UI, and the state API behind
+    `ray list actors` (Ray 2.60 runs its modules as 8 more processes, about 0.7 GB).
+    dashboard_port: its port; by default Ray's 8265, or the next free one of the 50 after
+    it. `local_ray_note()` then says how to reach it from another shell."""
     global _local
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
@@ -82,11 +83,15 @@ def connect(address: Optional[str], cpus: int, dashboard_port: Optional[int] = N
     # time-share the cores, which is slower but exact.
     # address="local": always a fresh instance, never a `ray start` cluster that happens to
     # run on this machine (that one is reached with --address / RAY_ADDRESS).
+    wanted = os.environ.get("RAYPAR_DASHBOARD", "1")
+    if wanted not in ("0", "1"):
+        raise ConfigError(f"RAYPAR_DASHBOARD: {wanted!r} is not 0 (no dashboard for a local "
+                          f"Ray) or 1 (the dashboard when ray[default] is installed)")
     check_home_writable()
-    missing = dashboard_missing()
+    missing = dashboard_missing() if wanted == "1" else None
     dashboard = dict(include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=dashboard_port) if missing is None else dict(
-                         include_dashboard=False)
+                     dashboard_port=dashboard_port) if wanted == "1" and missing is None \
+        else dict(include_dashboard=False)
     try:
         ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus),
                        **dashboard, **common)
@@ -114,6 +119,8 @@ def local_ray_note() -> Optional[str]:
     if _local["dashboard"]:
         return (f"Ray dashboard at http://{_local['dashboard']}; from another shell: "
                 f"{env} ray status (or ray list actors)")
+    if _local["missing"] is None:  # turned off
+        return f"Ray dashboard off (RAYPAR_DASHBOARD=0); from another shell: {env} ray status"
     return (f"Ray dashboard not started: its packages are missing ({_local['missing']}); "
             f"pip install 'ray[default]' for it and `ray list actors`. From another shell: "
             f"{env} ray status")

@@ -17,6 +17,9 @@ os.environ.pop("RAY_ADDRESS", None)
 # each wait for a poll; the tests' many short runs poll faster (a Ray started from here, or
 # from a process started here, passes this on to its controller).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The local Rays that `raypar train` subprocesses start go without the dashboard (8 more
+# processes, about 0.7 GB each time); the test of the dashboard turns it back on.
+os.environ.setdefault("RAYPAR_DASHBOARD", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 

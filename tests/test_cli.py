@@ -155,7 +155,7 @@ def test_ray_status_and_list_actors_see_a_local_run_from_another_shell(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), RAYPAR_DASHBOARD="1")
     proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY, str(port)], cwd=tmp_path, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -191,3 +191,15 @@ def test_without_the_dashboard_one_line_says_how_to_get_it(monkeypatch):
         "Ray dashboard not started: its packages are missing (No module named 'aiohttp'); "
         "pip install 'ray[default]' for it and `ray list actors`. From another shell: "
         "RAY_ADDRESS=10.0.0.2:6379 RAY_AUTH_MODE=token ray status")
+    monkeypatch.setattr(cluster, "_local", {"gcs": "10.0.0.2:6379", "dashboard": None,
+                                            "missing": None, "token": False})
+    assert cluster.local_ray_note() == ("Ray dashboard off (RAYPAR_DASHBOARD=0); from "
+                                        "another shell: RAY_ADDRESS=10.0.0.2:6379 ray status")
+
+
+def test_a_bad_dashboard_switch_is_refused_before_ray_starts(monkeypatch):
+    from raypar.cluster import connect
+    from raypar.config import ConfigError
+    monkeypatch.setenv("RAYPAR_DASHBOARD", "yes")
+    with pytest.raises(ConfigError, match=r"^RAYPAR_DASHBOARD: 'yes' is not 0 "):
+        connect(None, 1)
