@@ -78,6 +78,8 @@ def _export_parser(sub) -> None:
                    "names and config, which `raypar generate --checkpoint` reads")
     p.add_argument("--out", help="output directory (hf; default: RUN_DIR/export) or file "
                    f"(raypar; default: RUN_DIR/{EXPORT_RAYPAR})")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the hf export as the "
+                   "run's MLflow model (by default it is, when the run has an MLflow run)")
 
 
 def _plan_parser(sub) -> None:
@@ -280,7 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"RUN_DIR: no such directory: {args.run_dir}")
-    out = export(args.run_dir, args.checkpoint, args.out, format=args.format)
+    out = export(args.run_dir, args.checkpoint, args.out, format=args.format,
+                 log_model=not args.no_mlflow)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     print(f"exported: {out} ({size / 2**20:.1f} MiB)")
     return 0

@@ -3,6 +3,8 @@ local machine's memory), and the ScalingConfig that Ray Train places the workers
 
     is_local = connect(address, spec.world_size * spec.train.threads)
     check_capacity(spec, is_local, vocab_size, use_gpu)
+
+A local Ray comes with its dashboard when ray[default] is installed (local_ray_note).
 """
 from __future__ import annotations
 
@@ -41,19 +43,39 @@ def layout_memory_bytes(spec: RunSpec, vocab_size: int) -> int:
     return plan(spec, vocab_size).total_bytes(per_worker=WORKER_BASE_BYTES)
 
 
-def connect(address: Optional[str], cpus: int) -> bool:
+# What the local Ray that connect() started offers Ray's own tools (local_ray_note).
+_local: Optional[dict] = None
+
+
+def dashboard_missing() -> Optional[str]:
+    """None when Ray's dashboard can start here, else the import that fails. (Ray decides
+    the same way, by importing the module that lists the dashboard's packages.)"""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def connect(address: Optional[str], cpus: int, dashboard_port: Optional[int] = None) -> bool:
     """Join the cluster at address / $RAY_ADDRESS, else start a local Ray with at least
-    `cpus` logical CPUs (the workers' train.threads each). Returns is_local."""
+    `cpus` logical CPUs (the workers' train.threads each). Returns is_local.
+
+    A local Ray includes the dashboard, on 127.0.0.1 only, when its packages (ray[default])
+    are installed and RAYPAR_DASHBOARD is not 0: its web UI, and the state API behind
+    `ray list actors` (Ray 2.60 runs its modules as 8 more processes, about 0.7 GB).
+    dashboard_port: its port; by default Ray's 8265, or the next free one of the 50 after
+    it. `local_ray_note()` then says how to reach it from another shell."""
+    global _local
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return False
     # Ray's own start-up chatter (token auth notice, Ray Data plans) is not for our users;
     # errors still surface, and worker failures come back as exceptions from fit().
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                  configure_logging=True)
+    common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     if address:
         try:
-            ray.init(address=address, **common)
+            ray.init(address=address, include_dashboard=False, **common)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"--address: cannot connect to Ray at {address}: {e}") from None
         return False
@@ -61,14 +83,47 @@ def connect(address: Optional[str], cpus: int) -> bool:
     # time-share the cores, which is slower but exact.
     # address="local": always a fresh instance, never a `ray start` cluster that happens to
     # run on this machine (that one is reached with --address / RAY_ADDRESS).
+    wanted = os.environ.get("RAYPAR_DASHBOARD", "1")
+    if wanted not in ("0", "1"):
+        raise ConfigError(f"RAYPAR_DASHBOARD: {wanted!r} is not 0 (no dashboard for a local "
+                          f"Ray) or 1 (the dashboard when ray[default] is installed)")
     check_home_writable()
+    missing = dashboard_missing() if wanted == "1" else None
+    dashboard = dict(include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=dashboard_port) if wanted == "1" and missing is None \
+        else dict(include_dashboard=False)
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus), **common)
+        ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus),
+                       **dashboard, **common)
     except OSError as e:  # a file Ray writes while starting (its session folder, a token)
         where = f"cannot write {e.filename}" if e.filename else "cannot start"
         raise ConfigError(f"local Ray: {where} ({e.strerror or e}); make HOME and the "
                           f"temporary directory (RAY_TMPDIR) writable") from None
+    _local = {"gcs": ctx.address_info["gcs_address"], "dashboard": ctx.dashboard_url or None,
+              "missing": missing,
+              # ray.init turned token authentication on unless RAY_AUTH_MODE said otherwise
+              "token": os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"}
     return True
+
+
+def local_ray_note() -> Optional[str]:
+    """For the local Ray that connect() started (None when it joined a cluster): where its
+    dashboard is, and what `ray status` / `ray list actors` need in another shell of the
+    same user: its address (ray.init writes no /tmp/ray/ray_current_cluster, which belongs
+    to `ray start`), and, with token authentication on (Ray's default for a local Ray),
+    RAY_AUTH_MODE=token so that the CLI sends the token from ~/.ray/auth_token.
+    Without the dashboard's packages: how to get them."""
+    if _local is None or not ray.is_initialized():
+        return None
+    env = f"RAY_ADDRESS={_local['gcs']}" + (" RAY_AUTH_MODE=token" if _local["token"] else "")
+    if _local["dashboard"]:
+        return (f"Ray dashboard at http://{_local['dashboard']}; from another shell: "
+                f"{env} ray status (or ray list actors)")
+    if _local["missing"] is None:  # turned off
+        return f"Ray dashboard off (RAYPAR_DASHBOARD=0); from another shell: {env} ray status"
+    return (f"Ray dashboard not started: its packages are missing ({_local['missing']}); "
+            f"pip install 'ray[default]' for it and `ray list actors`. From another shell: "
+            f"{env} ray status")
 
 
 def check_home_writable() -> None:

@@ -201,7 +201,7 @@ FORMATS = ("hf", "raypar")
 
 def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
            out: Optional[PathLike] = None, format: str = "hf",
-           max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+           max_shard_bytes: int = MAX_SHARD_BYTES, log_model: bool = False) -> Path:
     """Consolidate a checkpoint into a Hugging Face directory (format "hf") or one raypar
     safetensors file (format "raypar"); returns its path.
 
@@ -209,7 +209,10 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
     run_dir holds the run's config.yaml, the checkpoint must match it
     (ConfigError naming the fields otherwise). out defaults to run_dir/export/ (hf) or
     run_dir/export.safetensors (raypar). The hf weights are split into files of at most
-    max_shard_bytes, with an index, when they are larger.
+    max_shard_bytes, with an index, when they are larger. With log_model, an hf export of
+    a local run directory whose run has an MLflow run (mlflow.json) is logged as that
+    run's MLflow model (raypar/train/tracking.py `log_export`); a store that fails then
+    costs a warning, not the export.
     """
     if format not in FORMATS:
         raise ConfigError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
@@ -239,7 +242,10 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
         model, meta = consolidate(path)
         if format == "hf":
             tok = parse_tokenizer(meta.get("tokenizer") or "", f"{path}/meta.json: its tokenizer")
-            return write_hf(model, tok, out, max_shard_bytes)
+            write_hf(model, tok, out, max_shard_bytes)
+            if log_model and run_dir is not None and not storage.is_uri(run_dir):
+                _log_model(Path(run_dir), out, path)
+            return out
         train_state = ckpt.read_train_state(path)
         return save_safetensors(model, meta, out, train_state, source=str(path))
     except BaseException:
@@ -249,6 +255,19 @@ def export(run_dir: Optional[PathLike] = None, checkpoint: Optional[PathLike] = 
             except OSError:
                 break
         raise
+
+
+def _log_model(run_dir: Path, out: Path, checkpoint: PathLike) -> None:
+    from raypar.train import tracking
+    try:
+        uri = tracking.log_export(run_dir, out, ckpt.step_of(checkpoint), str(checkpoint))
+    except Exception as e:  # noqa: BLE001 - MLflow and its stores raise many kinds
+        log.warning("the export is not logged to MLflow: %s", _first_line(e))
+        return
+    if uri is not None:  # (log_model is the CLI's: it prints its lines)
+        run_id = json.loads(RunDir(run_dir).mlflow_record.read_text())["run_id"]
+        print(f"MLflow model: {uri}, the model of run {run_id} (register it with "
+              f"mlflow.register_model(\"runs:/{run_id}/model\", NAME))")
 
 
 def _read_header(path: PathLike) -> tuple[dict[str, str], dict[str, tuple[str, tuple]]]:

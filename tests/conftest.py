@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray per test module, a small real corpus, isolated caches."""
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,9 @@ os.environ.pop("RAY_ADDRESS", None)
 # each wait for a poll; the tests' many short runs poll faster (a Ray started from here, or
 # from a process started here, passes this on to its controller).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The local Rays that `raypar train` subprocesses start go without the dashboard (8 more
+# processes, about 0.7 GB each time); the test of the dashboard turns it back on.
+os.environ.setdefault("RAYPAR_DASHBOARD", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,6 +216,56 @@ def wait_for(run_dir, predicate, what, thread, timeout=300):
 
 def layouts(events):
     return [e["dp"] for e in events if e["event"] == "layout"]
+
+
+def check_chrome_trace(text: str, timelines: list[dict]) -> dict:
+    """timeline.trace.json's text against the Trace Event Format's rules (the subset that
+    Perfetto's and chrome://tracing's JSON importers read: a strict-JSON object whose
+    traceEvents are complete "X" events with a name, pid, tid and non-negative ts/dur in
+    microseconds, named by "M" process_name/thread_name events; slices on one thread
+    nest) and against the recorded timelines it was made from (timelines[rank] = {"events",
+    "start", "end"}): one process with one named thread per rank, a "step" slice holding
+    every recorded event once, with its time, in time order. Returns the parsed trace."""
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+    trace = json.loads(text, parse_constant=no_constants)
+    assert isinstance(trace, dict) and isinstance(trace["traceEvents"], list)
+    assert trace.get("displayTimeUnit", "ms") in ("ms", "ns")
+    meta = [e for e in trace["traceEvents"] if e["ph"] == "M"]
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(meta) + len(slices) == len(trace["traceEvents"])
+    for e in trace["traceEvents"]:
+        assert isinstance(e["name"], str) and e["name"]
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int)
+    for e in slices:
+        assert isinstance(e["ts"], (int, float)) and isinstance(e["dur"], (int, float))
+        assert e["ts"] >= 0 and e["dur"] >= 0
+    n = len(timelines)
+    assert sorted({e["pid"] for e in slices}) == list(range(n))  # one process per rank
+    for key in ("process_name", "thread_name"):
+        named = [(e["pid"], e["tid"]) for e in meta if e["name"] == key]
+        assert sorted(named) == [(r, 0) for r in range(n)], key
+        assert all(isinstance(e["args"]["name"], str) for e in meta if e["name"] == key)
+    t0 = min(t["start"] for t in timelines)
+    for rank, tl in enumerate(timelines):
+        mine = [e for e in slices if e["pid"] == rank]
+        assert {e["tid"] for e in mine} == {0}  # one track
+        step, events = mine[0], mine[1:]
+        assert step["name"] == "step"
+        assert step["ts"] == pytest.approx((tl["start"] - t0) * 1e6, abs=0.01)
+        assert step["dur"] == pytest.approx((tl["end"] - tl["start"]) * 1e6, abs=0.01)
+        recorded = sorted(tl["events"], key=lambda e: (e["start"], e["end"]))
+        assert len(events) == len(recorded)
+        assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
+        for got, want in zip(events, recorded):
+            assert got["name"] == f"{want['kind']}{want['microbatch']}"
+            assert got["args"] == {"stage": want["stage"], "microbatch": want["microbatch"]}
+            assert got["ts"] == pytest.approx((want["start"] - t0) * 1e6, abs=0.01)
+            assert got["dur"] == pytest.approx((want["end"] - want["start"]) * 1e6, abs=0.01)
+            # nested in the step slice
+            assert step["ts"] <= got["ts"] and got["ts"] + got["dur"] <= step["ts"] + step[
+                "dur"] + 0.01
+    return trace
 
 
 def single_process_rows(spec, cache, tmp_path):

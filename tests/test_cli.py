@@ -119,3 +119,87 @@ def test_plan_shows_every_rank_and_its_memory():
 def test_plan_rejects_impossible_layouts(override, fragments):
     args = [a for o in override for a in ("--set", o)]
     assert_user_error(raypar("plan", "--config", TINY, *args), *fragments)
+
+
+# A local Ray started by raypar's own function, in its own process (as `raypar train` does),
+# which holds a named actor until its stdin closes.
+LOCAL_RAY = """
+import sys
+import ray
+from raypar.cluster import connect, local_ray_note
+assert connect(None, 1, dashboard_port=int(sys.argv[1]))
+
+@ray.remote
+class Probe:
+    def ping(self):
+        return 1
+
+probe = Probe.options(name="raypar-probe").remote()
+ray.get(probe.ping.remote())
+print(local_ray_note(), flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_ray_status_and_list_actors_see_a_local_run_from_another_shell(tmp_path):
+    """What the start-up line tells the user to type in another shell of theirs works:
+    `ray status` and `ray list actors` (the dashboard's state API), with Ray's default
+    token authentication on, against the dashboard on 127.0.0.1 at the port asked for."""
+    import os
+    import re
+
+    from conftest import free_port
+    pytest.importorskip("ray.dashboard.optional_deps")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(ROOT), RAYPAR_DASHBOARD="1")
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY, str(port)], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        note = proc.stdout.readline().strip()
+        assert note.startswith(f"Ray dashboard at http://127.0.0.1:{port}; from another "
+                               f"shell: RAY_ADDRESS="), note
+        shell = dict(re.findall(r"(RAY_\w+)=(\S+)", note))
+        assert shell["RAY_AUTH_MODE"] == "token" and set(shell) == {"RAY_ADDRESS",
+                                                                   "RAY_AUTH_MODE"}
+        other = {**env, **shell}
+        # Both at once, as two other shells would (a CLI start costs seconds).
+        status, actors = [subprocess.Popen(cmd, env=other, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+                          for cmd in (["ray", "status"], ["ray", "list", "actors"])]
+        out, err = status.communicate(timeout=120)
+        assert status.returncode == 0 and "Active:" in out, err
+        out, err = actors.communicate(timeout=120)
+        assert actors.returncode == 0, err
+        [row] = [line for line in out.splitlines() if "raypar-probe" in line]
+        assert "ALIVE" in row and "Probe" in row
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=120)
+
+
+def test_without_the_dashboard_one_line_says_how_to_get_it(monkeypatch):
+    from raypar import cluster
+    monkeypatch.setattr(cluster, "_local", {"gcs": "10.0.0.2:6379", "dashboard": None,
+                                            "missing": "No module named 'aiohttp'",
+                                            "token": True})
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)
+    assert cluster.local_ray_note() == (
+        "Ray dashboard not started: its packages are missing (No module named 'aiohttp'); "
+        "pip install 'ray[default]' for it and `ray list actors`. From another shell: "
+        "RAY_ADDRESS=10.0.0.2:6379 RAY_AUTH_MODE=token ray status")
+    monkeypatch.setattr(cluster, "_local", {"gcs": "10.0.0.2:6379", "dashboard": None,
+                                            "missing": None, "token": False})
+    assert cluster.local_ray_note() == ("Ray dashboard off (RAYPAR_DASHBOARD=0); from "
+                                        "another shell: RAY_ADDRESS=10.0.0.2:6379 ray status")
+
+
+def test_a_bad_dashboard_switch_is_refused_before_ray_starts(monkeypatch):
+    from raypar.cluster import connect
+    from raypar.config import ConfigError
+    monkeypatch.setenv("RAYPAR_DASHBOARD", "yes")
+    with pytest.raises(ConfigError, match=r"^RAYPAR_DASHBOARD: 'yes' is not 0 "):
+        connect(None, 1)

@@ -32,7 +32,7 @@ from raypar.data.tokenizer import padded_vocab
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
 
-from conftest import ROOT, single_process_rows
+from conftest import ROOT, check_chrome_trace, single_process_rows
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 STEPS = 6
@@ -171,6 +171,12 @@ def test_whole_run_with_every_feature_reproduces_single_process(
     assert len(timeline) == len(ranks)
     assert 0 < summary["bubble_measured"] < 1 and 0 < summary["bubble_theory"] < 1
     assert (run_dir / "pipeline_timeline.png").stat().st_size > 1000
+    # The same step as a Chrome trace: one named track per rank, every recorded event.
+    trace = check_chrome_trace((run_dir / "timeline.trace.json").read_text(), timeline)
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["name"] == "thread_name"}
+    for r in ranks:
+        assert names[r["rank"]].startswith(f"rank {r['rank']}: dp {r['dp']}, pp {r['pp']}")
 
 
 @pytest.mark.parametrize("overrides, message", [

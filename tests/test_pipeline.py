@@ -31,7 +31,8 @@ from raypar.parallel.schedules import stage_ids, stage_rank
 from raypar.parallel.stages import (build_stage_modules, is_tied_copy, stage_costs, stage_layout,
                                     sync_tied_grads)
 from raypar.parallel.timeline import (measured_bubble, pipeline_bubble, plot_timeline,
-                                      theoretical_bubble)
+                                      theoretical_bubble, write_chrome_trace)
+from conftest import check_chrome_trace
 
 TINY = dict(vocab_size=128, seq_len=16, n_layer=4, n_head=4, d_model=32, dropout=0.0)
 BATCH, SEQ, MICRO, STEPS = 8, 16, 4, 3
@@ -304,7 +305,7 @@ def _timeline(rank, group, schedule):
     assert 0.0 <= bubble < 1.0
     pipe.eval(x, y)
     assert pipe.timeline is ev  # eval records nothing
-    return {"events": ev, "bubble": bubble}
+    return {"events": ev, "bubble": bubble, "start": pipe.step_start, "end": pipe.step_end}
 
 
 def _pp1(rank, group):
@@ -439,3 +440,9 @@ def test_timeline_recorded_and_plotted(runs, schedule, tmp_path):
     path = tmp_path / "timeline.png"
     plot_timeline({0: r0["events"], 1: r1["events"]}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = tmp_path / "timeline.trace.json"
+    timelines = [{k: r[k] for k in ("events", "start", "end")} for r in (r0, r1)]
+    write_chrome_trace(timelines, trace, {0: "first", 1: "second"}, schedule)
+    got = check_chrome_trace(trace.read_text(), timelines)
+    assert [e["args"]["name"] for e in got["traceEvents"] if e["name"] == "thread_name"] \
+        == ["first", "second"]

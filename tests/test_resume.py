@@ -205,15 +205,23 @@ def test_sigint_and_sigterm_stop_the_run_which_resumes_exactly(
         assert status["state"] == "stopped" and stopped_at < STEPS
         record = json.loads((run_dir / "mlflow.json").read_text())
         assert MlflowClient(record["uri"]).get_run(record["run_id"]).info.status == "KILLED"
+        # Every step the stopped run recorded is in MLflow before the run was ended.
+        assert mlflow_steps(run_dir) == (record["run_id"], [r["step"] for r in rows])
+        assert all(record["run_id"] == run_id for _, run_id in stops)  # --resume: the same run
         if again is None:  # asked once: the workers saved the step they stopped at
             assert ckpt.step_of(ckpt.latest_valid(run_dir)) == stopped_at
-        stops.append(stopped_at)
-    assert stops[0] < stops[1], stops
+        stops.append((stopped_at, record["run_id"]))
+    assert stops[0][0] < stops[1][0], stops
     assert resume_cli(run_dir) == 0
     rows, recovered = recoveries(run_dir)
     assert_same_run(rows, reference)  # the same layout throughout: bit-exact
     assert all(e["cause"] == "resume" and e["mismatched_steps"] == [] for e in recovered)
-    assert mlflow_steps(run_dir)[1] == list(range(1, STEPS + 1)), "one MLflow run, each step once"
+    assert mlflow_steps(run_dir) == (stops[0][1], list(range(1, STEPS + 1))), \
+        "one MLflow run, each step once"
+    record = json.loads((run_dir / "mlflow.json").read_text())
+    client = MlflowClient(record["uri"])
+    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(record["run_id"]).info.experiment_id])) == 1
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
@@ -388,7 +396,18 @@ def test_export_and_generate_from_a_pipeline_checkpoint(killed_pp_run, tmp_path,
     # The same trained dp2 x pp2 model and its bpe tokenizer, through transformers.
     transformers = pytest.importorskip("transformers")
     hf_dir = tmp_path / "hf"
+    run_id, _ = mlflow_steps(killed_pp_run)
+    client = MlflowClient(json.loads((killed_pp_run / "mlflow.json").read_text())["uri"])
+    status = client.get_run(run_id).info.status
     assert cli.main(["export", str(killed_pp_run), "--out", str(hf_dir)]) == 0
+    # ... and logged as the MLflow run's model (tests/test_tracking.py registers one).
+    printed = capsys.readouterr().out
+    [logged] = [m for m in client.search_logged_models([client.get_run(run_id).info.experiment_id])
+                if m.source_run_id == run_id]
+    assert logged.name == "model" and f"MLflow model: models:/{logged.model_id}," in printed
+    assert f'mlflow.register_model("runs:/{run_id}/model", NAME)' in printed
+    assert logged.tags["raypar.checkpoint"] == str(ckpt.latest_valid(killed_pp_run))
+    assert client.get_run(run_id).info.status == status  # left as it was
     model, meta = ex.load_exported(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)

@@ -3,11 +3,15 @@ as measured from the recorded F / B / W events) and a plot of one step.
 
 An event is {"stage", "microbatch", "kind" ("F", "B" or "W"), "start", "end"}, times in
 seconds on the `now()` clock; a rank's timeline of one step is {"events", "start", "end"}.
+The same step is written as a PNG (`plot_timeline`) and as a Chrome trace (`chrome_trace`,
+for Perfetto and chrome://tracing).
 Nothing here imports torch.
 """
 from __future__ import annotations
 
 import time
+import json
+from pathlib import Path
 from typing import Iterable, Optional
 
 from raypar.parallel import schedules
@@ -127,3 +131,53 @@ def plot_timeline(events_per_rank: dict[int, list[dict]], path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def chrome_trace(timelines: list[dict], labels: Optional[dict[int, str]] = None,
+                 title: str = "") -> dict:
+    """One pipeline step as a Chrome trace (the Trace Event Format that Perfetto's UI,
+    chrome://tracing and speedscope read): timelines[rank] is that rank's {"events",
+    "start", "end"}. Each rank is a process (pid = rank, named "rank N", sorted by rank)
+    with one thread whose name is labels[rank] (its (dp, pp, tp) and stages); on it a
+    "step" slice spans the rank's step and holds one complete ("X") slice per F / B / W
+    event, named e.g. "F3" (micro-batch 3) with its stage and micro-batch as args. Times
+    are microseconds since the step's earliest start; `otherData` keeps that origin on
+    the wall clock, and the title.
+
+    Written by hand (the format is a few documented JSON fields): torch.profiler writes
+    this format only for what it profiles itself, and the perfetto package writes
+    protobuf traces through a trace processor binary it downloads."""
+    if not timelines:
+        raise ValueError("no timelines")
+    t0 = min(t["start"] for t in timelines)
+
+    def us(t: float) -> float:
+        return round((t - t0) * 1e6, 3)
+
+    events: list[dict] = []
+    for rank, tl in enumerate(timelines):
+        label = (labels or {}).get(rank, f"rank {rank}")
+        events += [
+            {"ph": "M", "name": "process_name", "pid": rank, "tid": 0,
+             "args": {"name": f"rank {rank}"}},
+            {"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0,
+             "args": {"sort_index": rank}},
+            {"ph": "M", "name": "thread_name", "pid": rank, "tid": 0, "args": {"name": label}},
+        ]
+        # Within a thread, "X" slices nest by time; the enclosing step goes first so that a
+        # reader meeting equal timestamps still sees it as the parent.
+        events.append({"ph": "X", "name": "step", "cat": "step", "pid": rank, "tid": 0,
+                       "ts": us(tl["start"]), "dur": us(tl["end"]) - us(tl["start"])})
+        for e in sorted(tl["events"], key=lambda e: (e["start"], e["end"])):
+            events.append({"ph": "X", "name": f"{e['kind']}{e['microbatch']}",
+                           "cat": e["kind"], "pid": rank, "tid": 0, "ts": us(e["start"]),
+                           "dur": max(0.0, us(e["end"]) - us(e["start"])),
+                           "args": {"stage": e["stage"], "microbatch": e["microbatch"]}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"title": title, "origin_unix_s": t0}}
+
+
+def write_chrome_trace(timelines: list[dict], path, labels: Optional[dict[int, str]] = None,
+                       title: str = "") -> None:
+    """`chrome_trace` into path (timeline.trace.json in a run directory)."""
+    Path(path).write_text(json.dumps(chrome_trace(timelines, labels, title)))

@@ -25,7 +25,8 @@ from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from raypar.cluster import check_capacity, check_local_memory, connect, scaling_config
+from raypar.cluster import (check_capacity, check_local_memory, connect, local_ray_note,
+                            scaling_config)
 from raypar.config import ConfigError, RunSpec, load_spec, model_config
 from raypar.data import mixture
 from raypar.data.corpus import is_uri
@@ -164,6 +165,9 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     startup.done("ray", f"{'started a local Ray' if is_local else 'connected to Ray'} with "
                         f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
                         f"{len(ray.nodes())} node(s)", at=connected)
+    note = local_ray_note() if is_local else None
+    if note:
+        startup.note(note)
     t_data = time.time()
     show, every, end = console_progress()
     try:

@@ -119,6 +119,10 @@ class RunDir:
         return self.path / "pipeline_timeline.png"
 
     @property
+    def timeline_trace(self) -> Path:
+        return self.path / "timeline.trace.json"
+
+    @property
     def loss_png(self) -> Path:
         return self.path / "loss.png"
 

@@ -130,6 +130,15 @@ class Startup:
         else:
             self.say(f"raypar: {line}")
 
+    def note(self, line: str) -> None:
+        """A line that belongs with the phases (shown and logged like them, held with
+        them), without a phase's seconds."""
+        log.info("start-up: %s", line)
+        if self._held is not None:
+            self._held.append(f"raypar: {line}")
+        else:
+            self.say(f"raypar: {line}")
+
     def poll(self) -> bool:
         """Show the worker phases rank 0 has marked since the last poll, in order; True
         once the first step is marked (then there is nothing more to poll)."""

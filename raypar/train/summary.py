@@ -1,7 +1,7 @@
 """What the driver tells the user about a run as it goes and when it ends: the start-up
 phases and the progress bar fed from metrics.jsonl (Follower), the log line of each event
 in it, the summary, and the per-rank and pipeline report (into the summary, MLflow and
-pipeline_timeline.png).
+pipeline_timeline.png, timeline.trace.json).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Optional
 from tqdm import tqdm
 
 from raypar.config import RunSpec
-from raypar.parallel.timeline import pipeline_bubble, plot_timeline, theoretical_bubble
+from raypar.parallel.timeline import (pipeline_bubble, plot_timeline, theoretical_bubble,
+                                      write_chrome_trace)
 from raypar.plan import tp_groups_across_nodes
 from raypar.train import checkpoint as ckpt
 from raypar.train import tracking
@@ -97,7 +98,8 @@ def summarize(rows: list[StepRow], events: list[Record], rd: RunDir,
 
 def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
                   tracker: Optional[tracking.Tracker]) -> None:
-    """Per-rank memory and the pipeline timeline: into the summary, MLflow and a PNG."""
+    """Per-rank memory and the pipeline timeline: into the summary, MLflow, a PNG and a
+    Chrome trace."""
     ranks = rd.read_ranks()
     if ranks is not None:
         summary.ranks = [r.to_json() for r in ranks]
@@ -125,10 +127,12 @@ def layout_report(spec: RunSpec, rd: RunDir, summary: Summary,
              f"{summary.bubble_theory:.0%} in theory")
     plot_timeline({r: t.events for r, t in enumerate(timelines)}, rd.timeline_png, labels,
                   title)
+    write_chrome_trace([t.to_json() for t in timelines], rd.timeline_trace, labels, title)
     if tracker:
         tracker.log_metrics({"bubble_measured": summary.bubble_measured,
                              "bubble_theory": summary.bubble_theory})
         tracker.log_artifact(rd.timeline_png)
+        tracker.log_artifact(rd.timeline_trace)
 
 
 def finish_tracking(tracker: tracking.Tracker, rd: RunDir, rows: list[StepRow],

@@ -5,6 +5,7 @@ row into MLflow metrics, logs the whole resolved config as params, and at the
 end the config and a loss-curve PNG as artifacts. With no tracking.uri and no
 MLFLOW_TRACKING_URI the store is a SQLite file inside the run directory, so a
 laptop needs no server:  mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db
+`raypar export` logs its Hugging Face directory as the run's model (log_export).
 """
 from __future__ import annotations
 
@@ -202,3 +203,87 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# What a model logged from `raypar export` needs to be loaded back (pip requirements are
+# given: MLflow's inference of them imports every package transformers might use, and
+# fails on a missing optional one such as torchvision).
+MODEL_REQUIREMENTS = ("torch", "transformers", "safetensors", "tokenizers")
+
+
+class _HFDirectory:
+    """An MLflow model flavor for when transformers is not installed: Model.log calls
+    save_model(path, mlflow_model) and uploads what it writes. The export directory is
+    copied under model/ unchanged, beside an MLmodel that names it, so the logged model can
+    be registered and downloaded (`mlflow.artifacts.download_artifacts("models:/NAME/1")`
+    gives a folder whose model/ transformers' from_pretrained reads)."""
+
+    __name__ = "raypar_hf"
+
+    def __init__(self, export_dir: Path):
+        self.export_dir = export_dir
+
+    def save_model(self, path, mlflow_model, **_) -> None:
+        import shutil
+        shutil.copytree(self.export_dir, Path(path) / "model")
+        mlflow_model.add_flavor("raypar_hf", model="model", format="transformers",
+                                loader="transformers.AutoModelForCausalLM.from_pretrained")
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+        (Path(path) / "requirements.txt").write_text("\n".join(MODEL_REQUIREMENTS) + "\n")
+
+
+def log_export(run_dir: Path, export_dir: Path, step: int | None, source: str) -> str | None:
+    """Log a `raypar export` directory as the model of the run's MLflow run (the one named
+    in RUN_DIR/mlflow.json; none: nothing is logged, None is returned), under the name
+    "model" so that `mlflow.register_model("runs:/<run id>/model", NAME)` registers it.
+    Returns the logged model's models:/ URI.
+
+    With transformers installed it is MLflow's transformers flavor (a text-generation
+    pipeline: mlflow.transformers.load_model and MLflow's serving read it), else the
+    directory as it is (`_HFDirectory`). Either way an MLflow 3 LoggedModel, linked to the
+    run and to the run's metrics at the checkpoint's step; the run's status is left as it
+    is (MLflow's fluent start_run would end it FINISHED, also a run that was KILLED)."""
+    record = RunDir(run_dir).mlflow_record
+    if not record.exists():
+        return None
+    rec = json.loads(record.read_text())
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # model card / license notes
+    tags = {"raypar.run_dir": str(Path(run_dir).resolve()), "raypar.checkpoint": source}
+    common = dict(name="model", run_id=rec["run_id"], step=step or 0, tags=tags,
+                  pip_requirements=list(MODEL_REQUIREMENTS))
+    experiment = mlflow.MlflowClient(rec["uri"]).get_run(rec["run_id"]).info.experiment_id
+    # Model.log reads the global tracking URI, and puts the model into the current
+    # experiment (the Default one, with artifacts in ./mlruns, when none is set), not
+    # into its run's: both are set for the call. MLflow's own context manager puts the
+    # global URI back (public set_tracking_uri(None) would also unset the environment's
+    # MLFLOW_TRACKING_URI, which therefore is restored here with the experiment).
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    try:
+        with _use_tracking_uri(rec["uri"]):
+            os.environ["MLFLOW_EXPERIMENT_ID"] = experiment
+            try:
+                import transformers
+            except ImportError:
+                transformers = None
+            if transformers is not None:
+                import mlflow.transformers
+                transformers.logging.disable_progress_bar()
+                pipe = transformers.pipeline("text-generation", model=str(export_dir),
+                                             tokenizer=str(export_dir))
+                # mlflow 3.17's log_model from a checkpoint path fails on transformers 5
+                # (its pipeline registry names classes by string there): the pipeline.
+                info = mlflow.transformers.log_model(pipe, **common)
+            else:
+                info = Model.log(artifact_path=None, flavor=_HFDirectory(Path(export_dir)),
+                                 **common)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return info.model_uri
