@@ -99,7 +99,7 @@ def test_quick_bench_writes_every_row(tmp_path):
         # A row with a target says whether it holds; a row without one does not pretend.
         assert (r["target"] is None) == (r["met"] is None), r
     # Memory is no speed: the driver of a preparation holds manifests, never the corpus,
-    # so its own peak RSS (a process of its own) stays flat from an 8 MB corpus to 32 MB.
+    # so its own peak RSS (a process of its own) stays flat from a 32 MB corpus to 128 MB.
     [growth] = [r for r in rows if r["name"].startswith("driver peak RSS growth")]
     assert growth["met"] and growth["detail"]["corpus_mb_4x"] > 3.5 * growth["detail"][
         "corpus_mb_1x"], growth

@@ -56,7 +56,10 @@ class Size:
     n_files: int  # standard-library source files in the corpus
     prep_mb: float  # MB of text the preparation throughput rows tokenize
     prep_repeats: int  # rounds of (Ray Data 1 CPU, 2 CPUs, HF) for those rows
-    peak_mb: int  # MB of the smaller corpus of the driver-memory row (the other is 4x)
+    peak_mb: int  # MB of the smaller corpus of the memory-growth rows (the other is 4x):
+    # 32 and 128 MB, 96 MB apart, so half a byte per byte is 48 MB, against the 10-22 MB by
+    # which a worker's memory after its first step moves between identical runs (measured:
+    # 8 and 32 MB put the bound at 12 MB, and the row failed on noise in 3 of 6 suites)
     warmup_s: float  # seconds of steps left out of steady state (see `windows`)
     steps: int  # steps of the throughput runs
     repeats: int  # windows the steady steps split into
@@ -65,8 +68,8 @@ class Size:
     scale: scale.ScaleSize  # the scale section's models and runs (scale.py)
 
 
-QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=8, warmup_s=1.5, steps=24, repeats=3, probe_steps=2, profile_steps=1, scale=scale.QUICK)
-FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=8, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3, scale=scale.FULL)
+QUICK = Size(n_files=40, prep_mb=3, prep_repeats=1, peak_mb=32, warmup_s=1.5, steps=24, repeats=3, probe_steps=2, profile_steps=1, scale=scale.QUICK)
+FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=32, warmup_s=8.0, steps=150, repeats=5, probe_steps=8, profile_steps=3, scale=scale.FULL)
 
 # The sections `raypar bench --only` can pick, in the order they run (the data preparation
 # that every one of them trains on always runs first).
