@@ -177,3 +177,15 @@ def test_run_starts_from_the_checkpoint_under_dp2_pp2(ray_local, small_corpus, c
     meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/meta.json"))
                       .read_text())
     assert "init_from" not in meta["model"]  # the model's config is the architecture alone
+
+    # --resume continues from the run's checkpoint, not from the Hugging Face weights:
+    # zeroed there now (a model of zeros would score log(320) exactly).
+    from safetensors.torch import load_file, save_file
+    weights = load_file(path / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
+    run(load_spec(tmp_path / "run" / "config.yaml", ["train.steps=3"]), tmp_path / "run",
+        progress=False, resume=True)
+    rows = read_metrics(tmp_path / "run")[0]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert abs(rows[2]["loss"] - rows[1]["loss"]) < 0.5 < abs(rows[2]["loss"] - math.log(320))
