@@ -134,7 +134,8 @@ class DataConfig:
     """Tokens per training sequence; packed blocks hold seq_len + 1 tokens."""
     tokenizer: str = "bpe"
     """'byte' (256 byte values + end-of-text), 'bpe' (trained on the training corpus and
-    cached), or a path to a HF tokenizer.json file."""
+    cached), or a path to a HF tokenizer.json file. With model.init_from: that directory's
+    tokenizer.json (set by it; another value is refused)."""
     vocab_size: int = 4096
     """Vocabulary size of the trained 'bpe' tokenizer."""
     val_fraction: float = 0.05
