@@ -174,13 +174,20 @@ def stored_name(name: str, files: dict[str, str]) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=8)
 def read_pretrained(directory: str) -> Pretrained:
     """The Hugging Face directory `directory`, checked against raypar's model: its config,
-    tokenizer file, and every weight's presence and shape. A ConfigError otherwise."""
+    tokenizer file, and every weight's presence and shape. A ConfigError otherwise.
+    Read once per process while its files stay as they are (the driver asks several times)."""
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"{FIELD}: no such directory: {path}")
+    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in sorted(path.iterdir()) if p.is_file())
+    return _read(path, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: Path, stamp: tuple) -> Pretrained:
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -47,7 +47,10 @@ def _hf_cfg(arch: str, **changes) -> GPTConfig:
 
 def _write_hf_models(out) -> dict:
     """{arch: (directory, the exported model's state)}, written with raypar's export."""
-    from raypar.data.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from raypar.data.tokenizer import EOT, Tokenizer
     from raypar.hf_export import write_hf
     written = {}
     for arch, fields in HF_MODELS.items():
@@ -60,20 +63,13 @@ def _write_hf_models(out) -> dict:
         write_hf(model, Tokenizer.byte_level(), path)
         written[arch] = path
     large = GPT(GPTConfig(**LARGE, bias=True, tie_embeddings=False))
-    write_hf(large, _LargeVocab(), os.path.join(out, "hf-large"))
+    # A word-level tokenizer of LARGE's 8192 ids (end-of-text the last), so that the
+    # export keeps every row.
+    words = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(LARGE["vocab_size"] - 1)},
+                                         "t0"))
+    words.add_special_tokens([EOT])
+    write_hf(large, Tokenizer(words), os.path.join(out, "hf-large"))
     return written
-
-
-class _LargeVocab:
-    """A tokenizer stand-in for exporting LARGE whole (its 8192 ids): write_hf reads
-    only these fields and writes to_hf()'s file."""
-    vocab_size, eot_id, eot_token, kind = LARGE["vocab_size"], 0, "<|endoftext|>", "hf"
-
-    def to_hf(self):
-        from tokenizers import Tokenizer as HF
-        from tokenizers import models
-        hf = HF(models.WordLevel({f"t{i}": i for i in range(LARGE["vocab_size"])}, "t0"))
-        return hf
 
 
 def _anon_bytes() -> int:
