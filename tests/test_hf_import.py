@@ -191,3 +191,9 @@ def test_run_starts_from_the_checkpoint_under_dp2_pp2(ray_local, small_corpus, c
     rows = read_metrics(tmp_path / "run")[0]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert abs(rows[2]["loss"] - rows[1]["loss"]) < 0.5 < abs(rows[2]["loss"] - math.log(320))
+
+    # And it exports back to transformers (the vocabulary cut to the tokenizer's 257 ids).
+    assert raypar("export", str(tmp_path / "run")).returncode == 0
+    exported = hf_model(tmp_path / "run" / "export")
+    assert type(exported).__name__ == "GPTNeoXForCausalLM"
+    assert exported.config.vocab_size == 257 and exported.config.hidden_size == 32
