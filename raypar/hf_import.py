@@ -246,6 +246,10 @@ def resolve(spec: Any, explicit: set[str]) -> None:
         raise ConfigError(f"data.tokenizer={tok!r} conflicts with {FIELD}={where}, whose "
                           f"tokenizer is {pre.tokenizer}; leave data.tokenizer unset")
     spec.data.tokenizer = str(pre.tokenizer)
+    from raypar.data.tokenizer import parse_tokenizer  # (it imports raypar.config)
+    tokenizer = parse_tokenizer(pre.tokenizer.read_text(encoding="utf-8"),
+                                f"{FIELD}: {pre.tokenizer}")
+    _check_vocab(pre, tokenizer.vocab_size)
     if pre.arch == "GPT-2" and spec.data.seq_len > pre.positions:
         raise ConfigError(f"data.seq_len={spec.data.seq_len} exceeds the {pre.positions} "
                           f"learned positions (n_positions) of {FIELD}={where}")
@@ -271,10 +275,14 @@ def model_vocab(spec: Any, tokenizer_vocab: int) -> int:
     if not spec.model.init_from:
         return padded_vocab(tokenizer_vocab, tp)
     pre = read_pretrained(spec.model.init_from)
+    _check_vocab(pre, tokenizer_vocab)
+    return -(-pre.vocab_rows // tp) * tp
+
+
+def _check_vocab(pre: Pretrained, tokenizer_vocab: int) -> None:
     if tokenizer_vocab > pre.vocab_rows:
         raise ConfigError(f"{FIELD}: {pre.path}: its tokenizer has {tokenizer_vocab} ids, "
                           f"more than the {pre.vocab_rows} rows of its embedding")
-    return -(-pre.vocab_rows // tp) * tp
 
 
 def load_shards(module: Any, directory: str) -> None:

@@ -71,8 +71,7 @@ def hf_layout(cfg: Any, arch: str, vocab: int, positions: int) -> list[HFTensor]
     """Every transformers tensor of `cfg`'s model (a GPTConfig, or anything with its fields)
     as `arch` ("GPT-NeoX" or "GPT-2") holds it, with `vocab` embedding (and untied head)
     rows and, for GPT-2, `positions` position rows."""
-    d, hd, ff, n_head = cfg.d_model, cfg.d_model // cfg.n_head, cfg.d_ff or 4 * cfg.d_model, \
-        cfg.n_head
+    d, hd, ff = cfg.d_model, cfg.d_model // cfg.n_head, cfg.d_ff or 4 * cfg.d_model
     neox = arch == "GPT-NeoX"
     out: list[HFTensor] = []
 
