@@ -236,10 +236,11 @@ def _generation_source(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, args.overrides)  # (a config error before seconds of imports)
     from raypar.cluster import check_capacity, check_local_memory, connect
-    from raypar.data.tokenizer import expected_vocab, padded_vocab
+    from raypar.data.tokenizer import expected_vocab
+    from raypar.hf_import import model_vocab
     from raypar.parallel.footprint import plan
     from raypar.plan import format_plan, place_on_nodes
-    vocab = padded_vocab(expected_vocab(spec.data), spec.parallel.tp)
+    vocab = model_vocab(spec, expected_vocab(spec.data))
     plans = plan(spec, vocab)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class ModelConfig:
+class ModelArch:
+    """The model's architecture: what raypar.model.GPTConfig takes from the model section."""
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
@@ -47,6 +48,18 @@ class ModelConfig:
     pos_encoding: str = "rope"
     """Position encoding: 'rope' (rotary, applied to q and k) or 'learned' (absolute
     embedding table)."""
+
+
+@dataclass
+class ModelConfig(ModelArch):
+    init_from: str = ""
+    """A local Hugging Face model directory (config.json, model.safetensors or its sharded
+    index, tokenizer.json) to start from: GPT-2 with activation_function gelu, or GPT-NeoX
+    with rotary over the whole head, a sequential residual and exact GELU (what
+    `raypar export` writes). The architecture fields above are taken from its config.json
+    (one set to another value is refused), data.tokenizer becomes its tokenizer.json, and
+    step 0's weights are its weights, each rank reading only its own shards. dropout stays
+    this section's. Empty: a new model initialised from train.seed."""
 
 
 @dataclass
@@ -121,7 +134,8 @@ class DataConfig:
     """Tokens per training sequence; packed blocks hold seq_len + 1 tokens."""
     tokenizer: str = "bpe"
     """'byte' (256 byte values + end-of-text), 'bpe' (trained on the training corpus and
-    cached), or a path to a HF tokenizer.json file."""
+    cached), or a path to a HF tokenizer.json file. With model.init_from: that directory's
+    tokenizer.json (set by it; another value is refused)."""
     vocab_size: int = 4096
     """Vocabulary size of the trained 'bpe' tokenizer."""
     val_fraction: float = 0.05
@@ -288,8 +302,8 @@ def model_config(spec: RunSpec, vocab_size: int) -> "GPTConfig":
     # Deferred: raypar.model imports torch, which costs seconds, and config errors are
     # reported before anything heavy is imported.
     from raypar.model import GPTConfig
-    return GPTConfig(**dataclasses.asdict(spec.model), vocab_size=vocab_size,
-                     seq_len=spec.data.seq_len)
+    arch = {f.name: getattr(spec.model, f.name) for f in dataclasses.fields(ModelArch)}
+    return GPTConfig(**arch, vocab_size=vocab_size, seq_len=spec.data.seq_len)
 
 
 _SECTION_TYPES = {
@@ -446,8 +460,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_spec(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunSpec:
-    """Defaults < YAML file < overrides, then validate()."""
+    """Defaults < YAML file < overrides, then model.init_from's architecture and tokenizer
+    (raypar/hf_import.py: a field set here to another value is refused), then validate()."""
     spec = RunSpec()
+    explicit: set[str] = set()  # the fields the file or an override sets
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -459,6 +475,14 @@ def load_spec(path: Optional[str | Path] = None, overrides: Optional[list[str]] 
             line = f" (line {where.line + 1})" if where is not None else ""
             raise ConfigError(f"--config {p}: not valid YAML{line}") from None
         spec = from_dict(raw, spec)
+        for section, values in (raw or {}).items():
+            if isinstance(values, dict):
+                explicit.update(f"{section}.{key}" for key in values)
     for text in overrides or []:
-        set_value(spec, *parse_override(text))
+        key, value = parse_override(text)
+        set_value(spec, key, value)
+        explicit.add(key)
+    if spec.model.init_from:
+        from raypar.hf_import import resolve  # (it reads this module's classes)
+        resolve(spec, explicit)
     return validate(spec)

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from raypar.config import ConfigError, load_spec, model_config
-from raypar.data.tokenizer import Tokenizer, padded_vocab, parse_tokenizer
+from raypar.data.tokenizer import Tokenizer, parse_tokenizer
+from raypar.hf_import import model_vocab
 from raypar.hf_export import (MAX_SHARD_BYTES, check_exportable, check_out_dir, give_usual_mode,
                               write_hf)
 from raypar.model import GPT, GPTConfig
@@ -117,8 +118,7 @@ def run_model_config(run_dir: PathLike) -> Optional[dict[str, Any]]:
     if not rd.config.is_file() or not rd.tokenizer.is_file():
         return None
     spec = load_spec(rd.config)
-    vocab = padded_vocab(Tokenizer.from_file(rd.tokenizer).vocab_size,
-                         spec.parallel.tp)
+    vocab = model_vocab(spec, Tokenizer.from_file(rd.tokenizer).vocab_size)
     return dict(vars(model_config(spec, vocab)))
 
 

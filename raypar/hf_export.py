@@ -19,6 +19,9 @@ never occur in the data, and a user of the export should see, and sample from, t
 vocabulary's logits only. Cutting the embedding and LM head rows is exact for both: the
 real ids' rows are untouched.
 
+Which raypar parameter goes where is raypar/hf_names.py's table, which the import
+(raypar/hf_import.py) reads the other way.
+
 transformers itself is not needed to write the directory (it is not a dependency of
 raypar): config.json, tokenizer_config.json and generation_config.json are plain JSON in
 the fields transformers 5 reads; the tests load the result with transformers.
@@ -37,6 +40,7 @@ from safetensors.torch import save_file
 
 from raypar.config import ConfigError
 from raypar.data.tokenizer import Tokenizer
+from raypar.hf_names import ARCHITECTURES, ROPE_BASE, hf_layout
 from raypar.model import GPT
 
 # Above this many bytes of tensors the weights are split into model-0000i-of-0000n
@@ -47,8 +51,6 @@ MAX_SHARD_BYTES = 5 * 10**9
 # listed here (added to raypar later) must be mapped before a model using it exports.
 _MAPPED_FIELDS = {"n_layer", "n_head", "d_model", "d_ff", "dropout", "bias", "tie_embeddings",
                   "pos_encoding", "vocab_size", "seq_len", "norm_eps"}
-_ARCHITECTURES = {"rope": "GPT-NeoX", "learned": "GPT-2"}
-_ROPE_BASE = 10000.0  # raypar.model.rope_cos_sin's
 
 # The files an export directory holds; a directory holding anything else is not replaced.
 _EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
@@ -62,10 +64,10 @@ def check_exportable(model_cfg: dict[str, Any]) -> str:
         raise ConfigError(f"model.{unknown[0]}={model_cfg[unknown[0]]!r} has no counterpart in "
                           f"transformers' GPT-NeoX or GPT-2; export with --format raypar")
     pos = model_cfg.get("pos_encoding", "rope")
-    if pos not in _ARCHITECTURES:
+    if pos not in ARCHITECTURES:
         raise ConfigError(f"model.pos_encoding={pos!r} maps onto no transformers architecture "
                           f"(rope: GPT-NeoX, learned: GPT-2); export with --format raypar")
-    return _ARCHITECTURES[pos]
+    return ARCHITECTURES[pos]
 
 
 def hf_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
@@ -84,11 +86,11 @@ def hf_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
                 "layer_norm_eps": cfg.norm_eps, "use_parallel_residual": False,
                 "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
                 "hidden_dropout": cfg.dropout, "classifier_dropout": 0.0,
-                "rope_parameters": {"rope_type": "default", "rope_theta": _ROPE_BASE,
+                "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_BASE,
                                     "partial_rotary_factor": 1.0},
                 # The same, as transformers before rope_parameters read it (its default
                 # rotary_pct, 0.25, would rotate a quarter of each head).
-                "rotary_pct": 1.0, "rotary_emb_base": _ROPE_BASE}
+                "rotary_pct": 1.0, "rotary_emb_base": ROPE_BASE}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.ff_dim, "n_positions": cfg.seq_len,
@@ -98,76 +100,25 @@ def hf_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
             "reorder_and_upcast_attn": False}
 
 
-def _bias(linear: torch.nn.Module) -> torch.Tensor:
-    """A layer's bias, or the zeros an architecture that always has one needs."""
-    if linear.bias is not None:
-        return linear.bias
-    return torch.zeros(linear.weight.shape[0], dtype=linear.weight.dtype)
-
-
-def _norm(norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
-    return norm.weight, bias
-
-
 def hf_tensors(model: GPT, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) for every weight, the vocabulary cut to `vocab` rows.
-    The fused and transposed ones are copies: the export holds about twice the model in
-    host memory at its peak (the consolidated model and what is written)."""
+    """(transformers name, tensor) for every weight, the vocabulary cut to `vocab` rows, as
+    raypar/hf_names.py lays them out. The fused, transposed and zero ones are copies: the
+    export holds about twice the model in host memory at its peak (the consolidated model
+    and what is written)."""
     cfg = model.cfg
     arch = check_exportable(vars(cfg))
-    d, hd = cfg.d_model, cfg.head_dim
-    neox = arch == "GPT-NeoX"
-    base = "gpt_neox." if neox else "transformer."
-    yield base + ("embed_in.weight" if neox else "wte.weight"), model.tok_emb.weight[:vocab]
-    if not neox:
-        yield "transformer.wpe.weight", model.pos_emb.weight
-    for i, layer in model.layers.items():
-        attn, mlp = layer.attn, layer.mlp
-        p = f"{base}layers.{i}." if neox else f"transformer.h.{i}."
-        norms = {"input_layernorm": layer.attn_norm, "post_attention_layernorm": layer.mlp_norm} \
-            if neox else {"ln_1": layer.attn_norm, "ln_2": layer.mlp_norm}
-        for name, norm in norms.items():
-            w, b = _norm(norm)
-            yield f"{p}{name}.weight", w
-            yield f"{p}{name}.bias", b
-        if neox:
-            # query_key_value's output is viewed as (heads, 3 * head_dim): head h's rows are
-            # q_h, then k_h, then v_h.
-            def by_head(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(cfg.n_head, hd, *t.shape[1:])
-            qkv = (attn.wq, attn.wk, attn.wv)
-            yield f"{p}attention.query_key_value.weight", torch.cat(
-                [by_head(m.weight) for m in qkv], dim=1).reshape(3 * d, d)
-            if cfg.bias:  # attention_bias follows model.bias
-                yield f"{p}attention.query_key_value.bias", torch.cat(
-                    [by_head(m.bias) for m in qkv], dim=1).reshape(3 * d)
-                yield f"{p}attention.dense.bias", attn.wo.bias
-            yield f"{p}attention.dense.weight", attn.wo.weight
-            yield f"{p}mlp.dense_h_to_4h.weight", mlp.fc.weight
-            yield f"{p}mlp.dense_h_to_4h.bias", _bias(mlp.fc)
-            yield f"{p}mlp.dense_4h_to_h.weight", mlp.proj.weight
-            yield f"{p}mlp.dense_4h_to_h.bias", _bias(mlp.proj)
-        else:  # Conv1D: y = x @ W + b with W of shape (in, out)
-            yield f"{p}attn.c_attn.weight", torch.cat(
-                [attn.wq.weight, attn.wk.weight, attn.wv.weight], dim=0).t()
-            yield f"{p}attn.c_attn.bias", torch.cat([_bias(attn.wq), _bias(attn.wk),
-                                                     _bias(attn.wv)])
-            yield f"{p}attn.c_proj.weight", attn.wo.weight.t()
-            yield f"{p}attn.c_proj.bias", _bias(attn.wo)
-            yield f"{p}mlp.c_fc.weight", mlp.fc.weight.t()
-            yield f"{p}mlp.c_fc.bias", _bias(mlp.fc)
-            yield f"{p}mlp.c_proj.weight", mlp.proj.weight.t()
-            yield f"{p}mlp.c_proj.bias", _bias(mlp.proj)
-    w, b = _norm(model.norm)
-    final = "gpt_neox.final_layer_norm" if neox else "transformer.ln_f"
-    yield f"{final}.weight", w
-    yield f"{final}.bias", b
-    if not cfg.tie_embeddings:  # tied: transformers ties lm_head to the embedding itself
-        # GPT-NeoX's own name for its head is embed_out (transformers before 5.13, vLLM,
-        # every Pythia checkpoint); later transformers renames it to lm_head as it loads.
-        head = "embed_out.weight" if arch == "GPT-NeoX" else "lm_head.weight"
-        yield head, model.lm_head.weight[:vocab]
+    params = dict(model.named_parameters())
+    for t in hf_layout(cfg, arch, vocab, cfg.seq_len):
+        if len(t.parts) == 1 and not t.parts[0].offset:  # one parameter's first rows
+            value = params[t.parts[0].name][:t.shape[0]]
+        else:
+            dtype = model.tok_emb.weight.dtype
+            value = torch.zeros(t.shape, dtype=dtype)
+            for part in t.parts:
+                p = params[part.name]
+                for a, b, h in part.segments(0, p.shape[0]):
+                    value[h:h + b - a] = p[a:b]
+        yield t.name, (value.t() if t.transposed else value)
 
 
 def tokenizer_config(tok: Tokenizer, seq_len: int) -> dict[str, Any]:

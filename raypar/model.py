@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raypar.config import ModelConfig
+from raypar.config import ModelArch
 
 
 @dataclass(kw_only=True)
-class GPTConfig(ModelConfig):
-    """The model's own config: the run config's `model` section (raypar.config.ModelConfig,
-    where every field is documented) and what the data decides."""
+class GPTConfig(ModelArch):
+    """The model's own config: the architecture fields of the run config's `model` section
+    (raypar.config.ModelArch, where every field is documented) and what the data decides."""
     vocab_size: int
     """Number of token ids; the LM head predicts one logit per id."""
     seq_len: int
@@ -349,6 +349,20 @@ def _key_seed(seed: int, key: str, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(this rank's local tensor, its offset in the full tensor) for a plain tensor or a
+    DTensor shard of any placement. The offset is DTensor's own
+    `compute_local_shape_and_global_offset` (the one DCP uses), which knows
+    FSDP-over-tensor-parallel's strided sharding."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                          param.placements)
+        return param.to_local(), tuple(offset)
+    return param, (0,) * param.dim()
+
+
 @torch.no_grad()
 def keyed_init_(param: torch.Tensor, kind: str, key: str, std: float, seed: int) -> None:
     """Fill `param` (a plain tensor or a DTensor shard of any placement) in place.
@@ -356,20 +370,12 @@ def keyed_init_(param: torch.Tensor, kind: str, key: str, std: float, seed: int)
     "normal" values are drawn in runs of whole rows along dim 0 (up to `_INIT_CHUNK`
     elements), each run from a generator keyed by (seed, key, run index): the full
     tensor is the same whoever builds it, and a shard draws only the runs that overlap
-    its rows, then keeps its own columns. A shard's place in the full tensor comes from
-    DTensor's own `compute_local_shape_and_global_offset` (the one DCP uses), which
-    knows FSDP-over-tensor-parallel's strided sharding.
+    its rows, then keeps its own columns. A shard's place in the full tensor is
+    `local_shard`'s.
     """
-    from torch.distributed.tensor import DTensor
     if param.is_meta:
         return
-    if isinstance(param, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-        local = param.to_local()
-        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                          param.placements)
-    else:
-        local, offset = param, (0,) * param.dim()
+    local, offset = local_shard(param)
     if kind != "normal":
         local.fill_(1.0 if kind == "ones" else 0.0)
         return

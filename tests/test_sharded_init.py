@@ -33,13 +33,58 @@ LAYOUTS = [  # (name, ParallelConfig fields)
 ]
 
 
+# model.init_from: a Hugging Face directory (raypar's own export of a model whose every
+# weight, biases included, is away from its init) loaded under each layout. The export
+# keeps the byte tokenizer's 257 rows; tp=2 layouts round them up to 258 with a zero row.
+HF_MODELS = {"neox": dict(SMALL, vocab_size=320, bias=True, tie_embeddings=False),
+             "gpt2": dict(SMALL, vocab_size=320, bias=True, pos_encoding="learned", d_ff=48)}
+HF_VOCAB = 258
+
+
+def _hf_cfg(arch: str, **changes) -> GPTConfig:
+    return GPTConfig(**{**HF_MODELS[arch], "vocab_size": HF_VOCAB, **changes})
+
+
+def _write_hf_models(out) -> dict:
+    """{arch: (directory, the exported model's state)}, written with raypar's export."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from raypar.data.tokenizer import EOT, Tokenizer
+    from raypar.hf_export import write_hf
+    written = {}
+    for arch, fields in HF_MODELS.items():
+        model = GPT(GPTConfig(**fields))
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for q in model.parameters():
+                q.add_(torch.randn(q.shape, generator=gen) * 0.1)
+        path = os.path.join(out, f"hf-{arch}")
+        write_hf(model, Tokenizer.byte_level(), path)
+        written[arch] = path
+    large = GPT(GPTConfig(**LARGE, bias=True, tie_embeddings=False))
+    # A word-level tokenizer of LARGE's 8192 ids (end-of-text the last), so that the
+    # export keeps every row.
+    words = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(LARGE["vocab_size"] - 1)},
+                                         "t0"))
+    words.add_special_tokens([EOT])
+    write_hf(large, Tokenizer(words), os.path.join(out, "hf-large"))
+    return written
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
 def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, hf_dirs: dict) -> None:
     from torch.distributed.tensor import DTensor
 
+    from raypar.hf_import import load_shards
     from raypar.parallel.mesh import build_mesh
     from raypar.parallel.parallelize import parallelize
     torch.set_num_threads(1)
@@ -60,6 +105,16 @@ def _worker(rank: int, port: int, out: str) -> None:
                 if not torch.equal(full.detach(), want[pname]):
                     wrong.append(pname)
         results[name] = wrong
+        for arch, path in hf_dirs.items():  # the same layout from a Hugging Face directory
+            single = GPT(_hf_cfg(arch))
+            load_shards(single, path)
+            loaded = single.state_dict()
+            modules = parallelize(_hf_cfg(arch), 11, pm, p, torch.device("cpu"),
+                                  init_from=path).modules
+            results[f"{name} {arch}"] = [
+                pname for m in modules for pname, param in m.named_parameters()
+                if not torch.equal((param.full_tensor() if isinstance(param, DTensor)
+                                    else param).detach(), loaded[pname])]
     # bf16 over dp: the modules compute in bf16 from fp32 master weights, and the
     # gradients come back fp32 (FSDP2's MixedPrecisionPolicy).
     p = ParallelConfig(dp=2, tp=2, pp=1, dp_mode="fsdp")
@@ -77,6 +132,14 @@ def _worker(rank: int, port: int, out: str) -> None:
     mine = sum((q.to_local() if isinstance(q, DTensor) else q).nbytes
                for m in modules for q in m.parameters())
     results["memory"] = {"growth": _peak_bytes() - before, "share": mine}
+    del modules
+    anon = _anon_bytes()
+    modules = parallelize(GPTConfig(**LARGE, bias=True, tie_embeddings=False),
+                          11, pm, p, torch.device("cpu"),
+                          init_from=os.path.join(out, "hf-large")).modules
+    mine = sum((q.to_local() if isinstance(q, DTensor) else q).nbytes
+               for m in modules for q in m.parameters())
+    results["hf memory"] = {"growth": _anon_bytes() - anon, "share": mine}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -87,7 +150,8 @@ def ranks(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=4, join=True)
+    hf_dirs = _write_hf_models(str(out))
+    mp.spawn(_worker, args=(port, str(out), hf_dirs), nprocs=4, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(4)]
 
 
@@ -95,6 +159,38 @@ def ranks(tmp_path_factory):
 def test_shards_put_together_are_the_single_process_weights(ranks, layout):
     for r, result in enumerate(ranks):
         assert result[layout] == [], f"rank {r}: {result[layout]}"
+
+
+@pytest.mark.parametrize("arch", list(HF_MODELS))
+@pytest.mark.parametrize("layout", [name for name, _ in LAYOUTS])
+def test_hf_checkpoint_shards_put_together_are_its_weights(ranks, layout, arch, tmp_path):
+    """Every rank's shards, read from a Hugging Face directory with model.init_from, put
+    together are the single-process model loaded from it; and that is the exported model
+    (the export and the import invert each other), with a zero row for the vocabulary
+    rounded up to tp."""
+    for r, result in enumerate(ranks):
+        assert result[f"{layout} {arch}"] == [], f"rank {r}: {result[f'{layout} {arch}']}"
+
+
+@pytest.mark.parametrize("arch", list(HF_MODELS))
+def test_hf_import_inverts_the_export(tmp_path, arch):
+    from raypar.data.tokenizer import Tokenizer
+    from raypar.hf_export import write_hf
+    from raypar.hf_import import load_shards
+    model = GPT(GPTConfig(**HF_MODELS[arch]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn(q.shape, generator=gen) * 0.1)
+    write_hf(model, Tokenizer.byte_level(), tmp_path / "hf")
+    loaded = GPT(_hf_cfg(arch))
+    load_shards(loaded, str(tmp_path / "hf"))
+    for name, value in loaded.state_dict().items():
+        want = model.state_dict()[name]
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            assert torch.equal(value[:257], want[:257]) and not value[257:].any(), name
+        else:
+            assert torch.equal(value, want), name
 
 
 
@@ -112,5 +208,16 @@ def test_peak_memory_while_building_follows_the_rank_share(ranks):
         # Each rank holds about a quarter (the tied embedding's last-stage copy and the
         # replicated norms make it a little more); the build adds at most one keyed draw
         # (_INIT_CHUNK values) and the allocator's slack on top.
+        assert 0.2 * whole < mem["share"] < 0.4 * whole, (r, mem)
+        assert mem["growth"] < mem["share"] + 0.15 * whole, (r, mem, whole)
+
+
+def test_hf_checkpoint_loads_into_the_rank_share(ranks):
+    """model.init_from under pp=2 x tp=2: what a rank keeps is about its quarter, read from
+    the safetensors file slice by slice (the file's pages the kernel maps meanwhile are
+    not the rank's own memory: RssAnon leaves them out)."""
+    whole = 4 * GPT(GPTConfig(**LARGE, bias=True, tie_embeddings=False)).num_params()
+    for r, result in enumerate(ranks):
+        mem = result["hf memory"]
         assert 0.2 * whole < mem["share"] < 0.4 * whole, (r, mem)
         assert mem["growth"] < mem["share"] + 0.15 * whole, (r, mem, whole)

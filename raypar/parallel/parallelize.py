@@ -13,7 +13,8 @@ data-parallel units come last, over the already sharded parameters. Until then n
 is allocated (the meta device); `to_empty` then allocates only this rank's shards and
 `GPT.init_weights(seed)` fills them with the values the single-process model has at
 those indices (keyed per parameter, raypar/model.py), so every layout starts from the
-same weights and a rank's memory follows its share from the start.
+same weights and a rank's memory follows its share from the start. (With model.init_from
+the shards are read from a Hugging Face checkpoint instead, raypar/hf_import.py.)
 Each step is one parallel module's job; this file only says in which order they run.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint as activation_checkpoint
 
 from raypar.config import ParallelConfig
+from raypar.hf_import import load_shards
 from raypar.model import GPT, GPTConfig
 from raypar.parallel.data import mixed_precision, shard_data_parallel
 from raypar.parallel.mesh import ParallelMesh
@@ -50,8 +52,10 @@ class RankModel:
 
 def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
                 device: torch.device, activation_checkpointing: bool = False,
-                dtype: str = "fp32") -> RankModel:
-    """This rank's share of the GPT of `cfg` initialized from `seed`, parallelized."""
+                dtype: str = "fp32", init_from: str = "") -> RankModel:
+    """This rank's share of the GPT of `cfg` initialized from `seed`, parallelized; with
+    `init_from` (a Hugging Face directory, raypar/hf_import.py) its weights are read from
+    there instead, each rank reading only its shards' slices."""
     virtual = p.virtual_stages if p.pp > 1 else 1
     coord = pm.coords.pp
     with torch.device("meta"):
@@ -67,7 +71,10 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
         shard_data_parallel(stage, pm, p.dp_mode, policy)
         stage.to_empty(device=device)
         keep_grad_layouts(stage)
-        stage.init_weights(seed)
+        if init_from:
+            load_shards(stage, init_from)
+        else:
+            stage.init_weights(seed)
     return RankModel(modules=stages,
                      stage_indices=stage_ids(coord, p.pp, virtual, p.schedule),
                      n_stages=p.pp * virtual)

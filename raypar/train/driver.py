@@ -32,7 +32,8 @@ from raypar.data import mixture
 from raypar.data.corpus import is_uri
 from raypar.data.pipeline import default_cache_dir
 from raypar.data.prepare import PreparedDataset, console_progress
-from raypar.data.tokenizer import Tokenizer, expected_vocab, padded_vocab, parse_tokenizer
+from raypar.data.tokenizer import Tokenizer, expected_vocab, parse_tokenizer
+from raypar.hf_import import model_vocab
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
@@ -130,7 +131,7 @@ def _check_request(spec: RunSpec, rd: RunDir, address: Optional[str], resume: bo
     --resume without a checkpoint that verifies. Returns the checkpoint --resume loads."""
     mixture.precheck(spec.data)  # the corpora, and the cache: not after minutes of preparation
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
-        check_local_memory(spec, padded_vocab(expected_vocab(spec.data), spec.parallel.tp))
+        check_local_memory(spec, model_vocab(spec, expected_vocab(spec.data)))
     if resume:
         if not rd.config.is_file():
             raise ConfigError(f"--resume: {rd.path} is not a raypar run directory "
@@ -154,7 +155,7 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     DataContext.get_current().enable_progress_bars = False
     resources, connected = ray.cluster_resources(), time.time()
     use_gpu = int(resources.get("GPU", 0)) > 0
-    check_capacity(spec, is_local, padded_vocab(expected_vocab(spec.data), spec.parallel.tp),
+    check_capacity(spec, is_local, model_vocab(spec, expected_vocab(spec.data)),
                    use_gpu)
     cache = Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else None
     if not mixture.ready(spec.data, cache or default_cache_dir(spec.data)):
@@ -185,7 +186,7 @@ def _prepare(spec: RunSpec, address: Optional[str], guard: SignalGuard,
     if n_val == 0 and spec.train.eval_every > 0:
         raise ConfigError("data.val_fraction: no validation blocks; raise it or set "
                           "train.eval_every=0")
-    return datasets, padded_vocab(datasets[0].tokenizer.vocab_size, spec.parallel.tp), use_gpu
+    return datasets, model_vocab(spec, datasets[0].tokenizer.vocab_size), use_gpu
 
 
 def _open_run_dir(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset],

@@ -293,14 +293,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     train, val = data_sources(config, spec.data.seq_len)
 
-    def build() -> RankTrainer:
+    def build(pretrained: bool = True) -> RankTrainer:
         base = peak_rss_bytes()  # Ray's worker, torch, the process groups, the data opened
-        built = RankTrainer(spec, config["vocab_size"], train, val, groups)
+        built = RankTrainer(spec, config["vocab_size"], train, val, groups, pretrained)
         built.rss_base, built.rss_init = base, peak_rss_bytes()
         built.anon_start = anon_start
         return built
 
-    trainer = build()
+    # model.init_from's weights are step 0's: a group that loads a checkpoint does not read
+    # them (one that finds no loadable checkpoint after all is built again, with them).
+    trainer = build(pretrained=choice[0] is None)
     if board:
         p = spec.parallel
         board.mark("model", f"built and parallelized (dp={p.dp} pp={p.pp} tp={p.tp} "

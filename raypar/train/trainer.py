@@ -71,9 +71,11 @@ class RankTrainer:
     one optimizer per stage module, and its view of the data."""
 
     def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: BlockSource | np.ndarray,
-                 val_blocks: BlockSource | np.ndarray, groups: Optional[Groups] = None):
+                 val_blocks: BlockSource | np.ndarray, groups: Optional[Groups] = None,
+                 pretrained: bool = True):
         """train_blocks, val_blocks: BlockSources, or arrays (n_blocks, seq_len + 1) of
-        packed blocks (wrapped in ArrayBlocks)."""
+        packed blocks (wrapped in ArrayBlocks). pretrained=False: with model.init_from,
+        leave the Hugging Face weights unread (a checkpoint is loaded over the model next)."""
         self.spec = spec
         torch.set_num_threads(spec.train.threads)
         t = spec.train
@@ -92,12 +94,12 @@ class RankTrainer:
         self._train_feed = Prefetcher(self.train_data, "raypar-prefetch-train")
         self._val_feed = Prefetcher(self.val_data, "raypar-prefetch-val")
         try:
-            self._build(spec, vocab_size)
+            self._build(spec, vocab_size, spec.model.init_from if pretrained else "")
         except BaseException:
             self.close()  # no fetch thread outlives a trainer that failed to build
             raise
 
-    def _build(self, spec: RunSpec, vocab_size: int) -> None:
+    def _build(self, spec: RunSpec, vocab_size: int, init_from: str) -> None:
         p, t = spec.parallel, spec.train
         if self.val_data.n_blocks and t.eval_every > 0:
             # Evaluation reads the same blocks every time: fetch them now, while the model
@@ -106,9 +108,10 @@ class RankTrainer:
         self.mcfg = model_config(spec, vocab_size)
         self.n_micro = spec.grad_accum
         # Each rank materializes only its stages' shards, with the values the single-process
-        # model has there: every layout starts from the same weights.
+        # model has there (or the Hugging Face checkpoint's): every layout starts from the
+        # same weights.
         rank_model = parallelize(self.mcfg, t.seed, self.pm, p, self.device,
-                                 t.activation_checkpointing, t.dtype)
+                                 t.activation_checkpointing, t.dtype, init_from)
         self.modules = self.plain = rank_model.modules
         self.stage_indices, self.n_stages = rank_model.stage_indices, rank_model.n_stages
         self.tied_copy = rank_model.tied_copies()
