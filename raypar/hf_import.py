@@ -178,11 +178,16 @@ def read_pretrained(directory: str) -> Pretrained:
     """The Hugging Face directory `directory`, checked against raypar's model: its config,
     tokenizer file, and every weight's presence and shape. A ConfigError otherwise.
     Read once per process while its files stay as they are (the driver asks several times)."""
-    path = Path(directory).expanduser().resolve()
-    if not path.is_dir():
-        raise ConfigError(f"{FIELD}: no such directory: {path}")
-    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
-                  for p in sorted(path.iterdir()) if p.is_file())
+    try:
+        path = Path(directory).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"{FIELD}: no such directory: {path}")
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                      for p in sorted(path.iterdir()) if p.is_file())
+    except (OSError, ValueError) as e:  # unreadable, or not a path at all (a NUL byte)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{FIELD}: {directory!r} is not a readable directory ({e})") from None
     return _read(path, stamp)
 
 
