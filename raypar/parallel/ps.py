@@ -357,8 +357,7 @@ def start_shards(spec: Any, plan: list[list[Piece]]) -> list[Any]:
     import ray
     # num_cpus=0: a shard's work per step (a sum and an AdamW step over its share) is small
     # next to a worker's, and the workers' reservation is what the cluster is sized by.
-    actor = ray.remote(ParamShard).options(num_cpus=0, max_restarts=-1,
-                                           max_concurrency=1000)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)(ParamShard)
     senders = spec.parallel.dp * spec.parallel.pp * spec.parallel.tp
     return [actor.options(name=f"raypar-ps-{uuid.uuid4().hex[:12]}-{k}").remote(
         k, len(plan), pieces, spec.to_dict(), senders) for k, pieces in enumerate(plan)]
