@@ -19,6 +19,7 @@ from raypar.config import ConfigError, load_spec
 from raypar.parallel import ps
 from raypar.train.driver import run
 from raypar.train.rundir import read_metrics
+from raypar.train.trainer import lr_at
 
 from conftest import ROOT, single_process_rows
 
@@ -101,7 +102,7 @@ def test_stale_ps_resumes_exactly_after_a_shard_is_killed(stale_run, reference, 
 
 # -- the shard's arithmetic, without Ray ----------------------------------------------------
 
-def _shard_updates(pieces, spec, values, grads_per_step, staleness):
+def _shard_updates(pieces, spec, values, grads_per_step):
     """Run one ParamShard (a single shard: its own norm) over the steps' gradients; returns
     the whole tensors after every step, assembled from the pieces, and the norms."""
     async def go():
@@ -110,16 +111,14 @@ def _shard_updates(pieces, spec, values, grads_per_step, staleness):
         await shard.reset("g", [shard], 0, 1, 0, params, {}, {})
         out, norms = [], []
         for t, grads in enumerate(grads_per_step):
-            await shard.push("g", t, 0, {p.key: grads[p.name][p.r0:p.r1].clone()
-                                         for p in pieces})
+            await shard.push("g", t, 0, lr_at(t, spec),
+                             {p.key: grads[p.name][p.r0:p.r1].clone() for p in pieces})
             norm, got = await shard.pull("g", t + 1, [p.key for p in pieces])
             norms.append(norm)
             whole = {n: torch.empty_like(v) for n, v in values.items()}
             for (name, r0, r1), v in got.items():
                 whole[name][r0:r1] = v
             out.append(whole)
-            if staleness:
-                old, _ = await shard.pull("g", max(0, t + 1 - staleness), [pieces[0].key])
         return out, norms
     return asyncio.run(go())
 
@@ -133,13 +132,12 @@ def test_a_shard_of_row_slices_steps_like_adamw_on_whole_tensors():
     assert len(pieces) > 2, "w is cut into row slices"
     grads = [{n: torch.randn(v.shape, generator=gen) for n, v in values.items()}
              for _ in range(3)]
-    got, norms = _shard_updates(pieces, spec, values, grads, staleness=0)
+    got, norms = _shard_updates(pieces, spec, values, grads)
     # The trainer's way: whole tensors, global-norm clipping, AdamW over two groups.
     ref = {n: torch.nn.Parameter(v.clone()) for n, v in values.items()}
     opt = torch.optim.AdamW([{"params": [ref["w"]], "weight_decay": 0.1},
                              {"params": [ref["b"]], "weight_decay": 0.0}],
                             betas=(spec.train.beta1, spec.train.beta2), foreach=False)
-    from raypar.train.trainer import lr_at
     for t, g in enumerate(grads):
         norm = sum(float(x.double().square().sum()) for x in g.values()) ** 0.5
         coef = min(1.0, 0.5 / (norm + 1e-6))

@@ -26,7 +26,7 @@ the parameters the next step computes on. A shard applies update t once it holds
 rank's push of step t: it sums the pushes in rank order, sends its squared norm to shard
 0, which adds all shards' in shard order and returns the global gradient norm (the norm
 ddp clips by: every parameter once, the tied embedding once), clips by it, and steps AdamW
-with the learning rate of step t. Updates are applied strictly in step order.
+with the learning rate of step t (the trainer's schedule, sent with the pushes). Updates are applied strictly in step order.
 
 Staleness (`parallel.ps.staleness` = s): the gradient of step t is computed on version
 v(t) = max(0, t - s) of the parameters (version k: after k updates). With s = 0 that is
@@ -143,8 +143,8 @@ class ParamShard:
     """One parameter-server shard (a Ray async actor: calls wait on asyncio conditions,
     so pushes, pulls and the norm exchange interleave without threads).
 
-    pieces: its plan entries; spec: RunSpec.to_dict() (the optimizer's settings and LR
-    schedule); senders: ranks that push every step (every worker, dp * pp)."""
+    pieces: its plan entries; spec: RunSpec.to_dict() (the optimizer's settings; each
+    step's learning rate comes with the pushes); senders: ranks that push every step (every worker, dp * pp)."""
 
     def __init__(self, index: int, n_shards: int, pieces: list[Piece], spec: dict[str, Any],
                  senders: int):
@@ -169,6 +169,7 @@ class ParamShard:
         self.history: dict[int, dict[Key, torch.Tensor]] = {}  # older versions, s > 0
         self.pending: dict[int, dict[int, dict[Key, torch.Tensor]]] = {}  # step: rank: grads
         self.norms: dict[int, float] = {}  # update: its global gradient norm
+        self.lrs: dict[int, float] = {}  # step: its learning rate
         self.partials: dict[int, dict[int, float]] = {}  # shard 0: step: shard: squared norm
         self.partial_events: dict[int, asyncio.Event] = {}
         self.partial_done: dict[int, int] = {}
@@ -191,8 +192,13 @@ class ParamShard:
         drops everything the shard held; the last one makes it ready."""
         if generation != self.generation:
             self.generation = generation
-            self.ready.set()  # waiters of the old generation wake, and fail their check
+            # Every waiter of the old generation wakes and fails its check: an update that
+            # waited for a norm (holding the old lock), a push that waited to be ready.
+            self.ready.set()
+            for event in self.partial_events.values():
+                event.set()
             self.ready = asyncio.Event()
+            self.apply_lock = asyncio.Lock()
             self._reset_parts = {}
             self._clear()
             async with self.changed:
@@ -242,15 +248,17 @@ class ParamShard:
         await self.ready.wait()
         self._check(generation)
 
-    async def push(self, generation: str, step: int, rank: int,
+    async def push(self, generation: str, step: int, rank: int, lr: float,
                    grads: dict[Key, torch.Tensor]) -> None:
         """Rank `rank`'s gradients of step `step` for this shard's pieces (it may own none of
-        them: every rank pushes every step, so a shard knows when a step is complete)."""
+        them: every rank pushes every step, so a shard knows when a step is complete), and
+        the step's learning rate (the trainer's schedule, the same from every rank)."""
         await self._wait_ready(generation)
         if step < self.version:
             raise RuntimeError(f"parameter-server shard {self.index}: a push of step {step} "
                                f"after update {self.version - 1}")
         self.pending.setdefault(step, {})[rank] = grads
+        self.lrs[step] = lr
         async with self.apply_lock:  # updates in step order, one at a time
             while len(self.pending.get(self.version, {})) == self.senders:
                 await self._apply(generation, self.version)
@@ -269,8 +277,7 @@ class ParamShard:
         self._check(generation)  # a reset came while we waited: this update is void
         clip = self.spec.train.grad_clip
         coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        from raypar.train.trainer import lr_at
-        lr = lr_at(step, self.spec)
+        lr = self.lrs.pop(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.staleness:
@@ -441,8 +448,9 @@ class PSClient:
         self.version = -1
         self.pull(max(0, step - self.staleness))
 
-    def push(self, step: int) -> None:
-        """Step `step`'s gradients to their shards (by reference, through the object store)."""
+    def push(self, step: int, lr: float) -> None:
+        """Step `step`'s gradients to their shards (by reference, through the object store),
+        with the step's learning rate."""
         import ray
         for k, shard in enumerate(self.shards):
             grads = {}
@@ -451,15 +459,20 @@ class PSClient:
                 if g is not None:
                     grads[piece.key] = g
                     self.bytes += g.nbytes
-            self.acks.append(shard.push.remote(self.generation, step, self.rank,
+            self.acks.append(shard.push.remote(self.generation, step, self.rank, lr,
                                                ray.put(grads)))
 
     def pull(self, version: int) -> Optional[float]:
         """The parameters at `version` into the local modules (no call when they are that
         version already); the gradient norm of the update that made it, when pulled."""
         import ray
-        acks, self.acks = self.acks, []
-        ray.get(acks)  # a failed push (a restarted shard) fails the step here
+        pending, self.acks = self.acks, []
+        # A failed push (a shard that died, or was restarted and not reset) fails the step
+        # here; the others' pushes may wait on it for ever (shard 0 waits for every shard's
+        # part of the norm), so each ack is taken as it comes, not in a fixed order.
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
         if version == self.version:
             return None
         calls = [(k, shard.pull.remote(self.generation, version,
@@ -474,10 +487,10 @@ class PSClient:
         self.version = version
         return norm
 
-    def step(self, step: int) -> Optional[float]:
+    def step(self, step: int, lr: float) -> Optional[float]:
         """Push step `step`'s gradients, pull the parameters step + 1 computes on; returns
         the gradient norm of the update that made them (None: no update pulled)."""
-        self.push(step)
+        self.push(step, lr)
         return self.pull(max(0, step + 1 - self.staleness))
 
     def state(self, step: int) -> tuple[dict[str, torch.Tensor],

@@ -255,7 +255,7 @@ class RankTrainer:
         if self.ps is not None:
             # The shards sum the replicas' and the tied copies' gradients, clip and step.
             self.ps.bytes = 0
-            return self.ps.step(self.step)
+            return self.ps.step(self.step, lr_at(self.step, self.spec))
         if self.pipeline is not None:
             sync_tied_grads(self.plain, self.pm.pp_group)
         grad_norm = self._clip()
