@@ -108,7 +108,7 @@ def _shard_updates(pieces, spec, values, grads_per_step):
     async def go():
         shard = ps.ParamShard(0, 1, pieces, spec.to_dict(), 1)
         params = {p.key: values[p.name][p.r0:p.r1].clone() for p in pieces}
-        await shard.reset("g", [shard], 0, 1, 0, params, {}, {})
+        await shard.reset("g", [shard], 0, 1, 0, params, {}, {}, {})
         out, norms = [], []
         for t, grads in enumerate(grads_per_step):
             await shard.push("g", t, 0, lr_at(t, spec),

@@ -185,11 +185,13 @@ class ParamShard:
     async def reset(self, generation: str, peers: list[Any], rank: int, n_sources: int,
                     version: int, params: dict[Key, torch.Tensor],
                     optim: dict[Key, dict[str, torch.Tensor]],
-                    history: dict[int, dict[Key, torch.Tensor]]) -> None:
+                    history: dict[int, dict[Key, torch.Tensor]],
+                    norms: dict[int, float]) -> None:
         """One of the n_sources ranks (replica 0's) hands its pieces of this shard: the
         parameters at `version`, their AdamW state (empty before the first update) and,
-        with staleness, older versions {lag: pieces}. The first call of a new generation
-        drops everything the shard held; the last one makes it ready."""
+        with staleness, older versions {lag: pieces} and the norms of the last updates
+        (the next pulls report them). The first call of a new generation drops everything
+        the shard held; the last one makes it ready."""
         if generation != self.generation:
             self.generation = generation
             # Every waiter of the old generation wakes and fails its check: an update that
@@ -204,6 +206,7 @@ class ParamShard:
             async with self.changed:
                 self.changed.notify_all()  # waiters of the old generation give up
         self.peers = peers
+        self.norms.update(norms)
         self._reset_parts[rank] = (version, params, optim, history)
         if len(self._reset_parts) < n_sources:
             return
@@ -339,6 +342,13 @@ class ParamShard:
         values = self._at(version)
         return self.norms.get(version - 1), {k: values[k] for k in keys}
 
+    async def recent_norms(self, generation: str, version: int) -> dict[int, float]:
+        """The gradient norms of the updates the pulls after `version` still report (the
+        last `staleness` ones), once `version` is applied: a checkpoint keeps them."""
+        await self._wait_version(generation, version)
+        return {u: n for u, n in self.norms.items()
+                if version - self.staleness <= u < version}
+
     async def state(self, generation: str, version: int, keys: list[Key], lags: int
                     ) -> tuple[dict[Key, torch.Tensor], dict[Key, dict[str, torch.Tensor]],
                                dict[int, dict[Key, torch.Tensor]]]:
@@ -416,11 +426,11 @@ class PSClient:
 
     def start(self, generation: str, step: int, rank: int, n_sources: Optional[int],
               optimizers: list[torch.optim.Optimizer],
-              history: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Reset the shards from this rank's state at `step`: its parameters, AdamW state
-        and older versions {lag: {name: tensor}}, when n_sources is not None (it is a rank of
-        replica 0, one of n_sources whose pieces seed the shards). Every rank of the group
-        calls it, then a barrier, then `sync`."""
+              history: dict[int, dict[str, torch.Tensor]], norms: dict[int, float]) -> None:
+        """Reset the shards from this rank's state at `step`: its parameters, AdamW state,
+        older versions {lag: {name: tensor}} and the last updates' norms (`recent_norms`),
+        when n_sources is not None (it is a rank of replica 0, one of n_sources whose pieces
+        seed the shards). Every rank of the group calls it, then a barrier, then `sync`."""
         import ray
         self.generation, self.rank = generation, rank
         if n_sources is None:
@@ -440,7 +450,8 @@ class PSClient:
                     hist.setdefault(lag, {})[piece.key] = \
                         values[piece.name][piece.r0:piece.r1].to("cpu").clone()
             refs.append(shard.reset.remote(generation, self.shards, rank, n_sources, step,
-                                           ray.put(params), ray.put(optim), ray.put(hist)))
+                                           ray.put(params), ray.put(optim), ray.put(hist),
+                                           norms))
         ray.get(refs)
 
     def sync(self, step: int) -> None:
@@ -492,6 +503,11 @@ class PSClient:
         the gradient norm of the update that made them (None: no update pulled)."""
         self.push(step, lr)
         return self.pull(max(0, step + 1 - self.staleness))
+
+    def recent_norms(self, step: int) -> dict[int, float]:
+        """The norms of the updates before `step` that the next steps' rows report."""
+        import ray
+        return ray.get(self.shards[0].recent_norms.remote(self.generation, step))
 
     def state(self, step: int) -> tuple[dict[str, torch.Tensor],
                                         dict[str, dict[str, torch.Tensor]],

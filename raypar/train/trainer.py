@@ -127,6 +127,7 @@ class RankTrainer:
         # loads; the parameter server's shards step it (start_ps, state_dict).
         self.ps: Optional[PSClient] = None
         self._ps_history: dict[int, dict[str, torch.Tensor]] = {}
+        self._ps_norms: dict[int, float] = {}
         if p.dp_mode == "ps":
             if self.ps_config is None:
                 raise ValueError("parallel.dp_mode=ps: the trainer needs the parameter "
@@ -402,10 +403,10 @@ class RankTrainer:
         generation = broadcast(new_generation() if dist.get_rank() == 0 else None)
         sources = self.pm.pp * self.pm.tp if self.pm.coords.dp == 0 else None
         self.ps.start(generation, self.step, dist.get_rank(), sources, self.optimizers,
-                      self._ps_history)
+                      self._ps_history, self._ps_norms)
         for opt in self.optimizers:
             opt.state.clear()
-        self._ps_history = {}
+        self._ps_history, self._ps_norms = {}, {}
         dist.barrier(group=self.groups.active)
         self.ps.sync(self.step)
 
@@ -426,11 +427,14 @@ class RankTrainer:
                 "schedule": p.schedule, "virtual_stages": p.virtual_stages}
 
     def train_state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
-                "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
-                "order": self._order_id(), "source_tokens": self.source_tokens,
-                "source_draws": self._source_draws(),
-                "time": time.time(), "layout": self.layout()}
+        state = {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
+                 "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
+                 "order": self._order_id(), "source_tokens": self.source_tokens,
+                 "source_draws": self._source_draws(),
+                 "time": time.time(), "layout": self.layout()}
+        if self.ps is not None:  # the norms the next rows report (update t - staleness)
+            state["ps_norms"] = {str(u): n for u, n in self.ps.recent_norms(self.step).items()}
+        return state
 
     def _order_id(self) -> dict[str, Any]:
         """What fixes which blocks a stream position reads: the order's version and size
@@ -477,6 +481,7 @@ class RankTrainer:
             set_state_dict(m, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=LOAD_OPTIONS)
         saved = source.read_json(ckpt.TRAIN_STATE)
+        self._ps_norms = {int(u): float(n) for u, n in (saved.get("ps_norms") or {}).items()}
         self.step = int(saved["step"])
         self.tokens_seen = int(saved["tokens"])
         # Checkpoints from before the position was recorded consumed step * global_batch.
