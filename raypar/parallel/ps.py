@@ -1,11 +1,15 @@
 """A parameter server on Ray actors: parallel.dp_mode=ps.
 
-    plan = plan_shards(spec, vocab_size, n)          # the driver: who owns which rows
+    plan = plan_shards(spec, vocab_size)             # the driver: who owns which rows
     shards = start_shards(spec, plan)                # N actors, handed to every worker
-    client = PSClient(shards, plan, spec, modules)   # each worker, over its stage modules
-    client.start(generation, step, rank, is_source)  # every worker-group start (collective)
-    norm = client.step(t)                            # push step t's gradients, pull params
+    client = PSClient(shards, plan, staleness, named_params)   # each worker, its stages
+    client.start(generation, step, rank, ...)        # every worker-group start: reset them
+    client.sync(step)                                # ... and pull what step computes on
+    norm = client.step(t, lr)                        # push step t's gradients, pull params
     stop_shards(shards)                              # the driver, however the run ends
+
+RankTrainer (raypar/train/trainer.py) holds the client: `start_ps`, its optimizer step and
+its checkpoint state are the hooks.
 
 Why our own code: torch.distributed has no parameter server (its RPC framework, which
 once had one in its examples, is deprecated), and Ray ships none either; Ray gives us the
