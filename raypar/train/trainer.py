@@ -306,7 +306,8 @@ class RankTrainer:
                 dist.all_reduce(sent, group=self.pm.pp_group)
             ps_fields = {"staleness": staleness_of(self.step - 1, spec.parallel.ps.staleness),
                          "comm_bytes": int(sent.item())}
-        return StepRow(**ps_fields, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
+        return StepRow(**ps_fields, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                       time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
                        tokens_per_s=t.global_batch * spec.data.seq_len
@@ -465,14 +466,25 @@ class RankTrainer:
             raise ckpt.CorruptCheckpoint(problem)
         states = [self._module_state(i) for i in range(len(self.modules))]
         history: dict[str, dict[str, torch.Tensor]] = {}
+        lags = 0
         if self.ps is not None:  # with staleness, the older versions the next steps need
             lags = staleness_of(int(source.read_json(ckpt.TRAIN_STATE)["step"]),
                                 self.spec.parallel.ps.staleness)
             history = {str(lag): {name: torch.empty_like(p.detach())
                                   for name, p in self._checkpoint_params()}
                        for lag in range(1, lags + 1)}
-            if history:
+            saved_keys = source.metadata.state_dict_metadata
+            if all(f"ps_history.{lag}.{name}" in saved_keys
+                   for lag, names in history.items() for name in names):
                 states[0]["ps_history"] = history
+            elif history:
+                # Saved by another mode or staleness: the older versions are not there.
+                # The next steps compute on the saved parameters (a new course from here).
+                if dist.get_rank() == 0:
+                    log.warning("the checkpoint %s holds no parameter versions for "
+                                "parallel.ps.staleness=%d: the next %d steps compute on its "
+                                "parameters", path, self.spec.parallel.ps.staleness, lags)
+                history = {}
         source.load(states, process_group=self.groups.active)
         self._ps_history = {int(lag): v for lag, v in history.items()}
         for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
@@ -483,6 +495,9 @@ class RankTrainer:
         saved = source.read_json(ckpt.TRAIN_STATE)
         self._ps_norms = {int(u): float(n) for u, n in (saved.get("ps_norms") or {}).items()}
         self.step = int(saved["step"])
+        if self.ps is not None and lags and not self._ps_history:
+            self._ps_history = {lag: {name: p.detach().clone() for name, p in
+                                      self._checkpoint_params()} for lag in range(1, lags + 1)}
         self.tokens_seen = int(saved["tokens"])
         # Checkpoints from before the position was recorded consumed step * global_batch.
         self.position = int(saved.get("position", self.step * int(saved.get(
