@@ -30,7 +30,8 @@ the parameters the next step computes on. A shard applies update t once it holds
 rank's push of step t: it sums the pushes in rank order, sends its squared norm to shard
 0, which adds all shards' in shard order and returns the global gradient norm (the norm
 ddp clips by: every parameter once, the tied embedding once), clips by it, and steps AdamW
-with the learning rate of step t (the trainer's schedule, sent with the pushes). Updates are applied strictly in step order.
+with the learning rate of step t (the trainer's schedule, sent with the pushes). Updates
+are applied strictly in step order.
 
 Staleness (`parallel.ps.staleness` = s): the gradient of step t is computed on version
 v(t) = max(0, t - s) of the parameters (version k: after k updates). With s = 0 that is
@@ -55,7 +56,6 @@ checkpoint also loads under ddp or fsdp, and `raypar generate` / `export` read i
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -63,8 +63,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-
-log = logging.getLogger("raypar")
 
 Key = tuple[str, int, int]  # (parameter name, first row, end row)
 
@@ -148,7 +146,8 @@ class ParamShard:
     so pushes, pulls and the norm exchange interleave without threads).
 
     pieces: its plan entries; spec: RunSpec.to_dict() (the optimizer's settings; each
-    step's learning rate comes with the pushes); senders: ranks that push every step (every worker, dp * pp)."""
+    step's learning rate comes with the pushes); senders: ranks that push every step
+    (every worker, dp * pp)."""
 
     def __init__(self, index: int, n_shards: int, pieces: list[Piece], spec: dict[str, Any],
                  senders: int):

@@ -7,8 +7,8 @@ the environment, the worker fires it. Unset in normal use.
 Phases: 'step' (SIGKILL after the step), 'save' (SIGKILL after writing its checkpoint
 shard into storage, before its manifest), 'sigterm' (SIGTERM after the step, as a spot preemption or
 a node drain sends it), 'ps' (with dp_mode=ps: rank 0 kills parameter-server shard R, the
-`rank` field, after step S, and Ray restarts the actor). A marker file in the run directory makes a fault fire once per
-run, restarts included.
+`rank` field, after step S, and Ray restarts the actor). A marker file in the run directory
+makes a fault fire once per run, restarts included.
 """
 from __future__ import annotations
 
