@@ -80,6 +80,20 @@ class ElasticConfig:
 
 
 @dataclass
+class PSConfig:
+    shards: int = 1
+    """With parallel.dp_mode=ps: parameter-server actors; each holds a share of the
+    parameters balanced by bytes (whole tensors, or row slices of the large ones) and their
+    AdamW state. At most the model's number of parameter tensors."""
+    staleness: int = 0
+    """With parallel.dp_mode=ps: 0 is synchronous (the servers wait for every replica's
+    gradient of a step: the math of ddp). s > 0 lets step t's gradient be computed on the
+    parameters after update max(0, t - s) (fixed by the step, not by timing: a run is
+    reproducible and resumes exactly), so a replica runs up to s steps ahead of the
+    servers' newest update."""
+
+
+@dataclass
 class ParallelConfig:
     dp: int = 2
     """Data-parallel replicas."""
@@ -90,9 +104,11 @@ class ParallelConfig:
     dp_mode: str = "ddp"
     """How replicas are kept in sync: 'ddp' (replicated parameters, gradients all-reduced
     during the backward pass), 'fsdp' (FSDP2: parameters, gradients and optimizer state
-    sharded over dp, i.e. ZeRO-3) or 'hsdp' (sharded within groups of dp_shard replicas,
+    sharded over dp, i.e. ZeRO-3), 'hsdp' (sharded within groups of dp_shard replicas,
     replicated across the groups: sharding stays inside a node, only the gradient
-    all-reduce crosses nodes)."""
+    all-reduce crosses nodes) or 'ps' (a parameter server: parallel.ps.shards Ray actors
+    hold the parameters and optimizer state; replicas push gradients and pull parameters,
+    raypar/parallel/ps.py)."""
     dp_shard: int = 0
     """With dp_mode=hsdp: replicas per shard group (it must divide dp; typically the GPUs of
     one node over tp * pp). 0 with the other modes."""
@@ -109,6 +125,8 @@ class ParallelConfig:
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     """Elastic data parallelism: {min_replicas, max_replicas, resize_interval_s}."""
+    ps: PSConfig = field(default_factory=PSConfig)
+    """The parameter server of dp_mode=ps: {shards, staleness}."""
 
     @property
     def shard_size(self) -> int:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # Allowed values and ranges per field, checked by validate(); the message says what is allowed.
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
-    "parallel.dp_mode": ("ddp", "fsdp", "hsdp"),
+    "parallel.dp_mode": ("ddp", "fsdp", "hsdp", "ps"),
     "parallel.schedule": schedules.NAMES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
@@ -29,11 +29,12 @@ _POSITIVE = {
     "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
     "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
     "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
-    "checkpoint.keep", "data.tokenizer_sample_bytes",
+    "checkpoint.keep", "data.tokenizer_sample_bytes", "parallel.ps.shards",
 }
 _NON_NEGATIVE = {
     "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",
     "train.grad_clip", "train.seed", "train.eval_every", "checkpoint.every",
+    "parallel.ps.staleness",
 }
 _UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
                   "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
@@ -62,11 +63,15 @@ def validate(spec: RunSpec) -> RunSpec:
     flat = spec.flat()
     _validate_values(flat)
     _validate_bounds(spec)
+    if spec.parallel.dp_mode == "ps" and spec.parallel.elastic.enabled:
+        raise ConfigError("parallel.elastic: not with parallel.dp_mode=ps (the parameter "
+                          "server's replica count is fixed); set elastic.max_replicas=0")
     if _validate_elastic(spec):
         return spec  # the min_replicas layout was validated in full
     _validate_ranges(spec, flat)
     _validate_shapes(spec)
     _validate_data_parallel(spec)
+    _validate_parameter_server(spec)
     _validate_pipeline(spec)
     _validate_batch(spec)
     _validate_data(spec)
@@ -202,6 +207,33 @@ def _validate_data_parallel(spec: RunSpec) -> None:
     if p.dp % p.dp_shard:
         raise ConfigError(f"parallel.dp_shard: {p.dp_shard} must divide parallel.dp={p.dp} "
                           f"(whole shard groups)")
+
+
+def model_tensor_count(spec: RunSpec) -> int:
+    """The model's parameter tensors as raypar/model.py builds them (kept torch-free): per
+    block two norms and six linear layers, each with a bias when model.bias; the token
+    table, a learned position table, an untied LM head and the final norm."""
+    m = spec.model
+    per = 1 + int(m.bias)
+    tables = 1 + int(m.pos_encoding == "learned") + int(not m.tie_embeddings)
+    return tables + m.n_layer * 8 * per + per
+
+
+def _validate_parameter_server(spec: RunSpec) -> None:
+    """dp_mode=ps: its shard count and staleness, and what it cannot combine with."""
+    p = spec.parallel
+    if p.dp_mode != "ps":
+        if p.ps.shards != 1 or p.ps.staleness:
+            raise ConfigError(f"parallel.ps: only with parallel.dp_mode=ps (it is "
+                              f"{p.dp_mode}); leave ps.shards=1 and ps.staleness=0")
+        return
+    n = model_tensor_count(spec)
+    if p.ps.shards > n:
+        raise ConfigError(f"parallel.ps.shards: {p.ps.shards} shards for {n} parameter "
+                          f"tensors; at most {n} (each shard holds at least one tensor)")
+    if p.tp > 1:
+        raise ConfigError("parallel.tp: dp_mode=ps does not support tensor parallelism yet "
+                          f"(got tp={p.tp}); use tp=1, or dp_mode=ddp/fsdp/hsdp")
 
 
 def _validate_pipeline(spec: RunSpec) -> None:

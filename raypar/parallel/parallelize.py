@@ -68,7 +68,8 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
         if activation_checkpointing:
             for block in stage.layers.values():
                 activation_checkpoint(block)
-        shard_data_parallel(stage, pm, p.dp_mode, policy)
+        if p.dp_mode != "ps":  # a parameter server's replicas are plain (raypar/parallel/ps.py)
+            shard_data_parallel(stage, pm, p.dp_mode, policy)
         stage.to_empty(device=device)
         keep_grad_layouts(stage)
         if init_from:

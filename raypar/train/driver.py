@@ -34,6 +34,7 @@ from raypar.data.pipeline import default_cache_dir
 from raypar.data.prepare import PreparedDataset, console_progress
 from raypar.data.tokenizer import Tokenizer, expected_vocab, parse_tokenizer
 from raypar.hf_import import model_vocab
+from raypar.parallel import ps as ps_mod
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
@@ -339,6 +340,14 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
     workers none of whose checkpoints loads fail rather than train from step 0."""
     storage, name, root = checkpoint_root(spec, rd.path)
     flag = StopFlag()
+    shards, ps = [], None
+    if spec.parallel.dp_mode == "ps":
+        # The parameter server's actors belong to this driver: they end with it (and
+        # stop_shards ends them with the run); the workers of every group reach them
+        # through the handles in their config.
+        plan = ps_mod.plan_shards(spec, vocab_size)
+        shards = ps_mod.start_shards(spec, plan)
+        ps = {"shards": shards, "plan": plan}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -350,6 +359,7 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
             "step_delay_s": step_delay, "stop_flag": flag, "startup_key": startup_key,
             "must_load": must_load,
+            "ps": ps,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))
@@ -359,6 +369,8 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             outcome["error"] = e
+        finally:
+            ps_mod.stop_shards(shards)
 
     guard.training(flag)
     return threading.Thread(target=fit, daemon=True)

@@ -6,8 +6,9 @@ the environment, the worker fires it. Unset in normal use.
 
 Phases: 'step' (SIGKILL after the step), 'save' (SIGKILL after writing its checkpoint
 shard into storage, before its manifest), 'sigterm' (SIGTERM after the step, as a spot preemption or
-a node drain sends it). A marker file in the run directory makes a fault fire once per
-run, restarts included.
+a node drain sends it), 'ps' (with dp_mode=ps: rank 0 kills parameter-server shard R, the
+`rank` field, after step S, and Ray restarts the actor). A marker file in the run directory
+makes a fault fire once per run, restarts included.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Callable, Optional
 from raypar.config import ConfigError
 from raypar.train.rundir import RunDir
 
-PHASES = ("step", "save", "sigterm")
+PHASES = ("step", "save", "sigterm", "ps")
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ def parse_fault(run_dir: RunDir) -> Optional[Fault]:
         fields = dict(part.split("=", 1) for part in text.split(","))
         rank, step, phase = int(fields["rank"]), int(fields["step"]), fields.get("phase", "step")
     except (ValueError, KeyError):
-        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save|sigterm], "
+        raise ConfigError(f"RAYPAR_FAULT: expected rank=R,step=S[,phase=step|save|sigterm|ps], "
                           f"got {text!r}") from None
     if phase not in PHASES:
-        raise ConfigError(f"RAYPAR_FAULT: phase must be step, save or sigterm, got {phase!r}")
+        raise ConfigError(f"RAYPAR_FAULT: phase must be step, save, sigterm or ps, got {phase!r}")
     return Fault(rank, step, phase, str(run_dir.fault_marker.resolve()))
 
 
@@ -83,3 +84,25 @@ def fire(fault: Optional[dict[str, Any]], rank: int, step: int, phase: str,
     deadline = time.monotonic() + 10
     while not sigterm_seen() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _claim(fault: dict[str, Any], phase: str) -> bool:
+    try:
+        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{phase} {fault['step']}\n".encode())
+    os.close(fd)
+    return True
+
+
+def fire_ps(fault: Optional[dict[str, Any]], step: int, shards: list[Any]) -> None:
+    """In worker rank 0 of a dp_mode=ps run: the 'ps' fault kills parameter-server shard
+    `rank` after step `step`, once (Ray restarts the actor, empty; the workers then fail
+    on it and restart from the last checkpoint, which resets it)."""
+    if not fault or fault["phase"] != "ps" or fault["step"] != step:
+        return
+    if not 0 <= fault["rank"] < len(shards) or not _claim(fault, "ps"):
+        return
+    import ray
+    ray.kill(shards[fault["rank"]], no_restart=False)

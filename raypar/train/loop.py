@@ -13,6 +13,8 @@ The driver (raypar/train/driver.py) passes `config`, a dict:
                     ~/.cache/raypar/shards); cache_bytes: the cache's soft size bound (None:
                     unbounded). Missing keys read as None; path is required.
     checkpoint_root str: where the run's checkpoints are listed
+    ps              with parallel.dp_mode=ps: {"shards": the parameter server's actor
+                    handles, "plan": which rows each holds} (raypar/parallel/ps.py)
     fault, step_delay_s, stop_flag  optional: fault injection (faults.py), a sleep after
                     every step (tests), the driver's StopFlag actor (stopping.py)
 
@@ -244,6 +246,8 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         time.sleep(config["step_delay_s"])
     for phase in ("step", "sigterm"):
         faults.fire(config.get("fault"), dist.get_rank(), trainer.step, phase, SIGTERM.is_set)
+    if trainer.ps is not None and dist.get_rank() == 0:
+        faults.fire_ps(config.get("fault"), trainer.step, trainer.ps.shards)
 
 
 DATASET_KEYS = ("path", "sources", "cache_dir", "cache_bytes")
@@ -295,7 +299,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def build(pretrained: bool = True) -> RankTrainer:
         base = peak_rss_bytes()  # Ray's worker, torch, the process groups, the data opened
-        built = RankTrainer(spec, config["vocab_size"], train, val, groups, pretrained)
+        built = RankTrainer(spec, config["vocab_size"], train, val, groups,
+                            pretrained=pretrained, ps=config.get("ps"))
         built.rss_base, built.rss_init = base, peak_rss_bytes()
         built.anon_start = anon_start
         return built
@@ -319,6 +324,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return  # every rank ends without an error: Ray Train has nothing to retry
         if choice[0] is not None:
             trainer.load_s = load_s
+        if trainer.ps is not None:
+            trainer.start_ps()  # the parameter server, reset from what this group holds
         _train(config, spec, groups, trainer, started, choice, saved, load_s, board)
     finally:
         trainer.close()

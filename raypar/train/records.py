@@ -82,6 +82,10 @@ class StepRow(Record):
     val_loss: Optional[float] = None  # on evaluation steps
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
     source_tokens: Optional[dict[str, int]] = None  # a mixture's training tokens per source
+    # dp_mode=ps: updates this step's gradient is behind (parallel.ps.staleness), and the
+    # bytes replica 0's ranks pushed and pulled in the step (raypar/parallel/ps.py).
+    staleness: Optional[int] = None
+    comm_bytes: Optional[int] = None
 
 
 @dataclass(eq=False)

@@ -34,6 +34,7 @@ from raypar.parallel.data import gradient_sync
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
+from raypar.parallel.ps import PSClient, new_generation, staleness_of
 from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
@@ -72,11 +73,14 @@ class RankTrainer:
 
     def __init__(self, spec: RunSpec, vocab_size: int, train_blocks: BlockSource | np.ndarray,
                  val_blocks: BlockSource | np.ndarray, groups: Optional[Groups] = None,
-                 pretrained: bool = True):
+                 pretrained: bool = True, ps: Optional[dict[str, Any]] = None):
         """train_blocks, val_blocks: BlockSources, or arrays (n_blocks, seq_len + 1) of
         packed blocks (wrapped in ArrayBlocks). pretrained=False: with model.init_from,
-        leave the Hugging Face weights unread (a checkpoint is loaded over the model next)."""
+        leave the Hugging Face weights unread (a checkpoint is loaded over the model next).
+        ps: with parallel.dp_mode=ps, the parameter server {"shards": actor handles, "plan":
+        its plan} the driver started (raypar/parallel/ps.py)."""
         self.spec = spec
+        self.ps_config = ps
         torch.set_num_threads(spec.train.threads)
         t = spec.train
         self.groups = groups or Groups.build(spec)
@@ -121,6 +125,17 @@ class RankTrainer:
             self._param_groups(m), lr=t.lr,
             betas=(t.beta1, t.beta2), foreach=False) for m in self.plain]
         self.loss_ctx = lambda: loss_context(self.plain[-1])
+        # dp_mode=ps: the optimizers above only carry the state a checkpoint saves and
+        # loads; the parameter server's shards step it (start_ps, state_dict).
+        self.ps: Optional[PSClient] = None
+        self._ps_history: dict[int, dict[str, torch.Tensor]] = {}
+        self._ps_norms: dict[int, float] = {}
+        if p.dp_mode == "ps":
+            if self.ps_config is None:
+                raise ValueError("parallel.dp_mode=ps: the trainer needs the parameter "
+                                 "server's shards (the driver starts them)")
+            self.ps = PSClient(self.ps_config["shards"], self.ps_config["plan"],
+                               p.ps.staleness, self._checkpoint_params())
         self.pipeline = None
         if p.pp > 1:
             self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
@@ -150,7 +165,7 @@ class RankTrainer:
         """bf16 under autocast with dp = 1; with dp > 1 the data-parallel units cast instead
         (FSDP2's mixed-precision policy: bf16 compute, fp32 master weights and gradient
         reduction, raypar/parallel/data.py)."""
-        if self.spec.train.dtype == "bf16" and self.pm.dp == 1:
+        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.ps is not None):
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -238,8 +253,13 @@ class RankTrainer:
             groups[1]["params"].append(copy[0])
         return groups
 
-    def _optimizer_step(self) -> float:
-        """Gradients are complete: synchronise, clip, step; returns the gradient norm."""
+    def _optimizer_step(self) -> Optional[float]:
+        """Gradients are complete: synchronise, clip, step; returns the gradient norm (with
+        dp_mode=ps: of the newest update the replica pulled, None when it pulled none)."""
+        if self.ps is not None:
+            # The shards sum the replicas' and the tied copies' gradients, clip and step.
+            self.ps.bytes = 0
+            return self.ps.step(self.step, lr_at(self.step, self.spec))
         if self.pipeline is not None:
             sync_tied_grads(self.plain, self.pm.pp_group)
         grad_norm = self._clip()
@@ -282,7 +302,15 @@ class RankTrainer:
             for name, n in self.train_data.source_counts(indices).items():
                 self.source_tokens[name] += n * spec.data.seq_len
         loss = self._mean_over_dp(loss)
-        return StepRow(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
+        ps_fields = {}
+        if self.ps is not None:
+            sent = torch.tensor([self.ps.bytes], dtype=torch.int64, device=self.device)
+            if self.pm.pp > 1:
+                dist.all_reduce(sent, group=self.pm.pp_group)
+            ps_fields = {"staleness": staleness_of(self.step - 1, spec.parallel.ps.staleness),
+                         "comm_bytes": int(sent.item())}
+        return StepRow(**ps_fields, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                       time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
                        tokens_per_s=t.global_batch * spec.data.seq_len
@@ -331,7 +359,62 @@ class RankTrainer:
     def state_dict(self) -> dict[str, Any]:
         """{'model': ..., 'optim': ...} keyed by the model's global parameter names, with
         this rank's shards as DTensors: what DCP saves, and loads under any other layout.
-        The tied copy is left out: the first stage saves the same tensor and state."""
+        The tied copy is left out: the first stage saves the same tensor and state.
+        dp_mode=ps: the same, from the parameter server (and, with staleness, the older
+        versions the next steps compute on, as 'ps_history': {lag: {name: tensor}})."""
+        if self.ps is not None:
+            return self._ps_state_dict()
+        return self._local_state_dict()
+
+    def _checkpoint_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(checkpoint name, parameter) of every stage module's parameters: a last stage's
+        copy of the tied embedding goes by the embedding's name."""
+        return [("tok_emb.weight" if is_tied_copy(n, m) else n, p)
+                for m in self.plain for n, p in m.named_parameters()]
+
+    def _ps_state_dict(self) -> dict[str, Any]:
+        """The parameter server's state of this rank's parameters at this step, put into the
+        local modules and optimizers for the moment of building the ordinary state dict."""
+        values, optim, history = self.ps.state(self.step)
+        named = self._checkpoint_params()
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(values[name])
+        names = {id(p): name for name, p in named}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if names[id(p)] in optim:
+                        opt.state[p] = dict(optim[names[id(p)]])
+        state = self._local_state_dict()
+        for opt in self.optimizers:
+            opt.state.clear()  # the state dict keeps its tensors; the optimizers need none
+        lag = staleness_of(self.step, self.spec.parallel.ps.staleness)
+        if history:
+            # The local parameters go back to the version the next step computes on.
+            state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
+            state["ps_history"] = {str(k): v for k, v in history.items()}
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(history[lag][name])
+        return state
+
+    def start_ps(self) -> None:
+        """Every worker-group start, after any checkpoint is loaded (collective): reset the
+        parameter server from this group's state, under a new generation, and pull the
+        parameters the next step computes on."""
+        from raypar.train.control import broadcast
+        generation = broadcast(new_generation() if dist.get_rank() == 0 else None)
+        sources = self.pm.pp * self.pm.tp if self.pm.coords.dp == 0 else None
+        self.ps.start(generation, self.step, dist.get_rank(), sources, self.optimizers,
+                      self._ps_history, self._ps_norms)
+        for opt in self.optimizers:
+            opt.state.clear()
+        self._ps_history, self._ps_norms = {}, {}
+        dist.barrier(group=self.groups.active)
+        self.ps.sync(self.step)
+
+    def _local_state_dict(self) -> dict[str, Any]:
         model_sd: dict[str, Any] = {}
         optim_sd: dict[str, Any] = {}
         for i, copy in enumerate(self.tied_copy):
@@ -348,11 +431,14 @@ class RankTrainer:
                 "schedule": p.schedule, "virtual_stages": p.virtual_stages}
 
     def train_state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
-                "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
-                "order": self._order_id(), "source_tokens": self.source_tokens,
-                "source_draws": self._source_draws(),
-                "time": time.time(), "layout": self.layout()}
+        state = {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
+                 "global_batch": self.spec.train.global_batch, "lr": lr_at(self.step, self.spec),
+                 "order": self._order_id(), "source_tokens": self.source_tokens,
+                 "source_draws": self._source_draws(),
+                 "time": time.time(), "layout": self.layout()}
+        if self.ps is not None:  # the norms the next rows report (update t - staleness)
+            state["ps_norms"] = {str(u): n for u, n in self.ps.recent_norms(self.step).items()}
+        return state
 
     def _order_id(self) -> dict[str, Any]:
         """What fixes which blocks a stream position reads: the order's version and size
@@ -382,14 +468,39 @@ class RankTrainer:
         if problem is not None:
             raise ckpt.CorruptCheckpoint(problem)
         states = [self._module_state(i) for i in range(len(self.modules))]
+        history: dict[str, dict[str, torch.Tensor]] = {}
+        lags = 0
+        if self.ps is not None:  # with staleness, the older versions the next steps need
+            lags = staleness_of(int(source.read_json(ckpt.TRAIN_STATE)["step"]),
+                                self.spec.parallel.ps.staleness)
+            history = {str(lag): {name: torch.empty_like(p.detach())
+                                  for name, p in self._checkpoint_params()}
+                       for lag in range(1, lags + 1)}
+            saved_keys = source.metadata.state_dict_metadata
+            if all(f"ps_history.{lag}.{name}" in saved_keys
+                   for lag, names in history.items() for name in names):
+                states[0]["ps_history"] = history
+            elif history:
+                # Saved by another mode or staleness: the older versions are not there.
+                # The next steps compute on the saved parameters (a new course from here).
+                if dist.get_rank() == 0:
+                    log.warning("the checkpoint %s holds no parameter versions for "
+                                "parallel.ps.staleness=%d: the next %d steps compute on its "
+                                "parameters", path, self.spec.parallel.ps.staleness, lags)
+                history = {}
         source.load(states, process_group=self.groups.active)
+        self._ps_history = {int(lag): v for lag, v in history.items()}
         for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
             set_state_dict(m, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=LOAD_OPTIONS)
         saved = source.read_json(ckpt.TRAIN_STATE)
+        self._ps_norms = {int(u): float(n) for u, n in (saved.get("ps_norms") or {}).items()}
         self.step = int(saved["step"])
+        if self.ps is not None and lags and not self._ps_history:
+            self._ps_history = {lag: {name: p.detach().clone() for name, p in
+                                      self._checkpoint_params()} for lag in range(1, lags + 1)}
         self.tokens_seen = int(saved["tokens"])
         # Checkpoints from before the position was recorded consumed step * global_batch.
         self.position = int(saved.get("position", self.step * int(saved.get(

@@ -1,0 +1,179 @@
+"""The parameter server (parallel.dp_mode=ps, raypar/parallel/ps.py) on a real local Ray.
+
+- Synchronous (staleness 0): dp=2 replicas of pp=2 stages push to 4 shards (the token
+  table, larger than a shard's fair share, is split into row slices across two of them;
+  both pipeline ends push its tied gradient) and reproduce the single process, loss and
+  grad_norm at rtol 1e-5, through the driver as `raypar train` runs it.
+- Bounded staleness 2: the run is deterministic: a run whose shard actor is killed mid-run
+  (Ray restarts the actor; the workers restart from the last checkpoint, which holds the
+  shards' state and the older parameter versions) equals the uninterrupted run bit for bit,
+  and it is not the synchronous curve.
+The shard's own arithmetic (row slices, clipping, AdamW, versions) is checked without Ray.
+"""
+import asyncio
+
+import pytest
+import torch
+
+from raypar.config import ConfigError, load_spec
+from raypar.parallel import ps
+from raypar.train.driver import run
+from raypar.train.rundir import read_metrics
+from raypar.train.trainer import lr_at
+
+from conftest import ROOT, single_process_rows
+
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+STEPS, EVERY = 8, 4
+COMMON = [f"train.steps={STEPS}", "train.eval_every=4", "tracking.enabled=false",
+          "parallel.dp=1"]
+PS_PP = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=4", "parallel.pp=2",
+         "parallel.schedule=1f1b"]
+STALE = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=2",
+         "parallel.ps.staleness=2", f"checkpoint.every={EVERY}"]
+
+
+def spec_for(corpus, cache, *overrides):
+    return load_spec(TINY, [f"data.path={corpus}", f"data.cache_dir={cache}", *COMMON,
+                            *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
+    return single_process_rows(spec_for(small_corpus, cache_dir), cache_dir,
+                               tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def stale_run(ray_local, small_corpus, cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stale") / "run"
+    run(spec_for(small_corpus, cache_dir, *STALE), run_dir, progress=False)
+    return read_metrics(run_dir)[0]
+
+
+def test_sync_ps_with_pp_reproduces_single_process(reference, small_corpus, cache_dir,
+                                                   tmp_path):
+    spec = spec_for(small_corpus, cache_dir, *PS_PP)
+    plan = ps.plan_shards(spec, 320)
+    assert sum(p.name == "tok_emb.weight" for shard in plan for p in shard) == 2, \
+        "the token table is split into row slices"
+    run(spec, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")[0]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "val_loss"):
+        got = [r[key] for r in rows if key in r]
+        want = [r[key] for r in reference if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key
+    assert all(r["staleness"] == 0 for r in rows)
+    # Replica 0's two ranks push every gradient and pull every parameter once a step: the
+    # whole model in fp32, twice, the tied table once more (both pipeline ends hold it).
+    from raypar.model import GPT
+    from raypar.config import model_config
+    model = GPT(model_config(spec, 320))
+    params = sum(p.numel() for p in model.parameters())
+    table = model.tok_emb.weight.numel()
+    assert all(r["comm_bytes"] == 2 * 4 * (params + table) for r in rows), rows[0]
+
+
+def test_stale_ps_resumes_exactly_after_a_shard_is_killed(stale_run, reference, small_corpus,
+                                                          cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYPAR_FAULT", "rank=1,step=6,phase=ps")
+    run_dir = tmp_path / "run"
+    run(spec_for(small_corpus, cache_dir, *STALE, "checkpoint.max_failures=1"), run_dir,
+        progress=False)
+    assert (run_dir / ".fault-fired").read_text().split() == ["ps", "6"]
+    rows, events = read_metrics(run_dir)
+    [recovery] = [e for e in events if e["event"] == "recovery"]
+    assert recovery["cause"] == "failure" and recovery["step"] == EVERY
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r, e in zip(rows, stale_run):  # the same run: bit for bit
+        for key in ("loss", "grad_norm", "val_loss", "staleness"):
+            assert r.get(key) == e.get(key), (r["step"], key)
+    # Step t computed on the parameters after update max(0, t - 2): the first three
+    # gradients all on the initial weights, and the first step equals the sync one.
+    assert [r["staleness"] for r in rows] == [0, 1, 2, 2, 2, 2, 2, 2]
+    assert rows[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
+    assert [r["loss"] for r in rows[3:]] != pytest.approx([r["loss"] for r in reference[3:]],
+                                                          rel=1e-4)
+    # The norm a row shows is that of update t - 2, the newest the replica pulled.
+    assert "grad_norm" not in rows[0] and "grad_norm" not in rows[1]
+    assert all(r["grad_norm"] > 0 for r in rows[2:])
+
+
+# -- the shard's arithmetic, without Ray ----------------------------------------------------
+
+def _shard_updates(pieces, spec, values, grads_per_step):
+    """Run one ParamShard (a single shard: its own norm) over the steps' gradients; returns
+    the whole tensors after every step, assembled from the pieces, and the norms."""
+    async def go():
+        shard = ps.ParamShard(0, 1, pieces, spec.to_dict(), 1)
+        params = {p.key: values[p.name][p.r0:p.r1].clone() for p in pieces}
+        await shard.reset("g", [shard], 0, 1, 0, params, {}, {}, {})
+        out, norms = [], []
+        for t, grads in enumerate(grads_per_step):
+            await shard.push("g", t, 0, lr_at(t, spec),
+                             {p.key: grads[p.name][p.r0:p.r1].clone() for p in pieces})
+            norm, got = await shard.pull("g", t + 1, [p.key for p in pieces])
+            norms.append(norm)
+            whole = {n: torch.empty_like(v) for n, v in values.items()}
+            for (name, r0, r1), v in got.items():
+                whole[name][r0:r1] = v
+            out.append(whole)
+        return out, norms
+    return asyncio.run(go())
+
+
+def test_a_shard_of_row_slices_steps_like_adamw_on_whole_tensors():
+    spec = load_spec(TINY, ["train.grad_clip=0.5", "train.weight_decay=0.1"])
+    gen = torch.Generator().manual_seed(0)
+    values = {"w": torch.randn(10, 4, generator=gen), "b": torch.randn(6, generator=gen)}
+    params = [("w", (10, 4), True), ("b", (6,), False)]
+    [pieces] = [sum(ps.plan_pieces(params, 3), [])]  # the three shards' pieces, in one
+    assert len(pieces) > 2, "w is cut into row slices"
+    grads = [{n: torch.randn(v.shape, generator=gen) for n, v in values.items()}
+             for _ in range(3)]
+    got, norms = _shard_updates(pieces, spec, values, grads)
+    # The trainer's way: whole tensors, global-norm clipping, AdamW over two groups.
+    ref = {n: torch.nn.Parameter(v.clone()) for n, v in values.items()}
+    opt = torch.optim.AdamW([{"params": [ref["w"]], "weight_decay": 0.1},
+                             {"params": [ref["b"]], "weight_decay": 0.0}],
+                            betas=(spec.train.beta1, spec.train.beta2), foreach=False)
+    for t, g in enumerate(grads):
+        norm = sum(float(x.double().square().sum()) for x in g.values()) ** 0.5
+        coef = min(1.0, 0.5 / (norm + 1e-6))
+        for n, p in ref.items():
+            p.grad = g[n] * coef
+        for group in opt.param_groups:
+            group["lr"] = lr_at(t, spec)
+        opt.step()
+        assert norms[t] == pytest.approx(norm, rel=1e-12)
+        for n in values:
+            torch.testing.assert_close(got[t][n], ref[n].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_plan_balances_by_bytes_and_covers_every_row_once():
+    params = [("emb", (1000, 8), False), ("a", (8, 8), True), ("b", (8,), False),
+              ("c", (8, 8), True)]
+    plan = ps.plan_pieces(params, 4)
+    loads = [sum(p.numel for p in shard) for shard in plan]
+    assert max(loads) <= 1.1 * sum(loads) / 4
+    rows = sorted((p.name, r) for shard in plan for p in shard for r in range(p.r0, p.r1))
+    assert rows == sorted((n, r) for n, s, _ in params for r in range(s[0]))
+    assert ps.plan_pieces(params, 4) == plan  # deterministic
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.dp_mode=ps", "parallel.ps.shards=0"], r"^parallel.ps.shards: must be > 0"),
+    (["parallel.dp_mode=ps", "parallel.ps.shards=19"],
+     r"^parallel.ps.shards: 19 shards for 18 parameter tensors; at most 18"),
+    (["parallel.dp_mode=ps", "parallel.ps.staleness=-1"], r"^parallel.ps.staleness: must be >= 0"),
+    (["parallel.ps.shards=2"], r"^parallel.ps: only with parallel.dp_mode=ps"),
+    (["parallel.dp_mode=ps", "parallel.dp_shard=2"],
+     r"^parallel.dp_shard: only with parallel.dp_mode=hsdp"),
+    (["parallel.dp_mode=ps", "parallel.tp=2"], r"^parallel.tp: dp_mode=ps does not support"),
+    (["parallel.dp_mode=ps", "parallel.elastic.max_replicas=4"],
+     r"^parallel.elastic: not with parallel.dp_mode=ps"),
+])
+def test_bad_parameter_server_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(TINY, overrides)
