@@ -31,6 +31,39 @@ def test_windows_leave_out_the_warm_up_seconds_and_checkpoint_steps():
         windows(ends, warmup_s=16, repeats=3, tokens_per_step=100)
 
 
+def test_comm_rows_count_bytes_speed_and_convergence_against_sync_ddp():
+    from raypar.bench import comm
+
+    def fake(step_s, sent, loss, steps=40):
+        # comm_bytes as the worker records it: None on steps that sent nothing (local SGD).
+        return {"step_end": [i * step_s for i in range(steps)],
+                "rows": [{"step": i + 1, "loss": loss + (steps - i) * 0.01,
+                          "comm_bytes": sent[i % len(sent)]} for i in range(steps)]}
+    runs = {"sync DDP": fake(0.2, [1000], 2.0),
+            "local SGD H=4": fake(0.1, [None, None, None, 1000], 2.2),
+            "bf16 compression": fake(0.2, [500], 2.0)}
+    delayed = {"sync DDP": fake(0.4, [1000], 2.0), "local SGD H=4": fake(0.25, [None, None, None, 1000], 2.2)}
+    rows = {r["name"]: r for r in comm.comm_rows(runs, delayed, warmup_s=0.5, repeats=2,
+                                                  tokens_per_step=100, delay_s=0.2)}
+    assert rows["sync DDP: bytes each replica moves per step"]["value"] == 1000
+    local = rows["local SGD H=4: bytes each replica moves per step"]
+    assert local["value"] == 250 and local["detail"]["of_sync_ddp"] == 0.25  # 1000 every 4th
+    assert rows["bf16 compression: bytes each replica moves per step"]["detail"][
+        "of_sync_ddp"] == 0.5
+    assert rows["local SGD H=4 / sync DDP (tokens/s)"]["value"] == pytest.approx(2.0)
+    assert rows["bf16 compression / sync DDP (tokens/s)"]["value"] == pytest.approx(1.0)
+    assert rows["local SGD H=4: loss after the same tokens / sync DDP's"]["value"] == \
+        pytest.approx(1.1, rel=0.01)
+    assert rows["local SGD H=4 / sync DDP, replica 1 slowed 0.2 s a step (tokens/s)"][
+        "value"] == pytest.approx(1.6)
+    assert rows["sync DDP with replica 1 slowed 0.2 s a step / without (tokens/s)"][
+        "value"] == pytest.approx(0.5)
+    assert not any(name.startswith("bf16") and "slowed" in name for name in rows)  # not run
+    # Sync DDP runs first and last; its two runs count as one, step by step.
+    both = comm.merged([fake(0.2, [1000], 2.0), fake(0.4, [1000], 2.0)])
+    assert both["step_end"][:3] == pytest.approx([0.0, 0.3, 0.6])
+
+
 def test_ratio_row_takes_the_median_and_says_whether_the_target_holds():
     row = ratio_row("overhead", "a / b", [90, 100, 96], [100, 100, 100], 0.95)
     assert row["value"] == pytest.approx(0.96) and row["spread"] == [0.9, 1.0]

@@ -33,7 +33,7 @@ import torch
 from ray.data import DataContext
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypar.bench import dataprep, scale, sections
+from raypar.bench import comm, dataprep, scale, sections
 from raypar.bench.gpu import GPU_MODEL, mfu_rows
 from raypar.bench.probe import run_probe
 from raypar.bench.report import write_report
@@ -73,7 +73,7 @@ FULL = Size(n_files=200, prep_mb=16, prep_repeats=3, peak_mb=32, warmup_s=8.0, s
 
 # The sections `raypar bench --only` can pick, in the order they run (the data preparation
 # that every one of them trains on always runs first).
-SECTIONS = ("prepare", "throughput", "probe", "memory", "scale", "cuda")
+SECTIONS = ("prepare", "throughput", "probe", "memory", "scale", "comm", "cuda")
 
 # The benchmark model: small enough for 2 cores, big enough that a step's arithmetic,
 # not Python overhead or communication, dominates (about 0.8 M parameters, 128 tokens).
@@ -443,6 +443,41 @@ class Bench:
         self.context["scale"] = {"big_params": big_n, "small_params": small_n,
                                  "full_model_bytes": full_bytes, "s3": s3 is not None}
 
+    # -- communication strategies ----------------------------------------------------
+    def comm(self, quick: bool) -> None:
+        """Sync DDP, the parameter server, local SGD and compressed gradients on one model
+        and global batch at dp=2 (comm.py), each also with replica 1 slowed."""
+        if quick:
+            self.context["comm"] = ("full bench only (raypar bench without --quick, or "
+                                    "--only comm): 16 worker groups of dp=2")
+            return
+        runs: dict[str, dict] = {}
+        delayed: dict[str, dict] = {}
+        bases: list[tuple[dict, dict]] = []
+        # Sync DDP at the start and again at the end (its windows averaged), the others
+        # between, each strategy's plain and slowed runs back to back: machine drift over
+        # the section's minutes falls on both sides of every ratio.
+        order = [comm.BASE, *[n for n, _ in comm.STRATEGIES[1:]], comm.BASE]
+        overrides = dict(comm.STRATEGIES)
+        for i, name in enumerate(order):
+            spec = self.spec(comm.STEPS, "parallel.dp=2", *overrides[name])
+            slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
+            self.say(f"comm: {name}, {comm.STEPS} steps at dp=2, then with replica 1 "
+                     f"slowed {comm.DELAY_S:g} s a step")
+            plain = self._run(f"comm-{i}-{slug}", spec)
+            with _env(RAYPAR_STEP_DELAY_S=str(comm.DELAY_S), RAYPAR_STEP_DELAY_REPLICA="1"):
+                slow = self._run(f"comm-{i}-{slug}-slowed", spec)
+            if name == comm.BASE:
+                bases.append((plain, slow))
+            else:
+                runs[name], delayed[name] = plain, slow
+        runs[comm.BASE], delayed[comm.BASE] = (comm.merged([b[k] for b in bases])
+                                               for k in (0, 1))
+        self.rows += comm.comm_rows(runs, delayed, comm.WARMUP_S, comm.REPEATS,
+                                    self.tokens_per_step, comm.DELAY_S)
+        self.context["comm"] = {"steps": comm.STEPS, "dp": 2, "delay_s": comm.DELAY_S,
+                                "global_batch": GLOBAL_BATCH}
+
     # -- CUDA ------------------------------------------------------------------------
     def cuda(self) -> None:
         if ray.cluster_resources().get("GPU", 0) < 1:
@@ -452,6 +487,25 @@ class Bench:
         spec = self.spec(None, *GPU_MODEL)
         corpus = prepare_corpus(spec.data, self.work / "cache")
         self.rows.extend(mfu_rows(spec, self.vocab, corpus.train, self.size.steps))
+
+
+class _env:
+    """Environment variables set for a block (the driver reads RAYPAR_STEP_DELAY_* as a
+    run starts), and put back as they were after it."""
+
+    def __init__(self, **values: str):
+        self.values, self.saved = values, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _machine() -> dict[str, Any]:
@@ -508,6 +562,8 @@ def _run_bench(out: Path, size: Size, address: Optional[str], say: Callable[[str
             bench.memory()
         if "scale" in picked:
             bench.scale(s3)
+        if "comm" in picked:
+            bench.comm(quick)
         if "cuda" in picked:
             bench.cuda()
     except BaseException:
