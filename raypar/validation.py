@@ -34,8 +34,10 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",
     "train.grad_clip", "train.seed", "train.eval_every", "checkpoint.every",
+    "parallel.outer_lr",
 }
 _UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
+                  "parallel.outer_momentum": (0.0, 1.0),
                   "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
 
 # Sizes no run can have: refused up front, so nothing downstream (the memory plan, the
@@ -62,6 +64,7 @@ def validate(spec: RunSpec) -> RunSpec:
     flat = spec.flat()
     _validate_values(flat)
     _validate_bounds(spec)
+    _validate_communication(spec)
     if _validate_elastic(spec):
         return spec  # the min_replicas layout was validated in full
     _validate_ranges(spec, flat)
@@ -202,6 +205,21 @@ def _validate_data_parallel(spec: RunSpec) -> None:
     if p.dp % p.dp_shard:
         raise ConfigError(f"parallel.dp_shard: {p.dp_shard} must divide parallel.dp={p.dp} "
                           f"(whole shard groups)")
+
+
+def _validate_communication(spec: RunSpec) -> None:
+    """Local SGD (parallel.sync_every) and what it combines with."""
+    p = spec.parallel
+    if p.sync_every < 1:
+        raise ConfigError(f"parallel.sync_every: must be >= 1 (1: all-reduce gradients every "
+                          f"step), got {p.sync_every}")
+    if p.sync_every > 1 and p.dp_mode != "ddp":
+        raise ConfigError(f"parallel.sync_every: local SGD (sync_every > 1) needs "
+                          f"parallel.dp_mode=ddp (every replica holds its own full copy), "
+                          f"got {p.dp_mode}")
+    if p.sync_every > 1 and p.elastic.enabled:
+        raise ConfigError("parallel.sync_every: local SGD keeps each replica's own optimizer "
+                          "state, which cannot be resized; leave parallel.elastic off")
 
 
 def _validate_pipeline(spec: RunSpec) -> None:

@@ -64,7 +64,11 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
         if activation_checkpointing:
             for block in stage.layers.values():
                 activation_checkpoint(block)
-        shard_data_parallel(stage, pm, p.dp_mode, policy)
+        if p.sync_every == 1:
+            # Local SGD (sync_every > 1) leaves the modules unwrapped: no gradient reduction
+            # in the backward; the replicas exchange parameter deltas every sync_every
+            # steps instead (raypar/parallel/local_sgd.py).
+            shard_data_parallel(stage, pm, p.dp_mode, policy)
         stage.to_empty(device=device)
         keep_grad_layouts(stage)
         stage.init_weights(seed)

@@ -31,6 +31,7 @@ from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import lm_loss, param_groups
 from raypar.parallel.data import gradient_sync
+from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
@@ -60,10 +61,25 @@ def lr_at(step: int, spec: RunSpec) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def _names(key: str, name: str) -> bool:
+    """Whether a checkpoint key is parameter `name`'s: the name itself, a prefixed one
+    ('replica0.model.<name>', local SGD's), or a flattened optimizer key ('state.<name>.exp_avg')."""
+    return key == name or key.endswith(f".{name}") or f".{name}." in key
+
+
+def _rename_key(key: str, src: str, dst: str) -> str:
+    if key == src:
+        return dst
+    if key.endswith(f".{src}"):
+        return key[:-len(src)] + dst
+    return key.replace(f".{src}.", f".{dst}.")
+
+
 def _rename(state: dict[str, dict[str, Any]], src: str, dst: str) -> dict[str, dict[str, Any]]:
-    """{'model', 'optim'} with parameter src called dst (flattened optimizer keys too)."""
-    return {"model": {(dst if k == src else k): v for k, v in state["model"].items()},
-            "optim": {k.replace(f".{src}.", f".{dst}."): v for k, v in state["optim"].items()}}
+    """{'model', 'optim', ...} with parameter src called dst in every part (flattened
+    optimizer keys too)."""
+    return {part: {_rename_key(k, src, dst): v for k, v in entries.items()}
+            for part, entries in state.items()}
 
 
 class RankTrainer:
@@ -118,12 +134,19 @@ class RankTrainer:
             self._param_groups(m), lr=t.lr,
             betas=(t.beta1, t.beta2), foreach=False) for m in self.plain]
         self.loss_ctx = lambda: loss_context(self.plain[-1])
+        # Local SGD (sync_every > 1): no per-step gradient reduction, each replica's
+        # gradients are those of its own mean loss, and the replicas agree every
+        # sync_every steps (raypar/parallel/local_sgd.py).
+        self.local_sgd = (LocalSGD(self.plain, self.pm, p.outer_lr, p.outer_momentum)
+                          if p.sync_every > 1 else None)
+        # The replicas whose gradients the reduction sums: each rank's loss is divided by them.
+        self.grad_dp = 1 if self.local_sgd is not None else self.pm.dp
         self.pipeline = None
         if p.pp > 1:
             self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
                                      self.pm.pp_group, self.device, p.schedule, self.n_micro,
                                      lm_loss, loss_context=self.loss_ctx,
-                                     grad_divisor=self.pm.dp)
+                                     grad_divisor=self.grad_dp)
         # Dropout draws from the global RNG: reseed it per replica so masks differ.
         torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
@@ -143,10 +166,11 @@ class RankTrainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
-        """bf16 under autocast with dp = 1; with dp > 1 the data-parallel units cast instead
+        """bf16 under autocast with dp = 1 (or local SGD, whose modules are not wrapped); with
+        dp > 1 the data-parallel units cast instead
         (FSDP2's mixed-precision policy: bf16 compute, fp32 master weights and gradient
         reduction, raypar/parallel/data.py)."""
-        if self.spec.train.dtype == "bf16" and self.pm.dp == 1:
+        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.local_sgd is not None):
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -199,7 +223,7 @@ class RankTrainer:
                         loss = lm_loss(model(mb[:, :-1]), mb[:, 1:])
                     # Scaled by every micro-batch of the step over all replicas: the
                     # gradient reduction sums (raypar/parallel/data.py).
-                    (loss / (len(micro) * self.pm.dp)).backward()
+                    (loss / (len(micro) * self.grad_dp)).backward()
             loss_sum += loss.item()
         return loss_sum / len(micro)
 
@@ -271,6 +295,10 @@ class RankTrainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self.local_sgd is not None and (self.step % spec.parallel.sync_every == 0
+                                           or self.step == t.steps):
+            # Every sync_every steps, and at the last step (the run ends in agreement).
+            self.local_sgd.sync()
         self.position += t.global_batch
         self.prefetch()  # the next steps' shards come while this rank evaluates, saves, ...
         self.tokens_seen += t.global_batch * spec.data.seq_len
@@ -278,6 +306,8 @@ class RankTrainer:
             for name, n in self.train_data.source_counts(indices).items():
                 self.source_tokens[name] += n * spec.data.seq_len
         loss = self._mean_over_dp(loss)
+        if self.local_sgd is not None:  # each replica clipped its own gradient: their mean
+            grad_norm = self._mean_over_dp(grad_norm)
         return StepRow(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
@@ -322,26 +352,36 @@ class RankTrainer:
         if self.mcfg.tie_embeddings and "tok_emb.weight" in msd:
             msd.pop("lm_head.weight", None)  # the same tensor under its second name
         state = {"model": msd, "optim": osd}
+        if self.local_sgd is not None:
+            # Local SGD: 'model' is the anchor, the parameters every replica agreed on at
+            # the last sync (what export and generate read), 'outer' the outer momentum;
+            # each replica's own parameters and AdamW state (which differ between syncs)
+            # go under its own keys, so that each replica writes and reads back its own.
+            own = f"replica{self.pm.coords.dp}"
+            extra = self.local_sgd.state(i)
+            state = {"model": extra["anchor"], "outer": extra["outer"],
+                     "local": {**{f"{own}.model.{k}": v for k, v in msd.items()},
+                               **{f"{own}.optim.{k}": v for k, v in osd.items()}}}
         return _rename(state, "lm_head.weight", "tok_emb.weight") if self.tied_copy[i] else state
 
     def state_dict(self) -> dict[str, Any]:
         """{'model': ..., 'optim': ...} keyed by the model's global parameter names, with
         this rank's shards as DTensors: what DCP saves, and loads under any other layout.
         The tied copy is left out: the first stage saves the same tensor and state."""
-        model_sd: dict[str, Any] = {}
-        optim_sd: dict[str, Any] = {}
+        out: dict[str, dict[str, Any]] = {}
         for i, copy in enumerate(self.tied_copy):
-            state = self._module_state(i)
-            model_sd.update({k: v for k, v in state["model"].items()
-                             if not (copy and k == "tok_emb.weight")})
-            optim_sd.update({k: v for k, v in state["optim"].items()
-                             if not (copy and ".tok_emb.weight." in k)})
-        return {"model": model_sd, "optim": optim_sd}
+            for part, entries in self._module_state(i).items():
+                out.setdefault(part, {}).update(
+                    {k: v for k, v in entries.items() if not (copy and _names(k, "tok_emb.weight"))})
+        return out
 
     def layout(self) -> dict[str, Any]:
         p = self.spec.parallel
-        return {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
-                "schedule": p.schedule, "virtual_stages": p.virtual_stages}
+        out = {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
+               "schedule": p.schedule, "virtual_stages": p.virtual_stages}
+        if p.sync_every > 1:
+            out["sync_every"] = p.sync_every
+        return out
 
     def train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
@@ -377,11 +417,18 @@ class RankTrainer:
         problem = next((p for p in problems if p), None)
         if problem is not None:
             raise ckpt.CorruptCheckpoint(problem)
+        self._check_local_sgd(source.read_json(ckpt.TRAIN_STATE).get("layout") or {}, path)
         states = [self._module_state(i) for i in range(len(self.modules))]
         source.load(states, process_group=self.groups.active)
         for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
+            if self.local_sgd is not None:
+                self.local_sgd.load_state(i, {"anchor": state["model"], "outer": state["outer"]})
+                own = f"replica{self.pm.coords.dp}."
+                state = {part: {k[len(own) + len(part) + 1:]: v
+                                for k, v in state["local"].items()
+                                if k.startswith(f"{own}{part}.")} for part in ("model", "optim")}
             set_state_dict(m, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=LOAD_OPTIONS)
         saved = source.read_json(ckpt.TRAIN_STATE)
@@ -408,6 +455,20 @@ class RankTrainer:
         self.prefetch()  # from the restored position
         self.load_stats = source.stats
         return saved
+
+    def _check_local_sgd(self, saved: dict[str, Any], path: str) -> None:
+        """A local-SGD checkpoint holds one state per replica: it resumes only as the same
+        number of replicas with the same sync_every (and only a local-SGD run reads it)."""
+        mine = self.layout()
+        keys = ("dp", "sync_every")
+        if self.local_sgd is None and "sync_every" not in saved:
+            return
+        if [saved.get(k) for k in keys] != [mine.get(k) for k in keys]:
+            raise ValueError(
+                f"checkpoint {path}: saved with parallel.dp={saved.get('dp')} and "
+                f"parallel.sync_every={saved.get('sync_every', 1)}, resumed with "
+                f"dp={mine['dp']} and sync_every={mine.get('sync_every', 1)}: a local SGD "
+                f"checkpoint holds each replica's own state; resume with the same two")
 
     def _source_draws(self) -> Optional[list[int]]:
         """A mixture's blocks read so far from each source (None: one dataset)."""
