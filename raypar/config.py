@@ -102,6 +102,13 @@ class ParallelConfig:
     outer_momentum 0 is plain parameter averaging)."""
     outer_momentum: float = 0.9
     """With sync_every > 1: the outer SGD's Nesterov momentum (0: no momentum)."""
+    grad_compression: str = "none"
+    """What dp_mode=ddp's gradient all-reduce sends: 'none' (fp32), 'bf16' (gradients
+    reduced in bf16: half the bytes) or 'powersgd' (torch's PowerSGD DDP communication
+    hook with error feedback: a rank-powersgd_rank approximation of each gradient matrix;
+    tp = 1 only)."""
+    powersgd_rank: int = 4
+    """With grad_compression=powersgd: the rank of PowerSGD's approximation."""
     autoscale: bool = False
     """On a cluster too small for dp*pp*tp workers, wait for the Ray autoscaler to add nodes
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""

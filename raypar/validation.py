@@ -21,13 +21,14 @@ if TYPE_CHECKING:
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
     "parallel.dp_mode": ("ddp", "fsdp", "hsdp"),
+    "parallel.grad_compression": ("none", "bf16", "powersgd"),
     "parallel.schedule": schedules.NAMES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
 }
 _POSITIVE = {
     "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
-    "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
+    "parallel.pp", "parallel.virtual_stages", "parallel.powersgd_rank", "data.seq_len", "train.steps", "train.global_batch",
     "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
     "checkpoint.keep", "data.tokenizer_sample_bytes",
 }
@@ -220,6 +221,22 @@ def _validate_communication(spec: RunSpec) -> None:
     if p.sync_every > 1 and p.elastic.enabled:
         raise ConfigError("parallel.sync_every: local SGD keeps each replica's own optimizer "
                           "state, which cannot be resized; leave parallel.elastic off")
+    if p.grad_compression == "none":
+        return
+    if p.dp_mode != "ddp" or p.sync_every > 1:
+        raise ConfigError(f"parallel.grad_compression: {p.grad_compression} compresses the "
+                          f"gradient all-reduce of dp_mode=ddp with sync_every=1, got "
+                          f"dp_mode={p.dp_mode}, sync_every={p.sync_every}")
+    if p.grad_compression == "powersgd" and p.tp > 1:
+        raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
+                          f"communication hook, which cannot hold tensor-parallel (DTensor) "
+                          f"parameters; use it with parallel.tp=1 (got {p.tp}), or bf16")
+    if p.grad_compression == "powersgd" and p.pp > 1:
+        # torch's DDP reducer asserts in its bucket rebuild when torch's pipeline schedules
+        # run several micro-batches through a DDP stage (torch 2.13, seen on gloo).
+        raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
+                          f"communication hook, which torch's pipeline schedules cannot drive "
+                          f"here; use it with parallel.pp=1 (got {p.pp}), or bf16")
 
 
 def _validate_pipeline(spec: RunSpec) -> None:

@@ -97,7 +97,8 @@ def _curve(worker, job: dict[str, Any]) -> dict[str, Any]:
     for _ in range(job["steps"]):
         step = worker.train_step()
         row = {"step": step.step, "loss": step.loss, "grad_norm": step.grad_norm,
-               "first_block": step.first_block, "last_block": step.last_block}
+               "first_block": step.first_block, "last_block": step.last_block,
+               "comm_bytes": step.comm_bytes}
         if job.get("digest"):
             row["param_digest"] = _param_digest(worker)
         if worker.eval_due():

@@ -30,6 +30,20 @@ zero-bubble schedule with dp > 1.
 Mixed precision: with train.dtype=bf16 the modules compute with bf16 copies of the fp32
 parameters and reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); the optimizer
 updates the fp32 master weights.
+
+Gradient compression (parallel.grad_compression, dp_mode=ddp):
+- 'bf16': the same policy with reduce_dtype=bfloat16: each gradient is cast to bf16,
+  all-reduced (summed) in bf16, and cast back to fp32 for the optimizer. It is what
+  torch's bf16_compress_hook does for DDP, but it keeps `replicate`, so it composes with
+  tp, pp and every schedule as the uncompressed mode does.
+- 'powersgd': `replicate` has no communication hooks, so the stage modules are wrapped in
+  torch's `DistributedDataParallel` instead, with torch's PowerSGD hook (error feedback
+  and warm start on): each gradient matrix M (n x m) goes over the wire as two rank-r
+  factors, P (n x r) and Q (m x r), vectors and small matrices uncompressed. DDP cannot
+  hold DTensor parameters (tp = 1 only), and torch's pipeline schedules driving a DDP
+  stage over several micro-batches trip an assertion in DDP's bucket rebuild (torch
+  2.13), so pp = 1 too (both refused in raypar/validation.py). DDP averages (divides by
+  dp), so each rank's loss is then not divided by dp (RankTrainer.grad_dp).
 """
 from __future__ import annotations
 
@@ -40,18 +54,56 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (PowerSGDState,
+                                                                       powerSGD_hook)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from raypar.parallel.mesh import ParallelMesh
 
 MODES = ("ddp", "fsdp", "hsdp")
 
 
-def mixed_precision(dtype: str) -> Optional[MixedPrecisionPolicy]:
-    """The MixedPrecisionPolicy for train.dtype ('fp32': None, full precision)."""
+def mixed_precision(dtype: str, compression: str = "none") -> Optional[MixedPrecisionPolicy]:
+    """The MixedPrecisionPolicy for train.dtype and parallel.grad_compression ('fp32' and
+    no bf16 compression: None, full precision)."""
+    reduce = torch.bfloat16 if compression == "bf16" else torch.float32
     if dtype == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+    if compression == "bf16":
+        return MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)
     return None
+
+
+# PowerSGD starts compressing at this DDP iteration (torch needs > 1 with error feedback:
+# the first iteration, when DDP still rebuilds its buckets, is a plain all-reduce).
+POWERSGD_START_ITER = 2
+
+
+def _powersgd_hook(state, bucket):
+    """torch's powerSGD_hook, with the global RNG left as it was: it seeds torch's global
+    generator to draw its random Q matrices, which would otherwise move the dropout masks
+    of the next steps. (No annotations: DDP checks them against the real classes, and this
+    module's annotations are strings.)"""
+    with torch.random.fork_rng(devices=[]):
+        return powerSGD_hook(state, bucket)
+
+
+def wrap_powersgd(module: nn.Module, pm: ParallelMesh, rank: int) -> nn.Module:
+    """`module` (materialized, not tensor-parallel) in torch's DDP over the dp group, its
+    gradients all-reduced by the PowerSGD hook of rank `rank`. dp == 1: module as is."""
+    if pm.dp == 1:
+        return module
+    group = pm.dp_mesh.get_group()
+    # init_sync off: every replica initialized the same weights (keyed by name and seed),
+    # buffers (rotary tables) are computed alike: nothing to broadcast.
+    ddp = DistributedDataParallel(module, process_group=group, broadcast_buffers=False,
+                                  init_sync=False)
+    state = PowerSGDState(process_group=group, matrix_approximation_rank=rank,
+                          start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True,
+                          warm_start=True, random_seed=0)
+    ddp.register_comm_hook(state, _powersgd_hook)
+    return ddp
 
 
 def shard_data_parallel(model: nn.Module, pm: ParallelMesh, mode: str = "ddp",
@@ -99,6 +151,10 @@ def shard_data_parallel(model: nn.Module, pm: ParallelMesh, mode: str = "ddp",
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool):
     """Skip the gradient reduction inside (accumulation micro-batches), or not."""
+    if isinstance(model, DistributedDataParallel):
+        with (contextlib.nullcontext() if enabled else model.no_sync()):
+            yield
+        return
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         try:

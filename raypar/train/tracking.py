@@ -25,7 +25,7 @@ from raypar.train.rundir import RunDir
 # and a mixture's tokens per source as tokens_<name>. time is MLflow's own timestamp; the
 # block indices are data, not metrics.
 METRIC_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "dp",
-               "data_s")
+               "data_s", "comm_bytes")
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

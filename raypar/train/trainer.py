@@ -30,6 +30,7 @@ from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_sourc
 from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import lm_loss, param_groups
+from raypar.parallel.comm_count import CommCounter
 from raypar.parallel.data import gradient_sync
 from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
@@ -125,7 +126,10 @@ class RankTrainer:
         # model has there: every layout starts from the same weights.
         rank_model = parallelize(self.mcfg, t.seed, self.pm, p, self.device,
                                  t.activation_checkpointing, t.dtype)
-        self.modules = self.plain = rank_model.modules
+        # plain: the stage modules (optimizers, checkpoints, clipping); modules: what runs
+        # them (the same, or powersgd's DDP wrappers).
+        self.plain = rank_model.modules
+        self.modules = rank_model.forward_modules or self.plain
         self.stage_indices, self.n_stages = rank_model.stage_indices, rank_model.n_stages
         self.tied_copy = rank_model.tied_copies()
         # One optimizer per stage module, so each one's state dict is keyed by the
@@ -139,8 +143,12 @@ class RankTrainer:
         # sync_every steps (raypar/parallel/local_sgd.py).
         self.local_sgd = (LocalSGD(self.plain, self.pm, p.outer_lr, p.outer_momentum)
                           if p.sync_every > 1 else None)
-        # The replicas whose gradients the reduction sums: each rank's loss is divided by them.
-        self.grad_dp = 1 if self.local_sgd is not None else self.pm.dp
+        # The replicas whose gradients the reduction sums: each rank's loss is divided by them
+        # (local SGD reduces no gradient; torch's DDP under powersgd averages itself).
+        self.ddp = rank_model.forward_modules is not None
+        self.grad_dp = 1 if self.local_sgd is not None or self.ddp else self.pm.dp
+        # The bytes this rank hands to the dp collectives in a step (comm_bytes).
+        self.comm = CommCounter(self.pm.dp_groups)
         self.pipeline = None
         if p.pp > 1:
             self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
@@ -166,11 +174,12 @@ class RankTrainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
-        """bf16 under autocast with dp = 1 (or local SGD, whose modules are not wrapped); with
+        """bf16 under autocast with dp = 1 (or local SGD, or powersgd's DDP); with
         dp > 1 the data-parallel units cast instead
         (FSDP2's mixed-precision policy: bf16 compute, fp32 master weights and gradient
         reduction, raypar/parallel/data.py)."""
-        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.local_sgd is not None):
+        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.local_sgd is not None
+                                                or self.ddp):
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -226,6 +235,16 @@ class RankTrainer:
                     (loss / (len(micro) * self.grad_dp)).backward()
             loss_sum += loss.item()
         return loss_sum / len(micro)
+
+    def _replica_bytes(self, mine: int) -> int:
+        """Summed over this replica's pp x tp ranks (each sends its own shards' gradients)."""
+        if self.pm.pp * self.pm.tp == 1:
+            return mine
+        t = torch.tensor([mine], dtype=torch.int64, device=self.device)
+        for dim, size in (("tp", self.pm.tp), ("pp", self.pm.pp)):
+            if size > 1:
+                dist.all_reduce(t, group=self.pm.mesh.get_group(dim))
+        return int(t.item())
 
     def _clip(self) -> float:
         """Clip by the norm of the whole model's gradient: every shard and stage, the
@@ -284,9 +303,10 @@ class RankTrainer:
             m.train()
         measure = self.memory is None
         meter = ActivationMeter() if measure else contextlib.nullcontext()
-        with meter:
+        with meter, self.comm.counting():
             loss = self._forward_backward(batch)
-        grad_norm = self._optimizer_step()
+        with self.comm.counting():
+            grad_norm = self._optimizer_step()
         if measure:
             self.memory = {**state_bytes(self.plain, self.optimizers),
                            "activation_peak_bytes": meter.peak}
@@ -298,7 +318,8 @@ class RankTrainer:
         if self.local_sgd is not None and (self.step % spec.parallel.sync_every == 0
                                            or self.step == t.steps):
             # Every sync_every steps, and at the last step (the run ends in agreement).
-            self.local_sgd.sync()
+            with self.comm.counting():
+                self.local_sgd.sync()
         self.position += t.global_batch
         self.prefetch()  # the next steps' shards come while this rank evaluates, saves, ...
         self.tokens_seen += t.global_batch * spec.data.seq_len
@@ -308,7 +329,7 @@ class RankTrainer:
         loss = self._mean_over_dp(loss)
         if self.local_sgd is not None:  # each replica clipped its own gradient: their mean
             grad_norm = self._mean_over_dp(grad_norm)
-        return StepRow(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
+        return StepRow(comm_bytes=self._replica_bytes(self.comm.take()),step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
                        tokens_per_s=t.global_batch * spec.data.seq_len
@@ -348,7 +369,7 @@ class RankTrainer:
         parameter names, except that a last stage's copy of a tied embedding goes by the
         embedding's name (the two are equal, and so are their optimizer states), so that a
         checkpoint looks the same whatever pp it was saved under."""
-        msd, osd = get_state_dict(self.modules[i], self.optimizers[i], options=STATE_DICT_OPTIONS)
+        msd, osd = get_state_dict(self.plain[i], self.optimizers[i], options=STATE_DICT_OPTIONS)
         if self.mcfg.tie_embeddings and "tok_emb.weight" in msd:
             msd.pop("lm_head.weight", None)  # the same tensor under its second name
         state = {"model": msd, "optim": osd}
@@ -420,7 +441,7 @@ class RankTrainer:
         self._check_local_sgd(source.read_json(ckpt.TRAIN_STATE).get("layout") or {}, path)
         states = [self._module_state(i) for i in range(len(self.modules))]
         source.load(states, process_group=self.groups.active)
-        for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
+        for i, (m, opt, state) in enumerate(zip(self.plain, self.optimizers, states)):
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
             if self.local_sgd is not None:
