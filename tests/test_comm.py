@@ -223,3 +223,22 @@ def test_powersgd_is_deterministic_and_close_to_uncompressed_ddp(curves, referen
     assert [r["loss"] for r in rows[:2]] == pytest.approx(ref[:2], rel=1e-5)
     assert rows[-1]["loss"] == pytest.approx(ref[-1], rel=1e-2)
     assert rows[-1]["loss"] != pytest.approx(ref[-1], rel=1e-6)
+
+
+def test_step_delay_on_one_replica(monkeypatch, capsys):
+    from raypar import cli
+    from raypar.train import faults
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_REPLICA", "1")
+    assert faults.parse_step_delay_replica(dp=2) == 1
+    config = {"step_delay_s": 0.5, "step_delay_replica": 1}
+    assert [faults.delays(config, r) for r in (0, 1)] == [0.0, 0.5]
+    # Unset: every replica sleeps (the elastic tests' slow steps); no delay: nobody.
+    assert [faults.delays({"step_delay_s": 0.5}, r) for r in (0, 1)] == [0.5, 0.5]
+    assert faults.delays({}, 1) == 0.0
+    # A replica the run does not have: one line, exit 2, before Ray starts.
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_REPLICA", "2")
+    assert cli.main(["train", "--config", str(TINY), "--set", "parallel.dp=2",
+                     "--set", "tracking.enabled=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "raypar: error: RAYPAR_STEP_DELAY_REPLICA: expected a replica index in " \
+                  "[0, 2) (parallel.dp=2), got '2'", err

@@ -35,7 +35,7 @@ from raypar.data.tokenizer import Tokenizer, expected_vocab, padded_vocab, parse
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
-from raypar.train.faults import parse_fault, parse_step_delay
+from raypar.train.faults import parse_fault, parse_step_delay, parse_step_delay_replica
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Record, StepRow
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
@@ -243,6 +243,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         tracking.check_reachable(uri)
     fault = parse_fault(rd)
     step_delay = parse_step_delay()
+    delay_replica = parse_step_delay_replica(spec.max_dp)
     datasets, vocab_size, use_gpu = _prepare(spec, address, guard, startup)
     if resume:
         _prepare_resume(spec, rd, latest, vocab_size, datasets[0].tokenizer.to_json())
@@ -257,7 +258,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
     try:
         try:  # from here a stop ends the MLflow run too
             thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay,
-                                 guard, outcome, t_start, startup.board.key)
+                                 guard, outcome, t_start, startup.board.key, delay_replica)
             # The worker group starts (seconds) while MLflow sets up its run (seconds too).
             thread.start()
             tracker = _tracker(spec, rd, uri, resume, earlier, thread)
@@ -321,7 +322,8 @@ def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
 
 def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
-                outcome: dict[str, Any], t_start: float, startup_key: str) -> threading.Thread:
+                outcome: dict[str, Any], t_start: float, startup_key: str,
+                delay_replica: Optional[int] = None) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
     on a signal asks the workers to stop."""
     storage, name, root = checkpoint_root(spec, rd.path)
@@ -335,7 +337,8 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
             "dataset": mixture.worker_dataset(datasets, spec.data,
                                               lambda path: _shard_cache(spec, path)),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
-            "step_delay_s": step_delay, "stop_flag": flag, "startup_key": startup_key,
+            "step_delay_s": step_delay, "step_delay_replica": delay_replica,
+            "stop_flag": flag, "startup_key": startup_key,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))
