@@ -242,3 +242,13 @@ def test_step_delay_on_one_replica(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "raypar: error: RAYPAR_STEP_DELAY_REPLICA: expected a replica index in " \
                   "[0, 2) (parallel.dp=2), got '2'", err
+
+
+def test_local_sgd_memory_counts_its_anchor_and_momentum(curves, small_corpus, cache_dir):
+    from raypar.parallel.footprint import plan
+    for name, copies in (("ddp-dp2", 2), ("local-dp2", 4)):
+        [memory] = [r["memory"] for r in curves[name] if r["rank"] == 0]
+        # AdamW's two moments, and local SGD's anchor and outer momentum besides.
+        assert memory["optim_bytes"] == copies * memory["param_bytes"], name
+        planned = plan(spec_for(small_corpus, cache_dir, *JOBS[name]), curves["vocab"])[0]
+        assert planned.optim_bytes == copies * planned.param_bytes, name

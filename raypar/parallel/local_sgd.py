@@ -87,6 +87,11 @@ class LocalSGD:
             p.copy_(a)
         return flat.numel() * flat.element_size()
 
+    def nbytes(self) -> int:
+        """Bytes of the anchor and the outer momentum (two more copies of the parameters)."""
+        return sum(a.numel() * a.element_size() * 2 for anchors in self.anchors
+                   for a in anchors.values())
+
     # -- checkpoints -----------------------------------------------------------------
     def _wrap(self, i: int, name: str, t: torch.Tensor) -> torch.Tensor:
         """t (a local tensor) with the placement of module i's parameter `name`: DCP then

@@ -310,6 +310,8 @@ class RankTrainer:
         if measure:
             self.memory = {**state_bytes(self.plain, self.optimizers),
                            "activation_peak_bytes": meter.peak}
+            if self.local_sgd is not None:  # the anchor and outer momentum: optimizer state
+                self.memory["optim_bytes"] += self.local_sgd.nbytes()
             if torch.cuda.is_available():
                 self.memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         for opt in self.optimizers:
