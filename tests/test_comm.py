@@ -121,19 +121,21 @@ def test_tensor_and_pipeline_parallel_inside_a_replica_change_nothing(curves, na
             [r.get(key) for r in ref if key in r], rel=rtol), key
 
 
-def test_local_sgd_killed_between_syncs_resumes_exactly(curves, small_corpus, cache_dir,
-                                                        tmp_path, monkeypatch):
-    # Checkpoints at steps 3 and 6 fall between syncs (4, 8): each replica's own parameters
-    # and AdamW state, the anchor and the outer momentum all come back. Rank 1 (replica 1)
-    # dies after step 5; the run resumes from step 3.
+@pytest.mark.parametrize("name", ["local-dp2", "powersgd-dp2"])
+def test_killed_run_resumes_exactly(name, curves, small_corpus, cache_dir, tmp_path,
+                                    monkeypatch):
+    # Local SGD: checkpoints at steps 3 and 6 fall between syncs (4, 8): each replica's own
+    # parameters and AdamW state, the anchor and the outer momentum all come back.
+    # PowerSGD: each rank's error feedback, warm-start P and Q and its RNG come back.
+    # Rank 1 (replica 1) dies after step 5; the run resumes from step 3.
     monkeypatch.setenv("RAYPAR_FAULT", "rank=1,step=5")
     run_dir = tmp_path / "run"
-    run(spec_for(small_corpus, cache_dir, *DP2, *LOCAL, "checkpoint.every=3",
+    run(spec_for(small_corpus, cache_dir, *JOBS[name], "checkpoint.every=3",
                  "checkpoint.max_failures=1"), run_dir, progress=False)
     rows, events = read_metrics(run_dir)
     [event] = [e for e in events if e["event"] == "recovery"]
     assert event["step"] == 3
-    ref = rank0(curves["local-dp2"])  # the same run, uninterrupted (in the probe)
+    ref = rank0(curves[name])  # the same run, uninterrupted (in the probe)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "val_loss"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in ref], key

@@ -14,6 +14,7 @@ and the tests step it directly. Parallelism is applied by raypar/parallel/parall
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import lm_loss, param_groups
 from raypar.parallel.comm_count import CommCounter
-from raypar.parallel.data import gradient_sync
+from raypar.parallel.data import gradient_sync, powersgd_memory
 from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
@@ -398,6 +399,35 @@ class RankTrainer:
                     {k: v for k, v in entries.items() if not (copy and _names(k, "tok_emb.weight"))})
         return out
 
+    def _powersgd_file(self) -> str:
+        return f"powersgd-{dist.get_rank()}.pt"
+
+    def extra_files(self) -> dict[str, bytes]:
+        """This rank's files besides DCP's in a checkpoint: PowerSGD's error feedback, warm
+        start and RNG (per rank; one state per stage module), restored on a resume with the
+        same layout so that it replays the uninterrupted run."""
+        states = [powersgd_memory(m) for m in self.modules]
+        if not any(s is not None for s in states):
+            return {}
+        tensors = {f"{i}.{k}": v for i, s in enumerate(states) if s is not None
+                   for k, v in s.tensors().items()}
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        return {self._powersgd_file(): buf.getvalue()}
+
+    def _load_extra_files(self, source: "ckpt.Source") -> None:
+        name = self._powersgd_file()
+        if name not in source.expected:
+            return
+        saved = torch.load(io.BytesIO(source.read_bytes(name)), weights_only=True,
+                           map_location="cpu")
+        for i, m in enumerate(self.modules):
+            memory = powersgd_memory(m)
+            if memory is not None:
+                prefix = f"{i}."
+                memory.load({k[len(prefix):]: v for k, v in saved.items()
+                             if k.startswith(prefix)})
+
     def layout(self) -> dict[str, Any]:
         p = self.spec.parallel
         out = {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
@@ -471,6 +501,7 @@ class RankTrainer:
         rng = source.rng_state(dist.get_rank()) if same_layout else None
         if rng is not None:
             ckpt.restore_rng_state(rng)
+            self._load_extra_files(source)
         else:
             # A new layout has other ranks: dropout masks restart from a seed derived from
             # the step (the weights and data continue exactly; with dropout 0 nothing differs).
