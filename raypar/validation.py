@@ -6,7 +6,7 @@ first bad field raises ConfigError with one line that names it and what is allow
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from raypar.errors import ConfigError
 from raypar.parallel import schedules
@@ -237,6 +237,20 @@ def _validate_communication(spec: RunSpec) -> None:
         raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
                           f"communication hook, which torch's pipeline schedules cannot drive "
                           f"here; use it with parallel.pp=1 (got {p.pp}), or bf16")
+
+
+def local_sgd_resume_problem(saved_layout: dict[str, Any], dp: int, sync_every: int
+                             ) -> Optional[str]:
+    """Why a checkpoint saved under saved_layout (train_state.json's "layout") cannot resume
+    with parallel.dp and sync_every, or None: a local SGD checkpoint holds each replica's
+    own parameters and AdamW state, so it resumes only as as many replicas with the same
+    sync_every, and a plain run's checkpoint has no such state for local SGD to resume."""
+    saved = (saved_layout.get("dp"), saved_layout.get("sync_every", 1))
+    if sync_every == 1 and saved[1] == 1 or saved == (dp, sync_every):
+        return None
+    return (f"parallel.sync_every: the checkpoint was saved with parallel.dp={saved[0]} and "
+            f"sync_every={saved[1]}, this run has dp={dp} and sync_every={sync_every}; a "
+            f"local SGD checkpoint resumes only with the same two")
 
 
 def _validate_pipeline(spec: RunSpec) -> None:

@@ -254,3 +254,15 @@ def test_local_sgd_memory_counts_its_anchor_and_momentum(curves, small_corpus, c
         assert memory["optim_bytes"] == copies * memory["param_bytes"], name
         planned = plan(spec_for(small_corpus, cache_dir, *JOBS[name]), curves["vocab"])[0]
         assert planned.optim_bytes == copies * planned.param_bytes, name
+
+
+def test_a_local_sgd_checkpoint_resumes_only_with_its_replicas_and_sync_every():
+    from raypar.validation import local_sgd_resume_problem
+    local = {"dp": 2, "sync_every": 4}
+    assert local_sgd_resume_problem(local, dp=2, sync_every=4) is None
+    assert local_sgd_resume_problem({"dp": 2}, dp=3, sync_every=1) is None  # plain: any dp
+    for saved, dp, every in ((local, 3, 4), (local, 2, 2), (local, 2, 1), ({"dp": 2}, 2, 4)):
+        problem = local_sgd_resume_problem(saved, dp, every)
+        assert problem.startswith("parallel.sync_every: the checkpoint was saved with "
+                                  f"parallel.dp={saved['dp']} and "
+                                  f"sync_every={saved.get('sync_every', 1)}"), problem

@@ -35,6 +35,7 @@ from raypar.data.tokenizer import Tokenizer, expected_vocab, padded_vocab, parse
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
+from raypar.validation import local_sgd_resume_problem
 from raypar.train.faults import parse_fault, parse_step_delay, parse_step_delay_replica
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Record, StepRow
@@ -79,6 +80,10 @@ def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size
     if latest is not None:
         ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
         ckpt.checked_metadata(latest)  # a forged one is refused here, before any worker
+        problem = local_sgd_resume_problem(ckpt.read_train_state(latest).get("layout") or {},
+                                           spec.parallel.dp, spec.parallel.sync_every)
+        if problem:
+            raise ConfigError(f"--resume: {problem}")
     rows, _ = rd.read_metrics()
     if rows and rows[-1].step >= spec.train.steps:
         raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 
 from raypar.config import RunSpec, model_config
+from raypar.validation import local_sgd_resume_problem
 from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
 from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
@@ -513,16 +514,10 @@ class RankTrainer:
     def _check_local_sgd(self, saved: dict[str, Any], path: str) -> None:
         """A local-SGD checkpoint holds one state per replica: it resumes only as the same
         number of replicas with the same sync_every (and only a local-SGD run reads it)."""
-        mine = self.layout()
-        keys = ("dp", "sync_every")
-        if self.local_sgd is None and "sync_every" not in saved:
-            return
-        if [saved.get(k) for k in keys] != [mine.get(k) for k in keys]:
-            raise ValueError(
-                f"checkpoint {path}: saved with parallel.dp={saved.get('dp')} and "
-                f"parallel.sync_every={saved.get('sync_every', 1)}, resumed with "
-                f"dp={mine['dp']} and sync_every={mine.get('sync_every', 1)}: a local SGD "
-                f"checkpoint holds each replica's own state; resume with the same two")
+        p = self.spec.parallel
+        problem = local_sgd_resume_problem(saved, p.dp, p.sync_every)
+        if problem:  # (the driver refuses it before any worker starts; here for the rest)
+            raise ValueError(f"checkpoint {path}: {problem}")
 
     def _source_draws(self) -> Optional[list[int]]:
         """A mixture's blocks read so far from each source (None: one dataset)."""
