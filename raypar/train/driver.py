@@ -35,7 +35,6 @@ from raypar.data.tokenizer import Tokenizer, expected_vocab, padded_vocab, parse
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
-from raypar.validation import local_sgd_resume_problem
 from raypar.train.faults import parse_fault, parse_step_delay, parse_step_delay_replica
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Record, StepRow
@@ -45,7 +44,7 @@ from raypar.train.sink import MetricsSink
 from raypar.train.startup import Startup
 from raypar.train.stopping import Interrupted, SignalGuard, StopFlag, Stopped, end_ray
 from raypar.train.summary import Follower, finish_tracking, layout_report, summarize
-from raypar.validation import check_corpus_fits
+from raypar.validation import check_corpus_fits, local_sgd_resume_problem
 
 log = logging.getLogger("raypar")
 
