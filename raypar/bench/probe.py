@@ -55,7 +55,8 @@ def _profiled_step(worker) -> tuple[float, float]:
 
 
 def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "timelines": []}
+    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "timelines": [],
+                           "comm_bytes": []}
     for _ in range(job.get("warmup", 1)):
         worker.train_step()
     out["memory"] = dict(worker.memory or {})
@@ -64,8 +65,9 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = True
         t0 = time.perf_counter()
-        worker.train_step()
+        row = worker.train_step()
         out["step_s"].append(time.perf_counter() - t0)
+        out["comm_bytes"].append(row.comm_bytes)  # a replica's bytes to the dp collectives
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = False
             # The driver puts the ranks' timelines of each step together (pipeline_bubble).
