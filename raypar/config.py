@@ -120,6 +120,24 @@ class ParallelConfig:
     """Pipeline stages per rank (interleaved schedules); n_layer must be >= pp * virtual_stages."""
     sequence_parallel: bool = False
     """With tp > 1, also shard the norms' activations along the sequence (needs seq_len % tp == 0)."""
+    sync_every: int = 1
+    """Local SGD / DiLoCo (dp_mode=ddp): each replica takes this many optimizer steps (AdamW,
+    the inner optimizer) on its own data without any gradient all-reduce, then the replicas
+    average their parameter changes and apply the outer optimizer (SGD with Nesterov
+    momentum) to the parameters of the last sync; 1 (the default) all-reduces gradients
+    every step as usual."""
+    outer_lr: float = 0.7
+    """With sync_every > 1: the outer SGD's learning rate (DiLoCo's 0.7; 1 with
+    outer_momentum 0 is plain parameter averaging)."""
+    outer_momentum: float = 0.9
+    """With sync_every > 1: the outer SGD's Nesterov momentum (0: no momentum)."""
+    grad_compression: str = "none"
+    """What dp_mode=ddp's gradient all-reduce sends: 'none' (fp32), 'bf16' (gradients
+    reduced in bf16: half the bytes) or 'powersgd' (torch's PowerSGD DDP communication
+    hook with error feedback: a rank-powersgd_rank approximation of each gradient matrix;
+    tp = 1 only)."""
+    powersgd_rank: int = 4
+    """With grad_compression=powersgd: the rank of PowerSGD's approximation."""
     autoscale: bool = False
     """On a cluster too small for dp*pp*tp workers, wait for the Ray autoscaler to add nodes
     instead of refusing at once. Only for clusters started with an autoscaler (cluster.yaml)."""

@@ -6,7 +6,7 @@ first bad field raises ConfigError with one line that names it and what is allow
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from raypar.errors import ConfigError
 from raypar.parallel import schedules
@@ -21,22 +21,24 @@ if TYPE_CHECKING:
 _CHOICES = {
     "model.pos_encoding": ("rope", "learned"),
     "parallel.dp_mode": ("ddp", "fsdp", "hsdp", "ps"),
+    "parallel.grad_compression": ("none", "bf16", "powersgd"),
     "parallel.schedule": schedules.NAMES,
     "data.format": ("auto", "text", "jsonl", "parquet"),
     "train.dtype": ("fp32", "bf16"),
 }
 _POSITIVE = {
     "model.n_layer", "model.n_head", "model.d_model", "parallel.dp", "parallel.tp",
-    "parallel.pp", "parallel.virtual_stages", "data.seq_len", "train.steps", "train.global_batch",
+    "parallel.pp", "parallel.virtual_stages", "parallel.powersgd_rank", "data.seq_len", "train.steps", "train.global_batch",
     "train.micro_batch", "train.lr", "train.eval_batches", "train.threads",
     "checkpoint.keep", "data.tokenizer_sample_bytes", "parallel.ps.shards",
 }
 _NON_NEGATIVE = {
     "model.d_ff", "train.min_lr", "train.warmup_steps", "train.weight_decay",
     "train.grad_clip", "train.seed", "train.eval_every", "checkpoint.every",
-    "parallel.ps.staleness",
+    "parallel.ps.staleness", "parallel.outer_lr",
 }
 _UNIT_INTERVAL = {"model.dropout": (0.0, 1.0), "data.val_fraction": (0.0, 1.0),
+                  "parallel.outer_momentum": (0.0, 1.0),
                   "train.beta1": (0.0, 1.0), "train.beta2": (0.0, 1.0)}
 
 # Sizes no run can have: refused up front, so nothing downstream (the memory plan, the
@@ -66,6 +68,7 @@ def validate(spec: RunSpec) -> RunSpec:
     if spec.parallel.dp_mode == "ps" and spec.parallel.elastic.enabled:
         raise ConfigError("parallel.elastic: not with parallel.dp_mode=ps (the parameter "
                           "server's replica count is fixed); set elastic.max_replicas=0")
+    _validate_communication(spec)
     if _validate_elastic(spec):
         return spec  # the min_replicas layout was validated in full
     _validate_ranges(spec, flat)
@@ -234,6 +237,51 @@ def _validate_parameter_server(spec: RunSpec) -> None:
     if p.tp > 1:
         raise ConfigError("parallel.tp: dp_mode=ps does not support tensor parallelism yet "
                           f"(got tp={p.tp}); use tp=1, or dp_mode=ddp/fsdp/hsdp")
+
+
+def _validate_communication(spec: RunSpec) -> None:
+    """Local SGD (parallel.sync_every) and what it combines with."""
+    p = spec.parallel
+    if p.sync_every < 1:
+        raise ConfigError(f"parallel.sync_every: must be >= 1 (1: all-reduce gradients every "
+                          f"step), got {p.sync_every}")
+    if p.sync_every > 1 and p.dp_mode != "ddp":
+        raise ConfigError(f"parallel.sync_every: local SGD (sync_every > 1) needs "
+                          f"parallel.dp_mode=ddp (every replica holds its own full copy), "
+                          f"got {p.dp_mode}")
+    if p.sync_every > 1 and p.elastic.enabled:
+        raise ConfigError("parallel.sync_every: local SGD keeps each replica's own optimizer "
+                          "state, which cannot be resized; leave parallel.elastic off")
+    if p.grad_compression == "none":
+        return
+    if p.dp_mode != "ddp" or p.sync_every > 1:
+        raise ConfigError(f"parallel.grad_compression: {p.grad_compression} compresses the "
+                          f"gradient all-reduce of dp_mode=ddp with sync_every=1, got "
+                          f"dp_mode={p.dp_mode}, sync_every={p.sync_every}")
+    if p.grad_compression == "powersgd" and p.tp > 1:
+        raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
+                          f"communication hook, which cannot hold tensor-parallel (DTensor) "
+                          f"parameters; use it with parallel.tp=1 (got {p.tp}), or bf16")
+    if p.grad_compression == "powersgd" and p.pp > 1:
+        # torch's DDP reducer asserts in its bucket rebuild when torch's pipeline schedules
+        # run several micro-batches through a DDP stage (torch 2.13, seen on gloo).
+        raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
+                          f"communication hook, which torch's pipeline schedules cannot drive "
+                          f"here; use it with parallel.pp=1 (got {p.pp}), or bf16")
+
+
+def local_sgd_resume_problem(saved_layout: dict[str, Any], dp: int, sync_every: int
+                             ) -> Optional[str]:
+    """Why a checkpoint saved under saved_layout (train_state.json's "layout") cannot resume
+    with parallel.dp and sync_every, or None: a local SGD checkpoint holds each replica's
+    own parameters and AdamW state, so it resumes only as as many replicas with the same
+    sync_every, and a plain run's checkpoint has no such state for local SGD to resume."""
+    saved = (saved_layout.get("dp"), saved_layout.get("sync_every", 1))
+    if sync_every == 1 and saved[1] == 1 or saved == (dp, sync_every):
+        return None
+    return (f"parallel.sync_every: the checkpoint was saved with parallel.dp={saved[0]} and "
+            f"sync_every={saved[1]}, this run has dp={dp} and sync_every={sync_every}; a "
+            f"local SGD checkpoint resumes only with the same two")
 
 
 def _validate_pipeline(spec: RunSpec) -> None:

@@ -17,7 +17,6 @@ For each strategy, from its own metrics rows:
 """
 from __future__ import annotations
 
-from typing import Any
 
 from raypar.bench.stats import median, ratio_row, row, windows
 

@@ -10,12 +10,14 @@ Each job: {"name", "spec" (RunSpec.to_dict()), "warmup", "steps", "profile" (tim
 collectives of one step), "timeline" (record each timed step's pipeline timeline, on the
 processes' common wall clock), "curve" (instead of timing: each of `steps` steps' loss,
 gradient norm, blocks and, when due, validation loss, as a run records them; the layout
-parity tests compare these with one process)}.
+parity tests compare these with one process), "digest" (with curve: each step's sha256 of
+the rank's parameters, which the local SGD tests compare across replicas)}.
 Rank 0 leaves [{"name", "ranks": [per-rank result]}] in the driver's Mailbox actor, which
 `run_probe` returns.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
 from raypar.config import from_dict
@@ -52,7 +55,8 @@ def _profiled_step(worker) -> tuple[float, float]:
 
 
 def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "timelines": []}
+    out: dict[str, Any] = {"rank": dist.get_rank(), "step_s": [], "timelines": [],
+                           "comm_bytes": []}
     for _ in range(job.get("warmup", 1)):
         worker.train_step()
     out["memory"] = dict(worker.memory or {})
@@ -61,8 +65,9 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = True
         t0 = time.perf_counter()
-        worker.train_step()
+        row = worker.train_step()
         out["step_s"].append(time.perf_counter() - t0)
+        out["comm_bytes"].append(row.comm_bytes)  # a replica's bytes to the dp collectives
         if pipe is not None and job.get("timeline"):
             pipe.record_timeline = False
             # The driver puts the ranks' timelines of each step together (pipeline_bubble).
@@ -77,12 +82,27 @@ def _measure(worker, job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _param_digest(worker) -> str:
+    """sha256 of this rank's parameters (its shards) after the step: replicas that agree
+    hold the same bytes."""
+    h = hashlib.sha256()
+    for m in worker.plain:
+        for name, p in m.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            h.update(name.encode())
+            h.update(local.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _curve(worker, job: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for _ in range(job["steps"]):
         step = worker.train_step()
         row = {"step": step.step, "loss": step.loss, "grad_norm": step.grad_norm,
-               "first_block": step.first_block, "last_block": step.last_block}
+               "first_block": step.first_block, "last_block": step.last_block,
+               "comm_bytes": step.comm_bytes}
+        if job.get("digest"):
+            row["param_digest"] = _param_digest(worker)
         if worker.eval_due():
             row["val_loss"] = worker.evaluate()
         rows.append(row)

@@ -171,7 +171,13 @@ class LayoutPlan(Sequence):
                                                len(self._sizes) - 1 in ids)
         return RankPlan(rank=rank, dp=c.dp, pp=c.pp, tp=c.tp, stages=ids, layers=layers,
                         param_bytes=params, block_param_bytes=block, grad_bytes=params,
-                        optim_bytes=2 * params, activation_bytes=activ)
+                        optim_bytes=self._optim_copies * params, activation_bytes=activ)
+
+    @property
+    def _optim_copies(self) -> int:
+        """Optimizer state in copies of the parameters: AdamW's two moments, and with local
+        SGD (sync_every > 1) the anchor and the outer momentum too."""
+        return 4 if self.spec.parallel.sync_every > 1 else 2
 
     def _footprint(self, n_layers: int, first: bool, last: bool) -> tuple[int, int, int]:
         """(parameter, block parameter, activation) bytes of a rank holding n_layers
@@ -198,7 +204,8 @@ class LayoutPlan(Sequence):
         total = 0
         for (n, has_first, has_last), count in kinds.items():
             params, _, activ = self._footprint(n, has_first, has_last)
-            total += count * (per_worker + 4 * params + activ)  # params, grads, 2 moments
+            # params, grads, optimizer state
+            total += count * (per_worker + (2 + self._optim_copies) * params + activ)
         return self.dp * self.tp * total
 
 

@@ -69,12 +69,17 @@ class ParallelMesh:
         """(replica groups, shard group) as a 2-D mesh: hsdp's."""
         return self.mesh["dp_rep", "dp_shard"]
 
+    @property
+    def dp_groups(self) -> list[dist.ProcessGroup]:
+        """The process groups of the dp axes that have more than one replica."""
+        return [self.mesh.get_group(dim) for dim in ("dp_shard", "dp_rep")
+                if self.mesh.size(DIMS.index(dim)) > 1]
+
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over every replica, in place (over both dp axes; a flattened "dp" axis
         would need a slice of the mesh, which ranks sitting out cannot take)."""
-        for dim in ("dp_shard", "dp_rep"):
-            if self.mesh.size(DIMS.index(dim)) > 1:
-                dist.all_reduce(t, group=self.mesh.get_group(dim))
+        for group in self.dp_groups:
+            dist.all_reduce(t, group=group)
         return t
 
     @property

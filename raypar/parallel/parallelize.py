@@ -28,7 +28,7 @@ from torch.distributed._composable import checkpoint as activation_checkpoint
 from raypar.config import ParallelConfig
 from raypar.hf_import import load_shards
 from raypar.model import GPT, GPTConfig
-from raypar.parallel.data import mixed_precision, shard_data_parallel
+from raypar.parallel.data import mixed_precision, shard_data_parallel, wrap_powersgd
 from raypar.parallel.mesh import ParallelMesh
 from raypar.parallel.schedules import stage_ids
 from raypar.parallel.stages import build_stage_modules, is_tied_copy
@@ -43,6 +43,9 @@ class RankModel:
     modules: list[nn.Module]
     stage_indices: list[int]
     n_stages: int
+    forward_modules: list[nn.Module] | None = None
+    """What runs forward and backward: the modules, or (grad_compression=powersgd) torch's
+    DDP wrappers of them; None: the modules."""
 
     def tied_copies(self) -> list[bool]:
         """Per stage module: whether it holds the last stage's own copy of a tied embedding."""
@@ -62,13 +65,18 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
         whole = GPT(cfg)
     stages = build_stage_modules(whole, coord, p.pp, virtual, p.schedule)
     del whole
-    policy = mixed_precision(dtype)
+    policy = mixed_precision(dtype, p.grad_compression)
+    powersgd = p.grad_compression == "powersgd"
     for stage in stages:
         apply_tensor_parallel(stage, pm.tp_mesh, p.sequence_parallel)
         if activation_checkpointing:
             for block in stage.layers.values():
                 activation_checkpoint(block)
-        if p.dp_mode != "ps":  # a parameter server's replicas are plain (raypar/parallel/ps.py)
+        if p.dp_mode != "ps" and p.sync_every == 1 and not powersgd:
+            # A parameter server's replicas are plain (raypar/parallel/ps.py); so are local
+            # SGD's (sync_every > 1): no gradient reduction in the backward, the replicas
+            # exchange parameter deltas every sync_every steps instead
+            # (raypar/parallel/local_sgd.py).
             shard_data_parallel(stage, pm, p.dp_mode, policy)
         stage.to_empty(device=device)
         keep_grad_layouts(stage)
@@ -76,6 +84,10 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
             load_shards(stage, init_from)
         else:
             stage.init_weights(seed)
+    # PowerSGD: torch's DDP with its comm hook, around the materialized modules (DDP
+    # registers its hooks on the real parameters, which to_empty would replace).
     return RankModel(modules=stages,
                      stage_indices=stage_ids(coord, p.pp, virtual, p.schedule),
-                     n_stages=p.pp * virtual)
+                     n_stages=p.pp * virtual,
+                     forward_modules=[wrap_powersgd(s, pm, p.powersgd_rank) for s in stages]
+                     if powersgd else None)

@@ -38,7 +38,7 @@ from raypar.parallel import ps as ps_mod
 from raypar.train import checkpoint as ckpt
 from raypar.train import restart as restart_mod
 from raypar.train import tracking
-from raypar.train.faults import parse_fault, parse_step_delay
+from raypar.train.faults import parse_fault, parse_step_delay, parse_step_delay_replica
 from raypar.train.loop import train_loop_per_worker
 from raypar.train.records import Record, StepRow
 from raypar.train.rundir import (RunDir, RunLock, check_storage, checkpoint_root,
@@ -47,7 +47,7 @@ from raypar.train.sink import MetricsSink
 from raypar.train.startup import Startup
 from raypar.train.stopping import Interrupted, SignalGuard, StopFlag, Stopped, end_ray
 from raypar.train.summary import Follower, finish_tracking, layout_report, summarize
-from raypar.validation import check_corpus_fits
+from raypar.validation import check_corpus_fits, local_sgd_resume_problem
 
 log = logging.getLogger("raypar")
 
@@ -86,6 +86,10 @@ def _prepare_resume(spec: RunSpec, rd: RunDir, latest: Optional[str], vocab_size
     if latest is not None:
         ckpt.check_compatible(ckpt.read_meta(latest), vars(model_config(spec, vocab_size)))
         ckpt.checked_metadata(latest)  # a forged one is refused here, before any worker
+        problem = local_sgd_resume_problem(ckpt.read_train_state(latest).get("layout") or {},
+                                           spec.parallel.dp, spec.parallel.sync_every)
+        if problem:
+            raise ConfigError(f"--resume: {problem}")
     rows, _ = rd.read_metrics()
     if rows and rows[-1].step >= spec.train.steps:
         raise ConfigError(f"--resume: {rd.path} already trained train.steps={spec.train.steps} "
@@ -253,6 +257,7 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         tracking.check_reachable(uri)
     fault = parse_fault(rd)
     step_delay = parse_step_delay()
+    delay_replica = parse_step_delay_replica(spec.max_dp)
     datasets, vocab_size, use_gpu = _prepare(spec, address, guard, startup)
     if resume:
         _prepare_resume(spec, rd, latest, vocab_size, datasets[0].tokenizer.to_json())
@@ -268,7 +273,8 @@ def _train(spec: RunSpec, rd: RunDir, address: Optional[str], progress: bool, re
         try:  # from here a stop ends the MLflow run too
             thread = _fit_thread(spec, rd, datasets, vocab_size, use_gpu, fault, step_delay,
                                  guard, outcome, t_start, startup.board.key,
-                                 must_load=resume and latest is not None)
+                                 must_load=resume and latest is not None,
+                                 delay_replica=delay_replica)
             # The worker group starts (seconds) while MLflow sets up its run (seconds too).
             thread.start()
             tracker = _tracker(spec, rd, uri, resume, earlier, thread)
@@ -334,7 +340,8 @@ def _shard_cache(spec: RunSpec, path: str) -> Optional[str]:
 def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], vocab_size: int,
                 use_gpu: bool, fault: Any, step_delay: Optional[float], guard: SignalGuard,
                 outcome: dict[str, Any], t_start: float, startup_key: str,
-                must_load: bool = False) -> threading.Thread:
+                must_load: bool = False, delay_replica: Optional[int] = None
+                ) -> threading.Thread:
     """The thread that runs Ray Train's fit(), its result or error into outcome. From here
     on a signal asks the workers to stop. must_load (a --resume that found checkpoints):
     workers none of whose checkpoints loads fail rather than train from step 0."""
@@ -357,9 +364,8 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
             "dataset": mixture.worker_dataset(datasets, spec.data,
                                               lambda path: _shard_cache(spec, path)),
             "checkpoint_root": root, "fault": fault.to_json() if fault else None,
-            "step_delay_s": step_delay, "stop_flag": flag, "startup_key": startup_key,
-            "must_load": must_load,
-            "ps": ps,
+            "step_delay_s": step_delay, "step_delay_replica": delay_replica,
+            "stop_flag": flag, "startup_key": startup_key, "must_load": must_load, "ps": ps,
         },
         scaling_config=scaling_config(spec, use_gpu),
         run_config=_run_config(spec, rd, storage, name, t_start))

@@ -15,8 +15,9 @@ The driver (raypar/train/driver.py) passes `config`, a dict:
     checkpoint_root str: where the run's checkpoints are listed
     ps              with parallel.dp_mode=ps: {"shards": the parameter server's actor
                     handles, "plan": which rows each holds} (raypar/parallel/ps.py)
-    fault, step_delay_s, stop_flag  optional: fault injection (faults.py), a sleep after
-                    every step (tests), the driver's StopFlag actor (stopping.py)
+    fault, step_delay_s, step_delay_replica, stop_flag  optional: fault injection
+                    (faults.py), a sleep after every step (tests; on every replica, or on
+                    the one step_delay_replica), the driver's StopFlag actor (stopping.py)
 
 Each worker resolves its layout, loads the newest valid checkpoint, and then loops: one
 optimizer step, an evaluation when due, one flag exchange with every rank, then whatever
@@ -242,8 +243,9 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
     if trainer.eval_due():
         row.val_loss = trainer.evaluate()
     reporter.next.rows.append(row)
-    if config.get("step_delay_s"):
-        time.sleep(config["step_delay_s"])
+    delay = faults.delays(config, trainer.pm.coords.dp)
+    if delay:
+        time.sleep(delay)
     for phase in ("step", "sigterm"):
         faults.fire(config.get("fault"), dist.get_rank(), trainer.step, phase, SIGTERM.is_set)
     if trainer.ps is not None and dist.get_rank() == 0:

@@ -79,6 +79,10 @@ class StepRow(Record):
     data_s: Optional[float] = None  # seconds the step waited for its input
     tokens_per_s: Optional[float] = None
     tokens: Optional[int] = None
+    # Bytes one replica (all of its pp x tp ranks together) handed to the data-parallel
+    # collectives in this step (raypar/parallel/comm_count.py): 0 for dp = 1 and for local
+    # SGD's steps between syncs.
+    comm_bytes: Optional[int] = None
     val_loss: Optional[float] = None  # on evaluation steps
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
     source_tokens: Optional[dict[str, int]] = None  # a mixture's training tokens per source

@@ -57,7 +57,7 @@ class Saver:
         None when it is written in the background (reported once it lands)."""
         t = self.trainer
         state = {**t.train_state(), "rows": [r.to_json() for r in rows]}
-        rng = {ckpt.rng_name(self.rank): ckpt.rng_state_bytes()}
+        rng = {ckpt.rng_name(self.rank): ckpt.rng_state_bytes(), **t.extra_files()}
         started = time.perf_counter()
         run_storage = ray.train.get_context().get_storage()
         dest = (run_storage.storage_filesystem,

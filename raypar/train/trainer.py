@@ -14,6 +14,7 @@ and the tests step it directly. Parallelism is applied by raypar/parallel/parall
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import time
@@ -26,11 +27,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 
 from raypar.config import RunSpec, model_config
+from raypar.validation import local_sgd_resume_problem
 from raypar.data.blocks import PREFETCH_STEPS, BlockSource, Prefetcher, as_source
 from raypar.data.order import rank_blocks
 from raypar.data.packing import rank_slice
 from raypar.model import lm_loss, param_groups
-from raypar.parallel.data import gradient_sync
+from raypar.parallel.comm_count import CommCounter
+from raypar.parallel.data import gradient_sync, powersgd_memory
+from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
@@ -61,10 +65,25 @@ def lr_at(step: int, spec: RunSpec) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def _names(key: str, name: str) -> bool:
+    """Whether a checkpoint key is parameter `name`'s: the name itself, a prefixed one
+    ('replica0.model.<name>', local SGD's), or a flattened optimizer key ('state.<name>.exp_avg')."""
+    return key == name or key.endswith(f".{name}") or f".{name}." in key
+
+
+def _rename_key(key: str, src: str, dst: str) -> str:
+    if key == src:
+        return dst
+    if key.endswith(f".{src}"):
+        return key[:-len(src)] + dst
+    return key.replace(f".{src}.", f".{dst}.")
+
+
 def _rename(state: dict[str, dict[str, Any]], src: str, dst: str) -> dict[str, dict[str, Any]]:
-    """{'model', 'optim'} with parameter src called dst (flattened optimizer keys too)."""
-    return {"model": {(dst if k == src else k): v for k, v in state["model"].items()},
-            "optim": {k.replace(f".{src}.", f".{dst}."): v for k, v in state["optim"].items()}}
+    """{'model', 'optim', ...} with parameter src called dst in every part (flattened
+    optimizer keys too)."""
+    return {part: {_rename_key(k, src, dst): v for k, v in entries.items()}
+            for part, entries in state.items()}
 
 
 class RankTrainer:
@@ -116,7 +135,10 @@ class RankTrainer:
         # same weights.
         rank_model = parallelize(self.mcfg, t.seed, self.pm, p, self.device,
                                  t.activation_checkpointing, t.dtype, init_from)
-        self.modules = self.plain = rank_model.modules
+        # plain: the stage modules (optimizers, checkpoints, clipping); modules: what runs
+        # them (the same, or powersgd's DDP wrappers).
+        self.plain = rank_model.modules
+        self.modules = rank_model.forward_modules or self.plain
         self.stage_indices, self.n_stages = rank_model.stage_indices, rank_model.n_stages
         self.tied_copy = rank_model.tied_copies()
         # One optimizer per stage module, so each one's state dict is keyed by the
@@ -136,12 +158,23 @@ class RankTrainer:
                                  "server's shards (the driver starts them)")
             self.ps = PSClient(self.ps_config["shards"], self.ps_config["plan"],
                                p.ps.staleness, self._checkpoint_params())
+        # Local SGD (sync_every > 1): no per-step gradient reduction, each replica's
+        # gradients are those of its own mean loss, and the replicas agree every
+        # sync_every steps (raypar/parallel/local_sgd.py).
+        self.local_sgd = (LocalSGD(self.plain, self.pm, p.outer_lr, p.outer_momentum)
+                          if p.sync_every > 1 else None)
+        # The replicas whose gradients the reduction sums: each rank's loss is divided by them
+        # (local SGD reduces no gradient; torch's DDP under powersgd averages itself).
+        self.ddp = rank_model.forward_modules is not None
+        self.grad_dp = 1 if self.local_sgd is not None or self.ddp else self.pm.dp
+        # The bytes this rank hands to the dp collectives in a step (comm_bytes).
+        self.comm = CommCounter(self.pm.dp_groups)
         self.pipeline = None
         if p.pp > 1:
             self.pipeline = Pipeline(self.modules, self.stage_indices, self.n_stages,
                                      self.pm.pp_group, self.device, p.schedule, self.n_micro,
                                      lm_loss, loss_context=self.loss_ctx,
-                                     grad_divisor=self.pm.dp)
+                                     grad_divisor=self.grad_dp)
         # Dropout draws from the global RNG: reseed it per replica so masks differ.
         torch.manual_seed(t.seed + 1 + self.pm.coords.dp)
         self.step = 0
@@ -162,10 +195,12 @@ class RankTrainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def _autocast(self):
-        """bf16 under autocast with dp = 1; with dp > 1 the data-parallel units cast instead
+        """bf16 under autocast with dp = 1 (or local SGD, or powersgd's DDP); with
+        dp > 1 the data-parallel units cast instead
         (FSDP2's mixed-precision policy: bf16 compute, fp32 master weights and gradient
         reduction, raypar/parallel/data.py)."""
-        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.ps is not None):
+        if self.spec.train.dtype == "bf16" and (self.pm.dp == 1 or self.ps is not None
+                                                or self.local_sgd is not None or self.ddp):
             return torch.autocast(device_type(), dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -218,9 +253,19 @@ class RankTrainer:
                         loss = lm_loss(model(mb[:, :-1]), mb[:, 1:])
                     # Scaled by every micro-batch of the step over all replicas: the
                     # gradient reduction sums (raypar/parallel/data.py).
-                    (loss / (len(micro) * self.pm.dp)).backward()
+                    (loss / (len(micro) * self.grad_dp)).backward()
             loss_sum += loss.item()
         return loss_sum / len(micro)
+
+    def _replica_bytes(self, mine: int) -> int:
+        """Summed over this replica's pp x tp ranks (each sends its own shards' gradients)."""
+        if self.pm.pp * self.pm.tp == 1:
+            return mine
+        t = torch.tensor([mine], dtype=torch.int64, device=self.device)
+        for dim, size in (("tp", self.pm.tp), ("pp", self.pm.pp)):
+            if size > 1:
+                dist.all_reduce(t, group=self.pm.mesh.get_group(dim))
+        return int(t.item())
 
     def _clip(self) -> float:
         """Clip by the norm of the whole model's gradient: every shard and stage, the
@@ -284,17 +329,25 @@ class RankTrainer:
             m.train()
         measure = self.memory is None
         meter = ActivationMeter() if measure else contextlib.nullcontext()
-        with meter:
+        with meter, self.comm.counting():
             loss = self._forward_backward(batch)
-        grad_norm = self._optimizer_step()
+        with self.comm.counting():
+            grad_norm = self._optimizer_step()
         if measure:
             self.memory = {**state_bytes(self.plain, self.optimizers),
                            "activation_peak_bytes": meter.peak}
+            if self.local_sgd is not None:  # the anchor and outer momentum: optimizer state
+                self.memory["optim_bytes"] += self.local_sgd.nbytes()
             if torch.cuda.is_available():
                 self.memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self.local_sgd is not None and (self.step % spec.parallel.sync_every == 0
+                                           or self.step == t.steps):
+            # Every sync_every steps, and at the last step (the run ends in agreement).
+            with self.comm.counting():
+                self.local_sgd.sync()
         self.position += t.global_batch
         self.prefetch()  # the next steps' shards come while this rank evaluates, saves, ...
         self.tokens_seen += t.global_batch * spec.data.seq_len
@@ -302,15 +355,14 @@ class RankTrainer:
             for name, n in self.train_data.source_counts(indices).items():
                 self.source_tokens[name] += n * spec.data.seq_len
         loss = self._mean_over_dp(loss)
-        ps_fields = {}
-        if self.ps is not None:
-            sent = torch.tensor([self.ps.bytes], dtype=torch.int64, device=self.device)
-            if self.pm.pp > 1:
-                dist.all_reduce(sent, group=self.pm.pp_group)
-            ps_fields = {"staleness": staleness_of(self.step - 1, spec.parallel.ps.staleness),
-                         "comm_bytes": int(sent.item())}
-        return StepRow(**ps_fields, step=self.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                       time=time.time(),
+        if self.local_sgd is not None:  # each replica clipped its own gradient: their mean
+            grad_norm = self._mean_over_dp(grad_norm)
+        counted, ps_fields = self.comm.take(), {}
+        if self.ps is not None:  # its pushes and pulls, not collectives
+            counted = self.ps.bytes
+            ps_fields = {"staleness": staleness_of(self.step - 1, spec.parallel.ps.staleness)}
+        return StepRow(**ps_fields, comm_bytes=self._replica_bytes(counted), step=self.step,
+                       loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
                        dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
                        data_s=data_s, tokens=self.tokens_seen,
                        tokens_per_s=t.global_batch * spec.data.seq_len
@@ -350,10 +402,20 @@ class RankTrainer:
         parameter names, except that a last stage's copy of a tied embedding goes by the
         embedding's name (the two are equal, and so are their optimizer states), so that a
         checkpoint looks the same whatever pp it was saved under."""
-        msd, osd = get_state_dict(self.modules[i], self.optimizers[i], options=STATE_DICT_OPTIONS)
+        msd, osd = get_state_dict(self.plain[i], self.optimizers[i], options=STATE_DICT_OPTIONS)
         if self.mcfg.tie_embeddings and "tok_emb.weight" in msd:
             msd.pop("lm_head.weight", None)  # the same tensor under its second name
         state = {"model": msd, "optim": osd}
+        if self.local_sgd is not None:
+            # Local SGD: 'model' is the anchor, the parameters every replica agreed on at
+            # the last sync (what export and generate read), 'outer' the outer momentum;
+            # each replica's own parameters and AdamW state (which differ between syncs)
+            # go under its own keys, so that each replica writes and reads back its own.
+            own = f"replica{self.pm.coords.dp}"
+            extra = self.local_sgd.state(i)
+            state = {"model": extra["anchor"], "outer": extra["outer"],
+                     "local": {**{f"{own}.model.{k}": v for k, v in msd.items()},
+                               **{f"{own}.optim.{k}": v for k, v in osd.items()}}}
         return _rename(state, "lm_head.weight", "tok_emb.weight") if self.tied_copy[i] else state
 
     def state_dict(self) -> dict[str, Any]:
@@ -415,20 +477,49 @@ class RankTrainer:
         self.ps.sync(self.step)
 
     def _local_state_dict(self) -> dict[str, Any]:
-        model_sd: dict[str, Any] = {}
-        optim_sd: dict[str, Any] = {}
+        out: dict[str, dict[str, Any]] = {}
         for i, copy in enumerate(self.tied_copy):
-            state = self._module_state(i)
-            model_sd.update({k: v for k, v in state["model"].items()
-                             if not (copy and k == "tok_emb.weight")})
-            optim_sd.update({k: v for k, v in state["optim"].items()
-                             if not (copy and ".tok_emb.weight." in k)})
-        return {"model": model_sd, "optim": optim_sd}
+            for part, entries in self._module_state(i).items():
+                out.setdefault(part, {}).update(
+                    {k: v for k, v in entries.items() if not (copy and _names(k, "tok_emb.weight"))})
+        return out
+
+    def _powersgd_file(self) -> str:
+        return f"powersgd-{dist.get_rank()}.pt"
+
+    def extra_files(self) -> dict[str, bytes]:
+        """This rank's files besides DCP's in a checkpoint: PowerSGD's error feedback, warm
+        start and RNG (per rank; one state per stage module), restored on a resume with the
+        same layout so that it replays the uninterrupted run."""
+        states = [powersgd_memory(m) for m in self.modules]
+        if not any(s is not None for s in states):
+            return {}
+        tensors = {f"{i}.{k}": v for i, s in enumerate(states) if s is not None
+                   for k, v in s.tensors().items()}
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        return {self._powersgd_file(): buf.getvalue()}
+
+    def _load_extra_files(self, source: "ckpt.Source") -> None:
+        name = self._powersgd_file()
+        if name not in source.expected:
+            return
+        saved = torch.load(io.BytesIO(source.read_bytes(name)), weights_only=True,
+                           map_location="cpu")
+        for i, m in enumerate(self.modules):
+            memory = powersgd_memory(m)
+            if memory is not None:
+                prefix = f"{i}."
+                memory.load({k[len(prefix):]: v for k, v in saved.items()
+                             if k.startswith(prefix)})
 
     def layout(self) -> dict[str, Any]:
         p = self.spec.parallel
-        return {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
-                "schedule": p.schedule, "virtual_stages": p.virtual_stages}
+        out = {"dp": p.dp, "pp": p.pp, "tp": p.tp, "dp_mode": p.dp_mode,
+               "schedule": p.schedule, "virtual_stages": p.virtual_stages}
+        if p.sync_every > 1:
+            out["sync_every"] = p.sync_every
+        return out
 
     def train_state(self) -> dict[str, Any]:
         state = {"step": self.step, "tokens": self.tokens_seen, "position": self.position,
@@ -467,6 +558,7 @@ class RankTrainer:
         problem = next((p for p in problems if p), None)
         if problem is not None:
             raise ckpt.CorruptCheckpoint(problem)
+        self._check_local_sgd(source.read_json(ckpt.TRAIN_STATE).get("layout") or {}, path)
         states = [self._module_state(i) for i in range(len(self.modules))]
         history: dict[str, dict[str, torch.Tensor]] = {}
         lags = 0
@@ -490,9 +582,15 @@ class RankTrainer:
                 history = {}
         source.load(states, process_group=self.groups.active)
         self._ps_history = {int(lag): v for lag, v in history.items()}
-        for i, (m, opt, state) in enumerate(zip(self.modules, self.optimizers, states)):
+        for i, (m, opt, state) in enumerate(zip(self.plain, self.optimizers, states)):
             if self.tied_copy[i]:
                 state = _rename(state, "tok_emb.weight", "lm_head.weight")
+            if self.local_sgd is not None:
+                self.local_sgd.load_state(i, {"anchor": state["model"], "outer": state["outer"]})
+                own = f"replica{self.pm.coords.dp}."
+                state = {part: {k[len(own) + len(part) + 1:]: v
+                                for k, v in state["local"].items()
+                                if k.startswith(f"{own}{part}.")} for part in ("model", "optim")}
             set_state_dict(m, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=LOAD_OPTIONS)
         saved = source.read_json(ckpt.TRAIN_STATE)
@@ -516,6 +614,7 @@ class RankTrainer:
         rng = source.rng_state(dist.get_rank()) if same_layout else None
         if rng is not None:
             ckpt.restore_rng_state(rng)
+            self._load_extra_files(source)
         else:
             # A new layout has other ranks: dropout masks restart from a seed derived from
             # the step (the weights and data continue exactly; with dropout 0 nothing differs).
@@ -523,6 +622,14 @@ class RankTrainer:
         self.prefetch()  # from the restored position
         self.load_stats = source.stats
         return saved
+
+    def _check_local_sgd(self, saved: dict[str, Any], path: str) -> None:
+        """A local-SGD checkpoint holds one state per replica: it resumes only as the same
+        number of replicas with the same sync_every (and only a local-SGD run reads it)."""
+        p = self.spec.parallel
+        problem = local_sgd_resume_problem(saved, p.dp, p.sync_every)
+        if problem:  # (the driver refuses it before any worker starts; here for the rest)
+            raise ValueError(f"checkpoint {path}: {problem}")
 
     def _source_draws(self) -> Optional[list[int]]:
         """A mixture's blocks read so far from each source (None: one dataset)."""
