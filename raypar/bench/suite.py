@@ -203,6 +203,9 @@ class Bench:
             # bytes/byte of "growth" in the suite and none alone). From the start, not in
             # absolute terms: a Ray worker process may be reused and keep what a preparation
             # task left in its heap, which moved the absolute figure by 13 MB between runs.
+            if rank0.rss_anon_bytes is None or rank0.rss_anon_start_bytes is None:
+                raise RuntimeError("bench: the worker memory rows need /proc/self/status "
+                                   "(Linux): this system does not say a process's RssAnon")
             self.prep_peaks[name]["worker_rss_bytes"] = (rank0.rss_anon_bytes
                                                          - rank0.rss_anon_start_bytes)
 

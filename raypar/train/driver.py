@@ -355,20 +355,24 @@ def _fit_thread(spec: RunSpec, rd: RunDir, datasets: list[PreparedDataset], voca
         plan = ps_mod.plan_shards(spec, vocab_size)
         shards = ps_mod.start_shards(spec, plan)
         ps = {"shards": shards, "plan": plan}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.to_dict(), "vocab_size": vocab_size,
-            "tokenizer_json": datasets[0].tokenizer.to_json(),
-            # Each rank reads its own blocks' shards: no corpus passes through here.
-            "dataset": mixture.worker_dataset(datasets, spec.data,
-                                              lambda path: _shard_cache(spec, path)),
-            "checkpoint_root": root, "fault": fault.to_json() if fault else None,
-            "step_delay_s": step_delay, "step_delay_replica": delay_replica,
-            "stop_flag": flag, "startup_key": startup_key, "must_load": must_load, "ps": ps,
-        },
-        scaling_config=scaling_config(spec, use_gpu),
-        run_config=_run_config(spec, rd, storage, name, t_start))
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": spec.to_dict(), "vocab_size": vocab_size,
+                "tokenizer_json": datasets[0].tokenizer.to_json(),
+                # Each rank reads its own blocks' shards: no corpus passes through here.
+                "dataset": mixture.worker_dataset(datasets, spec.data,
+                                                  lambda path: _shard_cache(spec, path)),
+                "checkpoint_root": root, "fault": fault.to_json() if fault else None,
+                "step_delay_s": step_delay, "step_delay_replica": delay_replica,
+                "stop_flag": flag, "startup_key": startup_key, "must_load": must_load, "ps": ps,
+            },
+            scaling_config=scaling_config(spec, use_gpu),
+            run_config=_run_config(spec, rd, storage, name, t_start))
+    except BaseException:  # no fit() will run, whose end would stop the server's actors
+        ps_mod.stop_shards(shards)
+        raise
 
     def fit() -> None:
         try:
@@ -437,6 +441,14 @@ def _collective_echo(err: BaseException) -> bool:
 def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record],
             tracker: Optional[tracking.Tracker], outcome: dict[str, Any],
             t_start: float, signum: Optional[int], startup: Startup) -> dict[str, Any]:
+    if outcome.get("failed"):  # the workers ended for a reason the user is to mend: they
+        # trained nothing (no checkpoint of a --resume loads), so there is nothing to sum up
+        message = outcome["failed"].replace("<run dir>", str(rd.path))
+        log.error("training failed: %s", message)
+        if tracker:
+            tracker.finish("FAILED")
+        rd.write_status("failed", error=message)
+        raise ConfigError(message)
     complete = bool(rows) and rows[-1].step == spec.train.steps
     ok = "error" not in outcome and complete
     stopped = signum is not None and not ok
@@ -456,10 +468,6 @@ def _finish(spec: RunSpec, rd: RunDir, rows: list[StepRow], events: list[Record]
         raise Interrupted(f"stopped by {name} at step {step} of {spec.train.steps}; continue "
                           f"with: raypar train --resume {rd.path}", signum)
     if not ok:
-        if outcome.get("failed"):  # the workers ended for a reason the user is to mend
-            rd.write_status("failed", error=outcome["failed"])
-            log.error("training failed: %s", outcome["failed"])
-            raise ConfigError(outcome["failed"].replace("<run dir>", str(rd.path)))
         err = outcome.get("error")
         cause = root_cause(err) if err is not None else "incomplete"
         if err is not None:  # the whole story, for whoever reads run.log

@@ -323,6 +323,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise
             if rank == 0:
                 config["stop_flag"].fail(str(e))
+            # The ranks that sit out (an elastic group's spares) wait in the control
+            # exchange: one last one, that says stop, and the closing barrier release them.
+            StepFlags().exchange()
+            if rank == 0:
+                control.share_plan(0, True, groups)
+            control.barrier()
             return  # every rank ends without an error: Ray Train has nothing to retry
         if choice[0] is not None:
             trainer.load_s = load_s

@@ -81,15 +81,14 @@ class StepRow(Record):
     tokens: Optional[int] = None
     # Bytes one replica (all of its pp x tp ranks together) handed to the data-parallel
     # collectives in this step (raypar/parallel/comm_count.py): 0 for dp = 1 and for local
-    # SGD's steps between syncs.
+    # SGD's steps between syncs; with dp_mode=ps, the bytes replica 0's ranks pushed to and
+    # pulled from the parameter server in the step (raypar/parallel/ps.py).
     comm_bytes: Optional[int] = None
     val_loss: Optional[float] = None  # on evaluation steps
     blocks: Optional[list[int]] = None  # every block index, with train.log_blocks
     source_tokens: Optional[dict[str, int]] = None  # a mixture's training tokens per source
-    # dp_mode=ps: updates this step's gradient is behind (parallel.ps.staleness), and the
-    # bytes replica 0's ranks pushed and pulled in the step (raypar/parallel/ps.py).
+    # dp_mode=ps: updates this step's gradient is behind (parallel.ps.staleness).
     staleness: Optional[int] = None
-    comm_bytes: Optional[int] = None
 
 
 @dataclass(eq=False)

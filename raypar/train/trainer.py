@@ -519,6 +519,10 @@ class RankTrainer:
                "schedule": p.schedule, "virtual_stages": p.virtual_stages}
         if p.sync_every > 1:
             out["sync_every"] = p.sync_every
+        if p.grad_compression == "powersgd":
+            # Its saved state (error feedback, warm-start factors of this rank) is restored
+            # only into the same layout: another rank r would not fit its factors.
+            out["powersgd_rank"] = p.powersgd_rank
         return out
 
     def train_state(self) -> dict[str, Any]:
