@@ -233,17 +233,22 @@ def test_step_delay_on_one_replica(monkeypatch, capsys):
     monkeypatch.setenv("RAYPAR_STEP_DELAY_REPLICA", "1")
     assert faults.parse_step_delay_replica(dp=2) == 1
     config = {"step_delay_s": 0.5, "step_delay_replica": 1}
-    assert [faults.delays(config, r) for r in (0, 1)] == [0.0, 0.5]
+    assert [faults.delays(config, r, step=3, dp=2) for r in (0, 1)] == [0.0, 0.5]
     # Unset: every replica sleeps (the elastic tests' slow steps); no delay: nobody.
-    assert [faults.delays({"step_delay_s": 0.5}, r) for r in (0, 1)] == [0.5, 0.5]
-    assert faults.delays({}, 1) == 0.0
+    assert [faults.delays({"step_delay_s": 0.5}, r, 3, 2) for r in (0, 1)] == [0.5, 0.5]
+    assert faults.delays({}, 1, 3, 2) == 0.0
+    # rotate: after step t, replica t mod dp only (a straggler that moves).
+    monkeypatch.setenv("RAYPAR_STEP_DELAY_REPLICA", "rotate")
+    config["step_delay_replica"] = faults.parse_step_delay_replica(dp=3)
+    assert [[faults.delays(config, r, t, 3) for r in range(3)] for t in (1, 2, 3)] == \
+        [[0.0, 0.5, 0.0], [0.0, 0.0, 0.5], [0.5, 0.0, 0.0]]
     # A replica the run does not have: one line, exit 2, before Ray starts.
     monkeypatch.setenv("RAYPAR_STEP_DELAY_REPLICA", "2")
     assert cli.main(["train", "--config", str(TINY), "--set", "parallel.dp=2",
                      "--set", "tracking.enabled=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "raypar: error: RAYPAR_STEP_DELAY_REPLICA: expected a replica index in " \
-                  "[0, 2) (parallel.dp=2), got '2'", err
+                  "[0, 2) (parallel.dp=2) or 'rotate', got '2'", err
 
 
 def test_local_sgd_memory_counts_its_anchor_and_momentum(curves, small_corpus, cache_dir):

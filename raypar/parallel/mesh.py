@@ -82,6 +82,26 @@ class ParallelMesh:
             dist.all_reduce(t, group=group)
         return t
 
+    def mean_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """The replicas' mean of the 1-D tensor `t`, elementwise, the same bits on every
+        replica whatever t's length: the values are gathered (over both dp axes) and summed
+        in replica order here, where a reduction's summation order could depend on how the
+        collective splits the tensor. So a row's mean does not depend on how many rows
+        were agreed together (raypar/train/trainer.py RankTrainer.agree)."""
+        parts = [t]  # in replica order (the shard axis innermost, as coords.dp counts)
+        for group in self.dp_groups:  # dp_shard first, then dp_rep
+            size = dist.get_world_size(group)
+            gathered = []
+            for p in parts:
+                out = [torch.empty_like(p) for _ in range(size)]
+                dist.all_gather(out, p, group=group)
+                gathered.append(out)
+            parts = [gathered[j][i] for i in range(size) for j in range(len(parts))]
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total / len(parts)
+
     @property
     def tp_mesh(self) -> DeviceMesh:
         return self.mesh["tp"]

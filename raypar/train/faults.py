@@ -4,6 +4,7 @@ the environment, the worker fires it. Unset in normal use.
     RAYPAR_FAULT='rank=1,step=6,phase=save' raypar train ...   # rank 1 dies once, at step 6
     RAYPAR_STEP_DELAY_S=0.5 raypar train ...                    # every step 0.5 s longer
     RAYPAR_STEP_DELAY_S=0.5 RAYPAR_STEP_DELAY_REPLICA=1 raypar train ...  # replica 1's only
+    RAYPAR_STEP_DELAY_S=0.5 RAYPAR_STEP_DELAY_REPLICA=rotate raypar train ...  # one a step, in turn
 
 Phases: 'step' (SIGKILL after the step), 'save' (SIGKILL after writing its checkpoint
 shard into storage, before its manifest), 'sigterm' (SIGTERM after the step, as a spot preemption or
@@ -65,28 +66,35 @@ def parse_step_delay() -> float:
     return delay
 
 
-def parse_step_delay_replica(dp: int) -> Optional[int]:
+def parse_step_delay_replica(dp: int) -> Optional[int | str]:
     """RAYPAR_STEP_DELAY_REPLICA: the one data-parallel replica (0 .. dp-1; all of its pp x
-    tp ranks) that sleeps RAYPAR_STEP_DELAY_S after each step, a straggler for comparing
-    the communication strategies; unset: every replica sleeps. dp: the run's largest dp."""
+    tp ranks) that sleeps RAYPAR_STEP_DELAY_S after each step, a persistent straggler for
+    comparing the communication strategies; 'rotate': after step t, replica t mod dp
+    sleeps, a straggler that moves (a transient slowdown that strikes each replica in
+    turn); unset: every replica sleeps. dp: the run's largest dp."""
     text = os.environ.get("RAYPAR_STEP_DELAY_REPLICA", "").strip()
     if not text:
         return None
+    if text == "rotate":
+        return text
     try:
         replica = int(text)
     except ValueError:
         replica = -1
     if not 0 <= replica < dp:
         raise ConfigError(f"RAYPAR_STEP_DELAY_REPLICA: expected a replica index in [0, {dp}) "
-                          f"(parallel.dp={dp}), got {text!r}")
+                          f"(parallel.dp={dp}) or 'rotate', got {text!r}")
     return replica
 
 
-def delays(config: dict[str, Any], replica: int) -> float:
-    """In a worker: the seconds this rank, of data-parallel replica `replica`, sleeps after
-    each step (config's step_delay_s, for every replica or the one step_delay_replica)."""
+def delays(config: dict[str, Any], replica: int, step: int, dp: int) -> float:
+    """In a worker: the seconds this rank, of data-parallel replica `replica` of dp, sleeps
+    after step `step` (config's step_delay_s, for every replica, the one
+    step_delay_replica, or replica step mod dp with 'rotate')."""
     delay = config.get("step_delay_s") or 0.0
     only = config.get("step_delay_replica")
+    if only == "rotate":
+        only = step % dp
     return delay if only is None or only == replica else 0.0
 
 

@@ -20,8 +20,11 @@ The driver (raypar/train/driver.py) passes `config`, a dict:
                     the one step_delay_replica), the driver's StopFlag actor (stopping.py)
 
 Each worker resolves its layout, loads the newest valid checkpoint, and then loops: one
-optimizer step, an evaluation when due, one flag exchange with every rank, then whatever
-the flags decided (land a background save, save, report, stop). Each collaborator owns its
+optimizer step, an evaluation when due; then, where the replicas meet (every step, but
+only at local SGD's syncs and at a stale parameter server's window ends: see
+RankTrainer.meets), the mean of the rows since the last meeting over the replicas, one
+flag exchange with every rank, and whatever the flags decided (land a background save,
+save, report, stop). Each collaborator owns its
 cadence: RankTrainer (raypar/train/trainer.py) the step and its data, Saver (saver.py) the
 checkpoints, Reporter (below) the reports, raypar/train/control.py the agreement between
 ranks.
@@ -225,13 +228,14 @@ def _start(groups: Groups, trainer: RankTrainer, started: float,
     return reporter
 
 
-def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> None:
-    """One optimizer step and what it measured, queued for the next report."""
+def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> StepRow:
+    """One optimizer step and what it measured, queued for the next report (its loss this
+    replica's own until the next meeting agrees on it: RankTrainer.agree)."""
     pipe = trainer.pipeline
     timeline = pipe is not None and trainer.step + 1 == TIMELINE_STEP
     if timeline:
         pipe.record_timeline = True
-    row = trainer.train_step()
+    row = trainer.train_step(agree=False)
     if not reporter.placed:  # after this worker group's first step, which measures memory
         trainer.rss_first_step, trainer.anon_first_step = peak_rss_bytes(), anon_rss_bytes()
         reporter.next.rank_info, reporter.placed = rank_info(trainer), True
@@ -241,15 +245,16 @@ def _step(trainer: RankTrainer, reporter: Reporter, config: dict[str, Any]) -> N
         pipe.record_timeline = False
         reporter.next.timeline = Timeline(pipe.timeline, pipe.step_start, pipe.step_end)
     if trainer.eval_due():
-        row.val_loss = trainer.evaluate()
+        row.val_loss = trainer.evaluate(agree=False)
     reporter.next.rows.append(row)
-    delay = faults.delays(config, trainer.pm.coords.dp)
+    delay = faults.delays(config, trainer.pm.coords.dp, trainer.step, trainer.pm.dp)
     if delay:
         time.sleep(delay)
     for phase in ("step", "sigterm"):
         faults.fire(config.get("fault"), dist.get_rank(), trainer.step, phase, SIGTERM.is_set)
     if trainer.ps is not None and dist.get_rank() == 0:
         faults.fire_ps(config.get("fault"), trainer.step, trainer.ps.shards)
+    return row
 
 
 DATASET_KEYS = ("path", "sources", "cache_dir", "cache_bytes")
@@ -357,11 +362,19 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
     flags = StepFlags()
     plan = StepPlan(land=False, save=False, sync=True, report=False,
                     stop=trainer.step >= spec.train.steps)
+    pending: list[StepRow] = []  # rows since the replicas last met
     while not plan.stop:
-        _step(trainer, reporter, config)
+        pending.append(_step(trainer, reporter, config))
         if board:
             board.mark("first step", f"step {trainer.step} trained")
             board = None
+        if not (trainer.meets() or saver.due()):
+            # Local SGD between syncs, a stale parameter server within its window: no
+            # collective over the replicas, so a slow one holds nobody up here. Whatever
+            # the flags would say (a report due, a stop, a SIGTERM) waits for the meeting.
+            continue
+        trainer.agree(pending)
+        pending = []
         notice = rank == 0 and reporter.notice is not None and not notice_saved
         flags = StepFlags(report_due=rank == 0 and reporter.due(),
                           save_landed=rank == 0 and saver.landed(), notice=notice,

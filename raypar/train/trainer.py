@@ -232,11 +232,38 @@ class RankTrainer:
     def _to_device(self, blocks: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(blocks.astype(np.int64)).to(self.device)
 
-    def _mean_over_dp(self, value: float) -> float:
-        if self.pm.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return self.pm.all_reduce_dp(t).item() / self.pm.dp
+    def meets(self) -> bool:
+        """Whether the replicas meet after the step just taken, to agree on its rows and on
+        what to do next (raypar/train/loop.py). Every step, except where they need not:
+        local SGD's replicas meet only at their syncs, and a parameter server's with
+        staleness s every s+1 steps, so a replica slowed for a while falls behind, and the
+        others train on, until the next meeting (within the window, a replica waits only
+        for the versions its staleness allows). The last step is always a meeting; the loop
+        adds the steps that save (deterministic by step, the same on every rank)."""
+        p, step = self.spec.parallel, self.step
+        if self.local_sgd is not None:
+            every = p.sync_every
+        elif self.ps is not None:
+            every = p.ps.staleness + 1
+        else:
+            every = 1
+        return step % every == 0 or step == self.spec.train.steps
+
+    def agree(self, rows: list[StepRow]) -> None:
+        """Set the rows' loss (and val_loss, and local SGD's grad_norm, each replica having
+        clipped its own gradient) to the mean over the replicas of what each replica
+        measured alone: one gather for all the rows since the last meeting, in place."""
+        if self.pm.dp == 1 or not rows:
+            return
+        fields = [[f for f in ("loss", "grad_norm", "val_loss")
+                   if getattr(r, f) is not None
+                   and (f != "grad_norm" or self.local_sgd is not None)] for r in rows]
+        values = [getattr(r, f) for r, names in zip(rows, fields) for f in names]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        mean = iter(self.pm.mean_over_dp(t).tolist())
+        for r, names in zip(rows, fields):
+            for f in names:
+                setattr(r, f, next(mean))
 
     def _forward_backward(self, batch: torch.Tensor) -> float:
         """Gradients of the mean loss over this rank's micro-batches; returns that loss."""
@@ -312,7 +339,10 @@ class RankTrainer:
             opt.step()
         return grad_norm
 
-    def train_step(self) -> StepRow:
+    def train_step(self, agree: bool = True) -> StepRow:
+        """One optimizer step. Its row's loss (and local SGD's grad_norm) is the mean over
+        the replicas; with agree=False, this replica's own, until agree([row, ...]) (the
+        step loop's way to meet the other replicas only when it must: meets())."""
         spec, t = self.spec, self.spec.train
         t0 = time.perf_counter()
         lr = lr_at(self.step, spec)
@@ -354,26 +384,27 @@ class RankTrainer:
         if self.source_tokens is not None:
             for name, n in self.train_data.source_counts(indices).items():
                 self.source_tokens[name] += n * spec.data.seq_len
-        loss = self._mean_over_dp(loss)
-        if self.local_sgd is not None:  # each replica clipped its own gradient: their mean
-            grad_norm = self._mean_over_dp(grad_norm)
         counted, ps_fields = self.comm.take(), {}
         if self.ps is not None:  # its pushes and pulls, not collectives
             counted = self.ps.bytes
             ps_fields = {"staleness": staleness_of(self.step - 1, spec.parallel.ps.staleness)}
-        return StepRow(**ps_fields, comm_bytes=self._replica_bytes(counted), step=self.step,
-                       loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
-                       dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
-                       data_s=data_s, tokens=self.tokens_seen,
-                       tokens_per_s=t.global_batch * spec.data.seq_len
-                       / (time.perf_counter() - t0),
-                       blocks=indices.tolist() if t.log_blocks else None,
-                       source_tokens=dict(self.source_tokens)
-                       if self.source_tokens is not None else None)
+        row = StepRow(**ps_fields, comm_bytes=self._replica_bytes(counted), step=self.step,
+                    loss=loss, lr=lr, grad_norm=grad_norm, time=time.time(),
+                    dp=self.pm.dp, first_block=int(indices[0]), last_block=int(indices[-1]),
+                    data_s=data_s, tokens=self.tokens_seen,
+                    tokens_per_s=t.global_batch * spec.data.seq_len
+                    / (time.perf_counter() - t0),
+                    blocks=indices.tolist() if t.log_blocks else None,
+                    source_tokens=dict(self.source_tokens)
+                    if self.source_tokens is not None else None)
+        if agree:
+            self.agree([row])
+        return row
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over a fixed set of validation blocks (the same at every evaluation)."""
+    def evaluate(self, agree: bool = True) -> float:
+        """Mean loss over a fixed set of validation blocks (the same at every evaluation),
+        over the replicas; with agree=False, this replica's own (see train_step)."""
         t = self.spec.train
         for m in self.modules:
             m.eval()
@@ -389,7 +420,10 @@ class RankTrainer:
                     with self.loss_ctx():
                         total += lm_loss(self.modules[0](mb[:, :-1]), mb[:, 1:]).item()
                     count += 1
-        return self._mean_over_dp(total / count)
+        if not agree or self.pm.dp == 1:
+            return total / count
+        t = torch.tensor([total / count], dtype=torch.float64, device=self.device)
+        return self.pm.mean_over_dp(t).item()
 
     def eval_due(self) -> bool:
         t = self.spec.train
