@@ -12,6 +12,7 @@ the uncompressed curve within a stated tolerance, and by the bytes it sends, cou
 collectives. The layouts train in one 4-worker Ray Train group (raypar.bench.probe), as in
 test_parallel.
 """
+import json
 import math
 import re
 
@@ -139,6 +140,10 @@ def test_killed_run_resumes_exactly(name, curves, small_corpus, cache_dir, tmp_p
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "val_loss"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in ref], key
+    # The resumed group's ranks met over the replicas after steps 4 (sync), 6 (save) and 8
+    # with local SGD: between them no rank waited for another replica; every step otherwise.
+    met = {r["rank"]: r["meetings"] for r in json.loads((run_dir / "ranks.json").read_text())}
+    assert met == {rank: 3 if name.startswith("local") else STEPS - 3 for rank in range(2)}
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -11,6 +11,7 @@
 The shard's own arithmetic (row slices, clipping, AdamW, versions) is checked without Ray.
 """
 import asyncio
+import json
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
 def stale_run(ray_local, small_corpus, cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stale") / "run"
     run(spec_for(small_corpus, cache_dir, *STALE), run_dir, progress=False)
-    return read_metrics(run_dir)[0]
+    ranks = json.loads((run_dir / "ranks.json").read_text())
+    return read_metrics(run_dir)[0], {r["rank"]: r["meetings"] for r in ranks}
 
 
 def test_sync_ps_with_pp_reproduces_single_process(reference, small_corpus, cache_dir,
@@ -86,7 +88,11 @@ def test_stale_ps_resumes_exactly_after_a_shard_is_killed(stale_run, reference, 
     [recovery] = [e for e in events if e["event"] == "recovery"]
     assert recovery["cause"] == "failure" and recovery["step"] == EVERY
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for r, e in zip(rows, stale_run):  # the same run: bit for bit
+    uninterrupted, met = stale_run
+    # The replicas met only every staleness + 1 steps and at the save: after steps 3, 4, 6
+    # and 8. In between, a replica waited for no other (only for the versions it needs).
+    assert met == {0: 4, 1: 4}
+    for r, e in zip(rows, uninterrupted):  # the same run: bit for bit
         for key in ("loss", "grad_norm", "val_loss", "staleness"):
             assert r.get(key) == e.get(key), (r["step"], key)
     # Step t computed on the parameters after update max(0, t - 2): the first three

@@ -363,6 +363,7 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
     plan = StepPlan(land=False, save=False, sync=True, report=False,
                     stop=trainer.step >= spec.train.steps)
     pending: list[StepRow] = []  # rows since the replicas last met
+    meetings = 0
     while not plan.stop:
         pending.append(_step(trainer, reporter, config))
         if board:
@@ -374,7 +375,9 @@ def _train(config: dict[str, Any], spec, groups: Groups, trainer: RankTrainer, s
             # the flags would say (a report due, a stop, a SIGTERM) waits for the meeting.
             continue
         trainer.agree(pending)
-        pending = []
+        pending, meetings = [], meetings + 1
+        if reporter.next.rank_info is not None:
+            reporter.next.rank_info.meetings = meetings
         notice = rank == 0 and reporter.notice is not None and not notice_saved
         flags = StepFlags(report_due=rank == 0 and reporter.due(),
                           save_landed=rank == 0 and saver.landed(), notice=notice,
