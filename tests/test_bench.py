@@ -42,7 +42,10 @@ def test_comm_rows_count_bytes_speed_and_convergence_against_sync_ddp():
     runs = {"sync DDP": fake(0.2, [1000], 2.0),
             "local SGD H=4": fake(0.1, [None, None, None, 1000], 2.2),
             "bf16 compression": fake(0.2, [500], 2.0)}
-    delayed = {"sync DDP": fake(0.4, [1000], 2.0), "local SGD H=4": fake(0.25, [None, None, None, 1000], 2.2)}
+    delayed = {"1": {"sync DDP": fake(0.4, [1000], 2.0),
+                     "local SGD H=4": fake(0.25, [None, None, None, 1000], 2.2)},
+               "rotate": {"sync DDP": fake(0.4, [1000], 2.0),
+                          "local SGD H=4": fake(0.2, [None, None, None, 1000], 2.2)}}
     rows = {r["name"]: r for r in comm.comm_rows(runs, delayed, warmup_s=0.5, repeats=2,
                                                   tokens_per_step=100, delay_s=0.2)}
     assert rows["sync DDP: bytes each replica moves per step"]["value"] == 1000
@@ -58,7 +61,14 @@ def test_comm_rows_count_bytes_speed_and_convergence_against_sync_ddp():
         "value"] == pytest.approx(1.6)
     assert rows["sync DDP with replica 1 slowed 0.2 s a step / without (tokens/s)"][
         "value"] == pytest.approx(0.5)
+    assert rows["local SGD H=4 / sync DDP, one replica a step slowed 0.2 s, in turn "
+                "(tokens/s)"]["value"] == pytest.approx(2.0)
+    assert rows["sync DDP with one replica a step slowed 0.2 s, in turn / without "
+                "(tokens/s)"]["value"] == pytest.approx(0.5)
     assert not any(name.startswith("bf16") and "slowed" in name for name in rows)  # not run
+    # Which strategies meet the moving straggler: those that can gain, and ps sync.
+    assert comm.straggles("rotate", "local SGD H=16") and comm.straggles("rotate", "sync DDP")
+    assert not comm.straggles("rotate", "bf16 compression") and comm.straggles("1", "bf16 compression")
     # Sync DDP runs first and last; its two runs count as one, step by step.
     both = comm.merged([fake(0.2, [1000], 2.0), fake(0.4, [1000], 2.0)])
     assert both["step_end"][:3] == pytest.approx([0.0, 0.3, 0.6])

@@ -449,14 +449,15 @@ class Bench:
     # -- communication strategies ----------------------------------------------------
     def comm(self, quick: bool) -> None:
         """Sync DDP, the parameter server, local SGD and compressed gradients on one model
-        and global batch at dp=2 (comm.py), each also with replica 1 slowed."""
+        and global batch at dp=2 (comm.py), each also with a straggler (comm.STRAGGLERS)."""
         if quick:
             self.context["comm"] = ("full bench only (raypar bench without --quick, or "
-                                    "--only comm): 16 worker groups of dp=2")
+                                    "--only comm): 22 worker groups of dp=2")
             return
         runs: dict[str, dict] = {}
-        delayed: dict[str, dict] = {}
-        bases: list[tuple[dict, dict]] = []
+        kinds = [kind for kind, _, _ in comm.STRAGGLERS]
+        delayed: dict[str, dict[str, dict]] = {kind: {} for kind in kinds}
+        bases: list[dict[str, dict]] = []
         # Sync DDP at the start and again at the end (its windows averaged), the others
         # between, each strategy's plain and slowed runs back to back: machine drift over
         # the section's minutes falls on both sides of every ratio.
@@ -465,17 +466,22 @@ class Bench:
         for i, name in enumerate(order):
             spec = self.spec(comm.STEPS, "parallel.dp=2", *overrides[name])
             slug = name.replace(" ", "-").replace("(", "").replace(")", "").replace("=", "")
-            self.say(f"comm: {name}, {comm.STEPS} steps at dp=2, then with replica 1 "
-                     f"slowed {comm.DELAY_S:g} s a step")
-            plain = self._run(f"comm-{i}-{slug}", spec)
-            with _env(RAYPAR_STEP_DELAY_S=str(comm.DELAY_S), RAYPAR_STEP_DELAY_REPLICA="1"):
-                slow = self._run(f"comm-{i}-{slug}-slowed", spec)
+            mine = [k for k in kinds if comm.straggles(k, name)]
+            self.say(f"comm: {name}, {comm.STEPS} steps at dp=2, then with a replica "
+                     f"slowed {comm.DELAY_S:g} s a step ({', '.join(mine)})")
+            got = {"": self._run(f"comm-{i}-{slug}", spec)}
+            for kind in mine:
+                with _env(RAYPAR_STEP_DELAY_S=str(comm.DELAY_S), RAYPAR_STEP_DELAY_REPLICA=kind):
+                    got[kind] = self._run(f"comm-{i}-{slug}-slowed-{kind}", spec)
             if name == comm.BASE:
-                bases.append((plain, slow))
+                bases.append(got)
             else:
-                runs[name], delayed[name] = plain, slow
-        runs[comm.BASE], delayed[comm.BASE] = (comm.merged([b[k] for b in bases])
-                                               for k in (0, 1))
+                runs[name] = got[""]
+                for kind in mine:
+                    delayed[kind][name] = got[kind]
+        runs[comm.BASE] = comm.merged([b[""] for b in bases])
+        for kind in kinds:
+            delayed[kind][comm.BASE] = comm.merged([b[kind] for b in bases])
         self.rows += comm.comm_rows(runs, delayed, comm.WARMUP_S, comm.REPEATS,
                                     self.tokens_per_step, comm.DELAY_S)
         self.context["comm"] = {"steps": comm.STEPS, "dp": 2, "delay_s": comm.DELAY_S,
