@@ -100,6 +100,7 @@ class PowerSGDMemory:
         self.names = names  # id(parameter) -> its name in the stage module
         self.layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # bucket -> params
         self.pending: Optional[dict[str, dict[str, torch.Tensor]]] = None
+        self.last: Optional[torch.futures.Future] = None  # the latest bucket's hook
 
     def _compressed(self, layout: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, int, int]]:
         """(name, n * rank, m * rank) of the bucket's compressed matrices, in the order the
@@ -197,7 +198,17 @@ def _powersgd_hook(memory, bucket):
     checks them against the real classes, and this module's annotations are strings.)"""
     layout = [(memory.names[id(p)], tuple(p.shape)) for p in bucket.parameters()]
     memory.see(bucket.index(), layout, bucket.buffer().device)
-    return powerSGD_hook(memory.state, bucket)
+    # torch's hook issues a bucket's P and Q all-reduces from its futures' callbacks, on
+    # whichever thread completes the one before: with two or more buckets, the next
+    # bucket's first all-reduce (from the autograd thread) can go out before or after
+    # them, in another order on each replica, and gloo matches collectives by their order
+    # (it aborted with "5120 vs 768 ... collective mismatch" on the bench's model). So a
+    # bucket starts only when the one before has finished: the same collectives in the
+    # same order everywhere, the same arithmetic, less overlap.
+    if memory.last is not None:
+        memory.last.wait()
+    memory.last = powerSGD_hook(memory.state, bucket)
+    return memory.last
 
 
 def powersgd_memory(module: nn.Module) -> Optional[PowerSGDMemory]:
