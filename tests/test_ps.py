@@ -8,9 +8,14 @@
   (Ray restarts the actor; the workers restart from the last checkpoint, which holds the
   shards' state and the older parameter versions) equals the uninterrupted run bit for bit,
   and it is not the synchronous curve.
-The shard's own arithmetic (row slices, clipping, AdamW, versions) is checked without Ray.
+- Compressed pushes (parallel.grad_compression): bf16 stays near the synchronous curve;
+  PowerSGD pushes exactly the bytes its factors take, and a run killed mid-run resumes
+  bit for bit (each rank's error feedback and warm-start Q come back from the checkpoint).
+The shard's own arithmetic (row slices, clipping, AdamW, versions) and PowerSGD's error
+feedback are checked without Ray.
 """
 import asyncio
+import math
 
 import pytest
 import torch
@@ -31,6 +36,9 @@ PS_PP = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=4", "parall
          "parallel.schedule=1f1b"]
 STALE = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=2",
          "parallel.ps.staleness=2", f"checkpoint.every={EVERY}"]
+POWERSGD = ["parallel.dp_mode=ps", "parallel.ps.shards=2",
+            "parallel.grad_compression=powersgd", "parallel.powersgd_rank=2",
+            f"checkpoint.every={EVERY}"]
 
 
 def spec_for(corpus, cache, *overrides):
@@ -100,7 +108,112 @@ def test_stale_ps_resumes_exactly_after_a_shard_is_killed(stale_run, reference, 
     assert all(r["grad_norm"] > 0 for r in rows[2:])
 
 
+@pytest.fixture(scope="module")
+def powersgd_rows(ray_local, small_corpus, cache_dir, tmp_path_factory):
+    """PowerSGD pushes from one process (its shards on this module's Ray): the run the
+    killed one must equal."""
+    rows = single_process_rows(spec_for(small_corpus, cache_dir, *POWERSGD), cache_dir,
+                               tmp_path_factory.mktemp("powersgd"))
+    return [r.to_json() for r in rows]
+
+
+def _model_shapes(spec):
+    from raypar.config import model_config
+    from raypar.model import GPT
+    with torch.device("meta"):
+        model = GPT(model_config(spec, 320))
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_bf16_pushes_stay_near_the_synchronous_curve(reference, small_corpus, cache_dir,
+                                                    tmp_path):
+    spec = spec_for(small_corpus, cache_dir, "parallel.dp_mode=ps", "parallel.ps.shards=2",
+                    "parallel.grad_compression=bf16")
+    rows = [r.to_json() for r in single_process_rows(spec, cache_dir, tmp_path)]
+    # bf16 keeps 8 bits of mantissa in each pushed gradient (the shard sums in fp32): the
+    # tolerances of ddp's bf16 all-reduce (tests/test_comm.py), loss 2e-3, norm 3e-2.
+    for key, rel in (("loss", 2e-3), ("grad_norm", 3e-2), ("val_loss", 2e-3)):
+        got = [r[key] for r in rows if key in r]
+        want = [r[key] for r in reference if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=rel), key
+    assert [r["loss"] for r in rows] != [r["loss"] for r in reference], "not compressed"
+    # The rank pushes every gradient in bf16 and pulls every parameter in fp32.
+    params = sum(math.prod(s) for s in _model_shapes(spec).values())
+    assert all(r["comm_bytes"] == (2 + 4) * params for r in rows), rows[0]
+
+
+def test_powersgd_pushes_the_bytes_of_its_factors(powersgd_rows, reference, small_corpus,
+                                                  cache_dir):
+    spec = spec_for(small_corpus, cache_dir, *POWERSGD)
+    shapes = _model_shapes(spec)
+    # Per piece of the plan (its rows x the rest of its tensor): rank-2 factors P (n x 2)
+    # and Q (m x 2) where they take less than half of the n x m matrix, else the piece.
+    pushed = pulled = 0
+    for piece in (p for shard in ps.plan_shards(spec, 320) for p in shard):
+        n, m = piece.r1 - piece.r0, piece.numel // (piece.r1 - piece.r0)
+        matrix = len(shapes[piece.name]) > 1
+        pushed += 4 * ((n + m) * 2 if matrix and (n + m) * 2 * 2 < n * m else n * m)
+        pulled += 4 * piece.numel
+    assert pushed < pulled / 3, "most of the model travels as factors"
+    assert all(r["comm_bytes"] == pushed + pulled for r in powersgd_rows), powersgd_rows[0]
+    # Its first step computes on the initial weights (nothing compressed yet shows); later
+    # steps follow a low-rank approximation of the gradient, close to the exact curve.
+    assert powersgd_rows[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
+    assert [r["loss"] for r in powersgd_rows] == pytest.approx(
+        [r["loss"] for r in reference], rel=5e-2)
+    assert powersgd_rows[-1]["loss"] != pytest.approx(reference[-1]["loss"], rel=1e-5)
+
+
+def test_powersgd_ps_resumes_exactly_after_the_worker_is_killed(powersgd_rows, small_corpus,
+                                                                 cache_dir, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("RAYPAR_FAULT", "rank=0,step=6,phase=step")
+    run_dir = tmp_path / "run"
+    run(spec_for(small_corpus, cache_dir, *POWERSGD, "checkpoint.max_failures=1"), run_dir,
+        progress=False)
+    rows, events = read_metrics(run_dir)
+    [recovery] = [e for e in events if e["event"] == "recovery"]
+    assert recovery["cause"] == "failure" and recovery["step"] == EVERY
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r, e in zip(rows, powersgd_rows):  # the same run: bit for bit
+        for key in ("loss", "grad_norm", "val_loss", "comm_bytes"):
+            assert r.get(key) == e.get(key), (r["step"], key)
+
+
 # -- the shard's arithmetic, without Ray ----------------------------------------------------
+
+def test_powersgd_codec_feeds_its_error_back_and_restores_from_its_state():
+    gen = torch.Generator().manual_seed(1)
+    key, shape = ("w", 0, 24), (24, 16)
+    grads = [torch.randn(shape, generator=gen) for _ in range(5)]
+    codec = ps.PushCodec("powersgd", rank=2, seed=3)
+    like = torch.empty(shape)
+    sent = []
+    for g in grads[:3]:
+        payload, nbytes = codec.encode(key, g)
+        p, q = payload
+        assert p.shape == (24, 2) and q.shape == (16, 2) and nbytes == 4 * (24 + 16) * 2
+        torch.testing.assert_close(p.T @ p, torch.eye(2), rtol=0, atol=1e-5)  # orthonormal
+        sent.append(ps.decode(payload, like))
+    # Error feedback: what was sent plus what is still owed is every gradient so far.
+    torch.testing.assert_close(sum(sent) + codec.error[key], sum(grads[:3]), rtol=1e-5,
+                               atol=1e-5)
+    # A codec restored from the state continues exactly as the original.
+    restored = ps.PushCodec("powersgd", rank=2, seed=3)
+    restored.load(codec.state())
+    for g in grads[3:]:
+        a, b = codec.encode(key, g)[0], restored.encode(key, g)[0]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # Vectors and matrices the factors would not shrink 2x travel whole; bf16 halves.
+    assert ps.powersgd_rank_of((16,), 2) == 0 and ps.powersgd_rank_of((4, 4), 2) == 0
+    g = torch.randn(8, generator=gen)
+    whole, nbytes = codec.encode(("b", 0, 8), g)
+    assert whole is g and nbytes == 32
+    half, nbytes = ps.PushCodec("bf16").encode(("b", 0, 8), g)
+    assert half.dtype == torch.bfloat16 and nbytes == 16
+    assert ps.decode(half, g).dtype == torch.float32
+
+
 
 def _shard_updates(pieces, spec, values, grads_per_step):
     """Run one ParamShard (a single shard: its own norm) over the steps' gradients; returns
@@ -171,6 +284,10 @@ def test_plan_balances_by_bytes_and_covers_every_row_once():
     (["parallel.dp_mode=ps", "parallel.dp_shard=2"],
      r"^parallel.dp_shard: only with parallel.dp_mode=hsdp"),
     (["parallel.dp_mode=ps", "parallel.tp=2"], r"^parallel.tp: dp_mode=ps does not support"),
+    (["parallel.dp_mode=ps", "parallel.grad_compression=powersgd", "parallel.powersgd_rank=0"],
+     r"^parallel.powersgd_rank: must be"),
+    (["parallel.dp_mode=ps", "parallel.grad_compression=powersgd", "parallel.tp=2"],
+     r"^parallel.tp: dp_mode=ps does not support"),
     (["parallel.dp_mode=ps", "parallel.elastic.max_replicas=4"],
      r"^parallel.elastic: not with parallel.dp_mode=ps"),
 ])

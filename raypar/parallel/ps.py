@@ -43,6 +43,20 @@ pieces to serve them. Rows record each step's `staleness` (t - v(t)) and, for s 
 norm of the newest update the replica has seen (update t - s), not of its own (applied
 later).
 
+Compression (`parallel.grad_compression`): what a rank pushes for a piece, encoded by its
+`PushCodec` and decoded by the shard before the sum, in fp32:
+- 'bf16': the gradient cast to bfloat16 (half the bytes); the shard upcasts it.
+- 'powersgd': a piece viewed as a matrix M (its rows x the rest) travels as two rank-r
+  factors (r = parallel.powersgd_rank), PowerSGD's single power iteration with error
+  feedback and warm start (Vogels et al. 2019; the arithmetic of torch's powerSGD_hook,
+  on one rank's gradient alone): M = gradient + this rank's error, P = M Q, P
+  orthonormalised, Q = M^T P, error = M - P Q^T, and the shard adds P Q^T in rank order.
+  Q starts from a generator keyed by train.seed and the piece, then carries over (warm
+  start). Vectors and matrices that would not shrink by torch's min_compression_rate go
+  uncompressed, as in the hook. The error and Q are the rank's own state: a checkpoint
+  saves them per rank (RankTrainer.extra_files), and a resume with the same layout
+  restores them, so a compressed run resumes exactly too.
+
 Fault tolerance: every worker-group start (a fresh run, a resume, a restart after any
 failure) resets the shards from the workers' state (replica 0's ranks send their pieces:
 the initial weights, or the checkpoint they loaded), under a new generation id; a call of
@@ -58,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -133,6 +148,85 @@ def staleness_of(step: int, staleness: int) -> int:
     """How many updates behind the newest possible parameters step `step`'s gradient is
     computed: step - v(step), v(step) = max(0, step - staleness)."""
     return step - max(0, step - staleness)
+
+
+# -- what travels: compression of the pushes ------------------------------------------------
+
+# torch's PowerSGDState default: a matrix is compressed only where its two factors take
+# less than half its bytes (its private _should_compress applies the same rule).
+MIN_COMPRESSION_RATE = 2
+
+
+def powersgd_rank_of(shape: tuple[int, ...], rank: int) -> int:
+    """The rank r of the factors a piece of `shape` travels as under powersgd, or 0 when
+    it travels whole (a vector, or a matrix its factors would not shrink enough)."""
+    if len(shape) < 2:
+        return 0
+    n, m = shape[0], math.prod(shape[1:])
+    r = min(n, m, rank)
+    return r if (n + m) * r * MIN_COMPRESSION_RATE < n * m else 0
+
+
+class PushCodec:
+    """One rank's encoding of its gradient pieces (parallel.grad_compression: 'none',
+    'bf16' or 'powersgd' of rank `rank`), and the PowerSGD state it keeps per piece:
+    the error feedback and the warm-start Q (see the module's docstring)."""
+
+    def __init__(self, mode: str = "none", rank: int = 4, seed: int = 0):
+        self.mode, self.rank, self.seed = mode, rank, seed
+        self.error: dict[Key, torch.Tensor] = {}
+        self.q: dict[Key, torch.Tensor] = {}
+
+    def _initial_q(self, key: Key, m: int, r: int) -> torch.Tensor:
+        # Keyed by the seed and the piece (a stable hash, not Python's salted one), so a
+        # run and its resume draw the same Q whatever the process.
+        gen = torch.Generator().manual_seed(
+            zlib.crc32(f"{self.seed}/{key[0]}/{key[1]}/{key[2]}".encode()))
+        return torch.randn(m, r, generator=gen, dtype=torch.float32)
+
+    def encode(self, key: Key, g: torch.Tensor) -> tuple[Any, int]:
+        """(what is pushed for piece `key`'s fp32 gradient g, its bytes)."""
+        if self.mode == "bf16":
+            out = g.to(torch.bfloat16)
+            return out, out.nbytes
+        r = powersgd_rank_of(tuple(g.shape), self.rank) if self.mode == "powersgd" else 0
+        if not r:
+            return g, g.nbytes
+        mat = g.reshape(g.shape[0], -1)
+        if key in self.error:
+            mat = mat + self.error[key]
+        q = self.q.get(key)
+        if q is None:
+            q = self._initial_q(key, mat.shape[1], r)
+        # torch.linalg.qr for the orthonormal basis: torch's own helper (the hook's
+        # _orthogonalize, Gram-Schmidt for r <= 2) is private; a reduced QR gives the same
+        # span, and P Q^T does not depend on the basis chosen for it.
+        p = torch.linalg.qr(mat @ q).Q
+        q = mat.T @ p
+        self.error[key] = mat - p @ q.T
+        self.q[key] = q
+        return (p, q.clone()), p.nbytes + q.nbytes
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The PowerSGD state as plain tensors ('error/<name>/<r0>/<r1>', 'q/...'), for a
+        checkpoint (torch.load with weights_only reads it)."""
+        return {f"{kind}/{k[0]}/{k[1]}/{k[2]}": v.clone()
+                for kind, d in (("error", self.error), ("q", self.q)) for k, v in d.items()}
+
+    def load(self, saved: dict[str, torch.Tensor]) -> None:
+        self.error, self.q = {}, {}
+        for name, v in saved.items():
+            kind, param, r0, r1 = name.split("/")
+            (self.error if kind == "error" else self.q)[(param, int(r0), int(r1))] = v.clone()
+
+
+def decode(payload: Any, like: torch.Tensor) -> torch.Tensor:
+    """A pushed piece back as an fp32 gradient shaped like its parameter `like`: PowerSGD's
+    factors multiplied out, bf16 upcast, fp32 as is."""
+    if isinstance(payload, tuple):
+        p, q = payload
+        return (p @ q.T).view_as(like)
+    return payload.float()
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -273,7 +367,8 @@ class ParamShard:
         pushes = self.pending.pop(step)
         summed: dict[Key, torch.Tensor] = {}
         for rank in sorted(pushes):  # a fixed order, whatever order they arrived in
-            for key, g in pushes[rank].items():
+            for key, payload in pushes[rank].items():
+                g = decode(payload, self.params[key])
                 summed[key] = summed[key] + g if key in summed else g.clone()
         sq = sum((float(g.double().square().sum()) for g in summed.values()), 0.0)
         if self.index == 0:
@@ -400,8 +495,9 @@ class PSClient:
     into the plan's pieces."""
 
     def __init__(self, shards: list[Any], plan: list[list[Piece]], staleness: int,
-                 named: list[tuple[str, nn.Parameter]]):
+                 named: list[tuple[str, nn.Parameter]], codec: Optional[PushCodec] = None):
         self.shards, self.plan, self.staleness = shards, plan, staleness
+        self.codec = codec or PushCodec()  # parallel.grad_compression of the pushes
         self.local: dict[str, list[nn.Parameter]] = {}
         for name, p in named:
             self.local.setdefault(name, []).append(p)
@@ -471,8 +567,8 @@ class PSClient:
             for piece in self.mine[k]:
                 g = self._grad(piece)
                 if g is not None:
-                    grads[piece.key] = g
-                    self.bytes += g.nbytes
+                    grads[piece.key], sent = self.codec.encode(piece.key, g)
+                    self.bytes += sent
             self.acks.append(shard.push.remote(self.generation, step, self.rank, lr,
                                                ray.put(grads)))
 

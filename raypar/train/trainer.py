@@ -38,7 +38,7 @@ from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
-from raypar.parallel.ps import PSClient, new_generation, staleness_of
+from raypar.parallel.ps import PSClient, PushCodec, new_generation, staleness_of
 from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
@@ -157,7 +157,8 @@ class RankTrainer:
                 raise ValueError("parallel.dp_mode=ps: the trainer needs the parameter "
                                  "server's shards (the driver starts them)")
             self.ps = PSClient(self.ps_config["shards"], self.ps_config["plan"],
-                               p.ps.staleness, self._checkpoint_params())
+                               p.ps.staleness, self._checkpoint_params(),
+                               PushCodec(p.grad_compression, p.powersgd_rank, t.seed))
         # Local SGD (sync_every > 1): no per-step gradient reduction, each replica's
         # gradients are those of its own mean loss, and the replicas agree every
         # sync_every steps (raypar/parallel/local_sgd.py).
@@ -487,10 +488,21 @@ class RankTrainer:
     def _powersgd_file(self) -> str:
         return f"powersgd-{dist.get_rank()}.pt"
 
+    def _ps_powersgd_file(self) -> str:
+        return f"ps-powersgd-{dist.get_rank()}.pt"
+
     def extra_files(self) -> dict[str, bytes]:
         """This rank's files besides DCP's in a checkpoint: PowerSGD's error feedback, warm
-        start and RNG (per rank; one state per stage module), restored on a resume with the
+        start and RNG (per rank; one state per stage module; under dp_mode=ps, the error
+        feedback and warm-start Q of this rank's pushes), restored on a resume with the
         same layout so that it replays the uninterrupted run."""
+        if self.ps is not None:
+            tensors = self.ps.codec.state()
+            if not tensors:
+                return {}
+            buf = io.BytesIO()
+            torch.save(tensors, buf)
+            return {self._ps_powersgd_file(): buf.getvalue()}
         states = [powersgd_memory(m) for m in self.modules]
         if not any(s is not None for s in states):
             return {}
@@ -501,6 +513,12 @@ class RankTrainer:
         return {self._powersgd_file(): buf.getvalue()}
 
     def _load_extra_files(self, source: "ckpt.Source") -> None:
+        if self.ps is not None:
+            name = self._ps_powersgd_file()
+            if name in source.expected:
+                self.ps.codec.load(torch.load(io.BytesIO(source.read_bytes(name)),
+                                              weights_only=True, map_location="cpu"))
+            return
         name = self._powersgd_file()
         if name not in source.expected:
             return
@@ -523,6 +541,8 @@ class RankTrainer:
             # Its saved state (error feedback, warm-start factors of this rank) is restored
             # only into the same layout: another rank r would not fit its factors.
             out["powersgd_rank"] = p.powersgd_rank
+            if p.dp_mode == "ps":  # ... and under ps it is kept per piece of the plan
+                out["ps_shards"] = p.ps.shards
         return out
 
     def train_state(self) -> dict[str, Any]:
