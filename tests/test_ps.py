@@ -160,7 +160,7 @@ def test_powersgd_pushes_the_bytes_of_its_factors(powersgd_rows, reference, smal
     # steps follow a low-rank approximation of the gradient, close to the exact curve.
     assert powersgd_rows[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-5)
     assert [r["loss"] for r in powersgd_rows] == pytest.approx(
-        [r["loss"] for r in reference], rel=5e-2)
+        [r["loss"] for r in reference], rel=1e-2)  # measured 1.8e-3
     assert powersgd_rows[-1]["loss"] != pytest.approx(reference[-1]["loss"], rel=1e-5)
 
 
