@@ -234,9 +234,6 @@ def _validate_parameter_server(spec: RunSpec) -> None:
     if p.ps.shards > n:
         raise ConfigError(f"parallel.ps.shards: {p.ps.shards} shards for {n} parameter "
                           f"tensors; at most {n} (each shard holds at least one tensor)")
-    if p.tp > 1:
-        raise ConfigError("parallel.tp: dp_mode=ps does not support tensor parallelism yet "
-                          f"(got tp={p.tp}); use tp=1, or dp_mode=ddp/fsdp/hsdp")
 
 
 def _validate_communication(spec: RunSpec) -> None:

@@ -34,6 +34,7 @@ COMMON = [f"train.steps={STEPS}", "train.eval_every=4", "tracking.enabled=false"
           "parallel.dp=1"]
 PS_PP = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=4", "parallel.pp=2",
          "parallel.schedule=1f1b"]
+PS_TP = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=8", "parallel.tp=2"]
 STALE = ["parallel.dp=2", "parallel.dp_mode=ps", "parallel.ps.shards=2",
          "parallel.ps.staleness=2", f"checkpoint.every={EVERY}"]
 POWERSGD = ["parallel.dp_mode=ps", "parallel.ps.shards=2",
@@ -81,6 +82,27 @@ def test_sync_ps_with_pp_reproduces_single_process(reference, small_corpus, cach
     params = sum(p.numel() for p in model.parameters())
     table = model.tok_emb.weight.numel()
     assert all(r["comm_bytes"] == 2 * 4 * (params + table) for r in rows), rows[0]
+
+
+def test_sync_ps_with_tp_reproduces_single_process(reference, small_corpus, cache_dir,
+                                                   tmp_path):
+    from raypar.parallel.tensor import tp_shard_dim
+    spec = spec_for(small_corpus, cache_dir, *PS_TP)
+    table = [p for shard in ps.plan_shards(spec, 320) for p in shard if p.name == "tok_emb.weight"]
+    assert any(p.r0 < 160 < p.r1 for p in table), "a piece across the two tp shards' rows"
+    run(spec, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")[0]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "val_loss"):
+        got = [r[key] for r in rows if key in r]
+        want = [r[key] for r in reference if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key
+    # Replica 0's two tp ranks push their shards' gradients (a replicated parameter's from
+    # tp rank 0 alone) and pull their shards, a replicated parameter each.
+    shapes = _model_shapes(spec)
+    params = sum(math.prod(s) for s in shapes.values())
+    replicated = sum(math.prod(s) for n, s in shapes.items() if tp_shard_dim(n) is None)
+    assert all(r["comm_bytes"] == 4 * (2 * params + replicated) for r in rows), rows[0]
 
 
 def test_stale_ps_resumes_exactly_after_a_shard_is_killed(stale_run, reference, small_corpus,
@@ -184,7 +206,7 @@ def test_powersgd_ps_resumes_exactly_after_the_worker_is_killed(powersgd_rows, s
 
 def test_powersgd_codec_feeds_its_error_back_and_restores_from_its_state():
     gen = torch.Generator().manual_seed(1)
-    key, shape = ("w", 0, 24), (24, 16)
+    key, shape = "w/0/24", (24, 16)
     grads = [torch.randn(shape, generator=gen) for _ in range(5)]
     codec = ps.PushCodec("powersgd", rank=2, seed=3)
     like = torch.empty(shape)
@@ -207,36 +229,52 @@ def test_powersgd_codec_feeds_its_error_back_and_restores_from_its_state():
     # Vectors and matrices the factors would not shrink 2x travel whole; bf16 halves.
     assert ps.powersgd_rank_of((16,), 2) == 0 and ps.powersgd_rank_of((4, 4), 2) == 0
     g = torch.randn(8, generator=gen)
-    whole, nbytes = codec.encode(("b", 0, 8), g)
+    whole, nbytes = codec.encode("b/0/8", g)
     assert whole is g and nbytes == 32
-    half, nbytes = ps.PushCodec("bf16").encode(("b", 0, 8), g)
+    half, nbytes = ps.PushCodec("bf16").encode("b/0/8", g)
     assert half.dtype == torch.bfloat16 and nbytes == 16
     assert ps.decode(half, g).dtype == torch.float32
 
 
 
-def _shard_updates(pieces, spec, values, grads_per_step):
+def _shard_updates(pieces, spec, values, grads_per_step, tp=1):
     """Run one ParamShard (a single shard: its own norm) over the steps' gradients; returns
-    the whole tensors after every step, assembled from the pieces, and the norms."""
+    the whole tensors after every step, assembled from the pieces, and the norms. tp=2: two
+    senders, as two tp ranks of one replica, each with its column half of every matrix
+    (a row-parallel weight's shard), rank 0 alone with the vectors (replicated)."""
+    def blocks(rank, piece):
+        if len(piece.shape) < 2:
+            return [()] if rank == 0 else []
+        if tp == 1:
+            return [()]
+        half = piece.shape[1] // 2
+        return [(slice(None), slice(0, half) if rank == 0 else slice(half, None))]
+
     async def go():
-        shard = ps.ParamShard(0, 1, pieces, spec.to_dict(), 1)
-        params = {p.key: values[p.name][p.r0:p.r1].clone() for p in pieces}
-        await shard.reset("g", [shard], 0, 1, 0, params, {}, {}, {})
+        shard = ps.ParamShard(0, 1, pieces, spec.to_dict(), tp)
+        for rank in range(tp):
+            parts = [(p.key, b, values[p.name][p.r0:p.r1][b].clone())
+                     for p in pieces for b in blocks(rank, p)]
+            await shard.reset("g", [shard], rank, tp, 0, parts, [], {}, {})
         out, norms = [], []
         for t, grads in enumerate(grads_per_step):
-            await shard.push("g", t, 0, lr_at(t, spec),
-                             {p.key: grads[p.name][p.r0:p.r1].clone() for p in pieces})
-            norm, got = await shard.pull("g", t + 1, [p.key for p in pieces])
+            await asyncio.gather(*(shard.push(
+                "g", t, rank, lr_at(t, spec),
+                [(p.key, b, grads[p.name][p.r0:p.r1][b].clone())
+                 for p in pieces for b in blocks(rank, p)]) for rank in range(tp)))
+            wanted = [(p.key, ()) for p in pieces]
+            norm, got = await shard.pull("g", t + 1, wanted)
             norms.append(norm)
             whole = {n: torch.empty_like(v) for n, v in values.items()}
-            for (name, r0, r1), v in got.items():
+            for ((name, r0, r1), _), v in zip(wanted, got):
                 whole[name][r0:r1] = v
             out.append(whole)
         return out, norms
     return asyncio.run(go())
 
 
-def test_a_shard_of_row_slices_steps_like_adamw_on_whole_tensors():
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_shard_of_row_slices_steps_like_adamw_on_whole_tensors(tp):
     spec = load_spec(TINY, ["train.grad_clip=0.5", "train.weight_decay=0.1"])
     gen = torch.Generator().manual_seed(0)
     values = {"w": torch.randn(10, 4, generator=gen), "b": torch.randn(6, generator=gen)}
@@ -245,7 +283,7 @@ def test_a_shard_of_row_slices_steps_like_adamw_on_whole_tensors():
     assert len(pieces) > 2, "w is cut into row slices"
     grads = [{n: torch.randn(v.shape, generator=gen) for n, v in values.items()}
              for _ in range(3)]
-    got, norms = _shard_updates(pieces, spec, values, grads)
+    got, norms = _shard_updates(pieces, spec, values, grads, tp)
     # The trainer's way: whole tensors, global-norm clipping, AdamW over two groups.
     ref = {n: torch.nn.Parameter(v.clone()) for n, v in values.items()}
     opt = torch.optim.AdamW([{"params": [ref["w"]], "weight_decay": 0.1},
@@ -283,11 +321,8 @@ def test_plan_balances_by_bytes_and_covers_every_row_once():
     (["parallel.ps.shards=2"], r"^parallel.ps: only with parallel.dp_mode=ps"),
     (["parallel.dp_mode=ps", "parallel.dp_shard=2"],
      r"^parallel.dp_shard: only with parallel.dp_mode=hsdp"),
-    (["parallel.dp_mode=ps", "parallel.tp=2"], r"^parallel.tp: dp_mode=ps does not support"),
     (["parallel.dp_mode=ps", "parallel.grad_compression=powersgd", "parallel.powersgd_rank=0"],
      r"^parallel.powersgd_rank: must be"),
-    (["parallel.dp_mode=ps", "parallel.grad_compression=powersgd", "parallel.tp=2"],
-     r"^parallel.tp: dp_mode=ps does not support"),
     (["parallel.dp_mode=ps", "parallel.elastic.max_replicas=4"],
      r"^parallel.elastic: not with parallel.dp_mode=ps"),
 ])

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 
@@ -38,7 +39,8 @@ from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
-from raypar.parallel.ps import PSClient, PushCodec, new_generation, staleness_of
+from raypar.parallel.ps import (PSClient, PushCodec, local_tensor, new_generation,
+                                staleness_of)
 from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
@@ -158,7 +160,8 @@ class RankTrainer:
                                  "server's shards (the driver starts them)")
             self.ps = PSClient(self.ps_config["shards"], self.ps_config["plan"],
                                p.ps.staleness, self._checkpoint_params(),
-                               PushCodec(p.grad_compression, p.powersgd_rank, t.seed))
+                               PushCodec(p.grad_compression, p.powersgd_rank, t.seed),
+                               tp_rank=self.pm.coords.tp)
         # Local SGD (sync_every > 1): no per-step gradient reduction, each replica's
         # gradients are those of its own mean loss, and the replicas agree every
         # sync_every steps (raypar/parallel/local_sgd.py).
@@ -440,15 +443,22 @@ class RankTrainer:
         local modules and optimizers for the moment of building the ordinary state dict."""
         values, optim, history = self.ps.state(self.step)
         named = self._checkpoint_params()
-        with torch.no_grad():
+        with torch.no_grad():  # (with tp: this rank's shards, into its DTensors' own)
             for name, p in named:
-                p.copy_(values[name])
+                local_tensor(p).copy_(values[name])
         names = {id(p): name for name, p in named}
+
+        def like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # AdamW keeps a DTensor parameter's moments as DTensors placed like it.
+            if isinstance(p, DTensor) and v.dim():
+                return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+            return v
+
         for opt in self.optimizers:
             for group in opt.param_groups:
                 for p in group["params"]:
                     if names[id(p)] in optim:
-                        opt.state[p] = dict(optim[names[id(p)]])
+                        opt.state[p] = {n: like(p, v) for n, v in optim[names[id(p)]].items()}
         state = self._local_state_dict()
         for opt in self.optimizers:
             opt.state.clear()  # the state dict keeps its tensors; the optimizers need none
@@ -459,7 +469,7 @@ class RankTrainer:
             state["ps_history"] = {str(k): v for k, v in history.items()}
             with torch.no_grad():
                 for name, p in named:
-                    p.copy_(history[lag][name])
+                    local_tensor(p).copy_(history[lag][name])
         return state
 
     def start_ps(self) -> None:
