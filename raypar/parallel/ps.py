@@ -33,6 +33,10 @@ ddp clips by: every parameter once, the tied embedding once), clips by it, and s
 with the learning rate of step t (the trainer's schedule, sent with the pushes). Updates
 are applied strictly in step order.
 
+With tensor parallelism a rank holds a shard of each tp-sharded parameter: it pushes and
+pulls only its own block of each piece, and the shard adds the blocks where they lie (see
+PSClient), so the update is the same as without tp.
+
 Staleness (`parallel.ps.staleness` = s): the gradient of step t is computed on version
 v(t) = max(0, t - s) of the parameters (version k: after k updates). With s = 0 that is
 the synchronous server, whose math is ddp's. With s > 0 a replica that has pushed step t

@@ -466,7 +466,10 @@ class RankTrainer:
         if history:
             # The local parameters go back to the version the next step computes on.
             state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
-            state["ps_history"] = {str(k): v for k, v in history.items()}
+            by_name = dict(named)  # (with tp: DTensors placed like their parameters)
+            state["ps_history"] = {str(k): {name: like(by_name[name], v)
+                                            for name, v in older.items()}
+                                   for k, older in history.items()}
             with torch.no_grad():
                 for name, p in named:
                     local_tensor(p).copy_(history[lag][name])
