@@ -234,9 +234,6 @@ def _validate_parameter_server(spec: RunSpec) -> None:
     if p.ps.shards > n:
         raise ConfigError(f"parallel.ps.shards: {p.ps.shards} shards for {n} parameter "
                           f"tensors; at most {n} (each shard holds at least one tensor)")
-    if p.tp > 1:
-        raise ConfigError("parallel.tp: dp_mode=ps does not support tensor parallelism yet "
-                          f"(got tp={p.tp}); use tp=1, or dp_mode=ddp/fsdp/hsdp")
 
 
 def _validate_communication(spec: RunSpec) -> None:
@@ -252,12 +249,15 @@ def _validate_communication(spec: RunSpec) -> None:
     if p.sync_every > 1 and p.elastic.enabled:
         raise ConfigError("parallel.sync_every: local SGD keeps each replica's own optimizer "
                           "state, which cannot be resized; leave parallel.elastic off")
-    if p.grad_compression == "none":
+    if p.grad_compression == "none" or p.dp_mode == "ps":
+        # ps: the ranks compress their pushes themselves (raypar/parallel/ps.py), with pp
+        # as without (its tp refusal is _validate_parameter_server's).
         return
     if p.dp_mode != "ddp" or p.sync_every > 1:
         raise ConfigError(f"parallel.grad_compression: {p.grad_compression} compresses the "
-                          f"gradient all-reduce of dp_mode=ddp with sync_every=1, got "
-                          f"dp_mode={p.dp_mode}, sync_every={p.sync_every}")
+                          f"gradient all-reduce of dp_mode=ddp with sync_every=1 (or the "
+                          f"pushes of dp_mode=ps), got dp_mode={p.dp_mode}, "
+                          f"sync_every={p.sync_every}")
     if p.grad_compression == "powersgd" and p.tp > 1:
         raise ConfigError(f"parallel.grad_compression: powersgd runs as torch's DDP "
                           f"communication hook, which cannot hold tensor-parallel (DTensor) "

@@ -271,7 +271,9 @@ def check_chrome_trace(text: str, timelines: list[dict]) -> dict:
 def single_process_rows(spec, cache, tmp_path):
     """The run as one process with no Ray Train: dp=pp=tp=1, the same RankTrainer and data,
     spec's pp and tp must be 1; each step's row (a StepRow, with val_loss on evaluation steps). What every layout,
-    resize and resume must reproduce. (The corpus is prepared with Ray Data: Ray is up.)"""
+    resize and resume must reproduce. (The corpus is prepared with Ray Data: Ray is up.)
+    With spec's parallel.dp_mode=ps, its parameter server's shards run as actors of this
+    process, as the driver starts them."""
     from raypar.data import prepare_corpus
     from raypar.data.tokenizer import padded_vocab
     corpus = prepare_corpus(spec.data, cache)
@@ -299,10 +301,19 @@ def _one_process_rows(spec, vocab_size, train, val, store_path):
     from raypar.train.trainer import RankTrainer
     fixed = spec.with_dp(1)
     assert fixed.world_size == 1, "give a spec with pp=1 and tp=1"
+    from raypar.parallel import ps
+    shards = []
     dist.init_process_group("gloo", store=dist.FileStore(str(store_path), 1), rank=0,
                             world_size=1)
     try:
-        worker = RankTrainer(fixed, vocab_size, train, val)
+        server = None
+        if fixed.parallel.dp_mode == "ps":
+            plan = ps.plan_shards(fixed, vocab_size)
+            shards = ps.start_shards(fixed, plan)
+            server = {"shards": shards, "plan": plan}
+        worker = RankTrainer(fixed, vocab_size, train, val, ps=server)
+        if server is not None:
+            worker.start_ps()
         rows = []
         while worker.step < fixed.train.steps:
             row = worker.train_step()
@@ -312,4 +323,5 @@ def _one_process_rows(spec, vocab_size, train, val, store_path):
         worker.close()
         return rows
     finally:
+        ps.stop_shards(shards)
         dist.destroy_process_group()

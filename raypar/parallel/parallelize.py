@@ -66,7 +66,8 @@ def parallelize(cfg: GPTConfig, seed: int, pm: ParallelMesh, p: ParallelConfig,
     stages = build_stage_modules(whole, coord, p.pp, virtual, p.schedule)
     del whole
     policy = mixed_precision(dtype, p.grad_compression)
-    powersgd = p.grad_compression == "powersgd"
+    # (A parameter server's ranks compress their own pushes: no DDP, raypar/parallel/ps.py.)
+    powersgd = p.grad_compression == "powersgd" and p.dp_mode != "ps"
     for stage in stages:
         apply_tensor_parallel(stage, pm.tp_mesh, p.sequence_parallel)
         if activation_checkpointing:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 
@@ -38,7 +39,8 @@ from raypar.parallel.local_sgd import LocalSGD
 from raypar.parallel.mesh import ParallelMesh, device_type
 from raypar.parallel.parallelize import parallelize
 from raypar.parallel.pipeline import Pipeline
-from raypar.parallel.ps import PSClient, new_generation, staleness_of
+from raypar.parallel.ps import (PSClient, PushCodec, local_tensor, new_generation,
+                                staleness_of)
 from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
@@ -157,7 +159,9 @@ class RankTrainer:
                 raise ValueError("parallel.dp_mode=ps: the trainer needs the parameter "
                                  "server's shards (the driver starts them)")
             self.ps = PSClient(self.ps_config["shards"], self.ps_config["plan"],
-                               p.ps.staleness, self._checkpoint_params())
+                               p.ps.staleness, self._checkpoint_params(),
+                               PushCodec(p.grad_compression, p.powersgd_rank, t.seed),
+                               tp_rank=self.pm.coords.tp)
         # Local SGD (sync_every > 1): no per-step gradient reduction, each replica's
         # gradients are those of its own mean loss, and the replicas agree every
         # sync_every steps (raypar/parallel/local_sgd.py).
@@ -473,15 +477,22 @@ class RankTrainer:
         local modules and optimizers for the moment of building the ordinary state dict."""
         values, optim, history = self.ps.state(self.step)
         named = self._checkpoint_params()
-        with torch.no_grad():
+        with torch.no_grad():  # (with tp: this rank's shards, into its DTensors' own)
             for name, p in named:
-                p.copy_(values[name])
+                local_tensor(p).copy_(values[name])
         names = {id(p): name for name, p in named}
+
+        def like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # AdamW keeps a DTensor parameter's moments as DTensors placed like it.
+            if isinstance(p, DTensor) and v.dim():
+                return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+            return v
+
         for opt in self.optimizers:
             for group in opt.param_groups:
                 for p in group["params"]:
                     if names[id(p)] in optim:
-                        opt.state[p] = dict(optim[names[id(p)]])
+                        opt.state[p] = {n: like(p, v) for n, v in optim[names[id(p)]].items()}
         state = self._local_state_dict()
         for opt in self.optimizers:
             opt.state.clear()  # the state dict keeps its tensors; the optimizers need none
@@ -489,10 +500,13 @@ class RankTrainer:
         if history:
             # The local parameters go back to the version the next step computes on.
             state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
-            state["ps_history"] = {str(k): v for k, v in history.items()}
+            by_name = dict(named)  # (with tp: DTensors placed like their parameters)
+            state["ps_history"] = {str(k): {name: like(by_name[name], v)
+                                            for name, v in older.items()}
+                                   for k, older in history.items()}
             with torch.no_grad():
                 for name, p in named:
-                    p.copy_(history[lag][name])
+                    local_tensor(p).copy_(history[lag][name])
         return state
 
     def start_ps(self) -> None:
@@ -521,10 +535,21 @@ class RankTrainer:
     def _powersgd_file(self) -> str:
         return f"powersgd-{dist.get_rank()}.pt"
 
+    def _ps_powersgd_file(self) -> str:
+        return f"ps-powersgd-{dist.get_rank()}.pt"
+
     def extra_files(self) -> dict[str, bytes]:
         """This rank's files besides DCP's in a checkpoint: PowerSGD's error feedback, warm
-        start and RNG (per rank; one state per stage module), restored on a resume with the
+        start and RNG (per rank; one state per stage module; under dp_mode=ps, the error
+        feedback and warm-start Q of this rank's pushes), restored on a resume with the
         same layout so that it replays the uninterrupted run."""
+        if self.ps is not None:
+            tensors = self.ps.codec.state()
+            if not tensors:
+                return {}
+            buf = io.BytesIO()
+            torch.save(tensors, buf)
+            return {self._ps_powersgd_file(): buf.getvalue()}
         states = [powersgd_memory(m) for m in self.modules]
         if not any(s is not None for s in states):
             return {}
@@ -535,6 +560,12 @@ class RankTrainer:
         return {self._powersgd_file(): buf.getvalue()}
 
     def _load_extra_files(self, source: "ckpt.Source") -> None:
+        if self.ps is not None:
+            name = self._ps_powersgd_file()
+            if name in source.expected:
+                self.ps.codec.load(torch.load(io.BytesIO(source.read_bytes(name)),
+                                              weights_only=True, map_location="cpu"))
+            return
         name = self._powersgd_file()
         if name not in source.expected:
             return
@@ -557,6 +588,8 @@ class RankTrainer:
             # Its saved state (error feedback, warm-start factors of this rank) is restored
             # only into the same layout: another rank r would not fit its factors.
             out["powersgd_rank"] = p.powersgd_rank
+            if p.dp_mode == "ps":  # ... and under ps it is kept per piece of the plan
+                out["ps_shards"] = p.ps.shards
         return out
 
     def train_state(self) -> dict[str, Any]:
