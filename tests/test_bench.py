@@ -195,8 +195,20 @@ def test_scale_rows_from_ranks_records():
                 rss_end_bytes=460 * MB) for r in (1, 0)]
     init, steady, whole = scale.memory_rows("pp=2 x tp=2", ranks, plans, full_bytes=160 * MB)
     assert init["value"] == pytest.approx(412 / 410) and init["met"]
-    assert steady["value"] == pytest.approx(460 / 440) and steady["met"]
+    assert steady["value"] == pytest.approx(460 / 441) and steady["met"]
     assert whole["value"] == pytest.approx(460 / 560) and whole["met"]
+    # fsdp dp=4 without a pipeline: 2 blocks of 4 MB (1 MB each rank's), 2 MB of root
+    # parameters (embedding, norm, head; 0.5 MB each rank's): FSDP gathers at most the
+    # root's, the current and the prefetched block's parameters and one block's gradients.
+    fsdp = NS(dp=4, pp=1, shard_size=4)
+    plans = [NS(param_bytes=5 * MB // 2, block_param_bytes=2 * MB, grad_bytes=5 * MB // 2,
+                optim_bytes=5 * MB, activation_bytes=MB, layers=[[0, 1]])] * 2
+    assert scale.fsdp_gathered_bytes(fsdp, plans[0]) == 2 * MB + 3 * 4 * MB
+    assert scale.fsdp_gathered_bytes(NS(dp=4, pp=2, shard_size=4), plans[0]) == 10 * MB + 4 * MB
+    assert scale.fsdp_gathered_bytes(NS(dp=4, pp=1, shard_size=1), plans[0]) == 0
+    _, steady, _ = scale.memory_rows("fsdp dp=4", ranks, plans, 160 * MB, fsdp)
+    assert steady["value"] == pytest.approx(460 / (400 + 10 + 1 + 14)) and steady["met"]
+    assert steady["detail"]["fsdp_gathered_mb"] == 14
     # Loads: rank 1 did not load in the small run; only rank 0 is compared.
     big = [NS(rank=0, load_s=2.0, load_bytes=40 * MB), NS(rank=1, load_s=2.0, load_bytes=40 * MB)]
     small = [NS(rank=0, load_s=1.0, load_bytes=10 * MB), NS(rank=1, load_s=None,

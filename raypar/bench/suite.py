@@ -403,7 +403,7 @@ class Bench:
             r = self._run(name, s)
             ranks = RunDir(r["dir"]).read_ranks()
             self.rows += scale.memory_rows(layout, ranks, footprint_plan(s, self.vocab),
-                                           full_bytes)
+                                           full_bytes, s.parallel)
             if fields is scale.PP2_TP2 and z.io:
                 # Its final checkpoint, loaded by a --resume for one more step.
                 self.say("scale: resuming it (each rank loads its share)")

@@ -45,7 +45,7 @@ from raypar.parallel.stages import is_tied_copy, sync_tied_grads
 from raypar.parallel.tensor import grad_sq_norm, loss_context
 from raypar.train import checkpoint as ckpt
 from raypar.train.control import Groups
-from raypar.train.memory import ActivationMeter, state_bytes
+from raypar.train.memory import ActivationMeter, return_large_frees, state_bytes
 from raypar.train.records import StepRow
 
 log = logging.getLogger("raypar")
@@ -103,6 +103,9 @@ class RankTrainer:
         self.spec = spec
         self.ps_config = ps
         torch.set_num_threads(spec.train.threads)
+        # Before anything is built: freed layers and activations go back to the system
+        # instead of staying in glibc's heap (raypar/train/memory.py).
+        return_large_frees()
         t = spec.train
         self.groups = groups or Groups.build(spec)
         self.pm: ParallelMesh = self.groups.mesh
