@@ -147,6 +147,15 @@ class ParallelConfig:
     """The parameter server of dp_mode=ps: {shards, staleness}."""
 
     @property
+    def meet_every(self) -> int:
+        """Steps between the replicas' meetings, where they agree on the rows and on what
+        to do next (raypar/train/loop.py): local SGD's sync_every, a parameter server's
+        staleness + 1, else 1 (every step). Saves and the last step add meetings."""
+        if self.sync_every > 1:
+            return self.sync_every
+        return self.ps.staleness + 1 if self.dp_mode == "ps" else 1
+
+    @property
     def shard_size(self) -> int:
         """Replicas that share one copy of the parameters (each holding 1/shard_size of it):
         dp with fsdp, dp_shard with hsdp, 1 (every replica holds it all) with ddp."""

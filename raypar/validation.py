@@ -250,8 +250,8 @@ def _validate_communication(spec: RunSpec) -> None:
         raise ConfigError("parallel.sync_every: local SGD keeps each replica's own optimizer "
                           "state, which cannot be resized; leave parallel.elastic off")
     if p.grad_compression == "none" or p.dp_mode == "ps":
-        # ps: the ranks compress their pushes themselves (raypar/parallel/ps.py), with pp
-        # as without (its tp refusal is _validate_parameter_server's).
+        # ps: the ranks compress their pushes themselves (raypar/parallel/ps.py), with tp
+        # and pp as without.
         return
     if p.dp_mode != "ddp" or p.sync_every > 1:
         raise ConfigError(f"parallel.grad_compression: {p.grad_compression} compresses the "

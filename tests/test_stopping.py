@@ -150,3 +150,21 @@ def test_restart_moves_records_and_checkpoints_aside(tmp_path):
     restart.move_aside(rd, str(elsewhere))
     [moved] = (tmp_path / "store").iterdir()
     assert moved.name.startswith("run.restarted-") and (moved / ckpt.dir_name(5)).is_dir()
+
+
+def test_the_stop_wait_covers_the_steps_until_the_replicas_meet():
+    # Workers see a stop at their next meeting: with local SGD (H=4) up to 3 steps later,
+    # so the driver waits STOP_GRACE_S plus twice 3 of the slowest recent steps (2 s).
+    from raypar.train.summary import Follower
+    follower = Follower.__new__(Follower)  # only its spec and rows matter here
+    follower.rows = [StepRow(step=i, loss=1.0, time=t) for i, t in enumerate([0, 1, 3, 4], 1)]
+    for overrides, extra in ((["parallel.sync_every=4"], 12.0),
+                             (["parallel.dp_mode=ps", "parallel.ps.staleness=2"], 8.0),
+                             ([], 0.0)):
+        follower.spec = load_spec(None, ["parallel.dp=2", *overrides])
+        assert follower.until_meeting_s() == extra, overrides
+    guard = stopping.SignalGuard()
+    guard.asked_at, guard.signum = stopping.time.monotonic() - stopping.STOP_GRACE_S - 5, 2
+    guard.check(extra_s=12.0)  # still within its time: no Stopped
+    with pytest.raises(stopping.Stopped):
+        guard.check()

@@ -91,12 +91,10 @@ class ParallelMesh:
         parts = [t]  # in replica order (the shard axis innermost, as coords.dp counts)
         for group in self.dp_groups:  # dp_shard first, then dp_rep
             size = dist.get_world_size(group)
-            gathered = []
-            for p in parts:
-                out = [torch.empty_like(p) for _ in range(size)]
-                dist.all_gather(out, p, group=group)
-                gathered.append(out)
-            parts = [gathered[j][i] for i in range(size) for j in range(len(parts))]
+            mine = torch.cat(parts)  # what this rank has so far, one gather for all of it
+            out = [torch.empty_like(mine) for _ in range(size)]
+            dist.all_gather(out, mine, group=group)
+            parts = [piece for o in out for piece in o.split(t.numel())]
         total = parts[0].clone()
         for p in parts[1:]:
             total += p

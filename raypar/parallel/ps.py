@@ -288,12 +288,16 @@ class ParamShard:
 
     pieces: its plan entries; spec: RunSpec.to_dict() (the optimizer's settings; each
     step's learning rate comes with the pushes); senders: ranks that push every step
-    (every worker, dp * pp)."""
+    (every worker, dp * pp * tp)."""
 
     def __init__(self, index: int, n_shards: int, pieces: list[Piece], spec: dict[str, Any],
                  senders: int):
         from raypar.config import from_dict
+        from raypar.train.memory import return_large_frees
         torch.set_num_threads(1)
+        # Every step's sums, clones and versions are freed again: back to the system, as
+        # on the training ranks (raypar/train/memory.py).
+        return_large_frees()
         self.index, self.n_shards = index, n_shards
         self.pieces = pieces
         self.shapes = {p.key: p.shape for p in pieces}

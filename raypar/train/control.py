@@ -3,8 +3,9 @@ process groups, the per-step flag exchange, the ranks that sit out, Ray Train's 
 barrier, and SIGTERM (a preemption) turned into a checkpoint.
 
 Every rank, sitting out or not, takes part in the same collectives in the same order:
-one flag exchange per meeting (every step, or fewer: RankTrainer.meets), then the plan (how many reports, whether to stop) that rank
-0 shares with the ranks that sit out, then that many reports.
+one flag exchange per meeting (after every step, or fewer: RankTrainer.meets), then the
+plan (how many reports, whether to stop) that rank 0 shares with the ranks that sit out,
+then that many reports.
 """
 from __future__ import annotations
 

@@ -49,8 +49,11 @@ def return_large_frees() -> bool:
     activation of a small model is a fresh mmap, and the bench model's step ran about
     1.5x slower. A worker whose environment sets MALLOC_MMAP_THRESHOLD_ (up to 32 MiB,
     glibc's largest) keeps that value: the trade of memory for CPU time is then the
-    user's. CUDA tensors use torch's own caching allocator, which this does not touch."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+    user's (so is GLIBC_TUNABLES' glibc.malloc.mmap_threshold). CUDA tensors use torch's own
+    caching allocator, which this does not touch: a rank on a GPU does not call it."""
+    chosen = ("MALLOC_MMAP_THRESHOLD_" in os.environ
+              or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""))
+    if chosen or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -190,9 +190,10 @@ class RankInfo(Record):
     # (before the data, the model or a checkpoint were opened)
     load_s: Optional[float] = None  # this rank's checkpoint load at the group's start
     load_bytes: Optional[int] = None  # ... and the bytes it read from storage
-    # In the run's last rank_info: how many times this worker group's ranks met over the
-    # replicas (agreed on rows and flags): every step, or local SGD's syncs, a stale
-    # parameter server's window ends, and the saves (RankTrainer.meets).
+    # In the run's last rank_info: how many times the ranks of this worker group (the
+    # count starts again after a restart or a resume) met over the replicas (agreed on
+    # rows and flags): every step, or local SGD's syncs, a stale parameter server's window
+    # ends, and the saves (RankTrainer.meets).
     meetings: Optional[int] = None
 
 

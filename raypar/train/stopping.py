@@ -4,9 +4,11 @@ and stays resumable.
 Before the workers start, a signal stops the driver at once (`Stopped` is raised where it
 is). Once they train, the first signal asks them to stop: `StopFlag` is a key in Ray's
 GCS key-value store that rank 0 looks up at most every half second; every rank learns of
-it in the step's flag exchange, saves
+it in the next flag exchange (after every step; with local SGD or a stale parameter
+server, at the replicas' next meeting, up to meet_every - 1 steps later), saves
 a checkpoint (when checkpoint.every > 0 and a step finished since the last save) and
-returns. If they have not stopped after STOP_GRACE_S, or at a second signal, the driver
+returns. If they have not stopped after STOP_GRACE_S (plus, where the replicas meet only
+every few steps, twice that many of the slowest recent steps), or at a second signal, the driver
 stops waiting and ends its Ray connection, which ends the job's actors. Either way the run
 is recorded as stopped (status.json, MLflow KILLED) and the command exits 128 + the signal
 number (130, 143); `raypar train --resume` continues from the checkpoint.
@@ -165,9 +167,12 @@ class SignalGuard:
         os.write(2, f"raypar: {signal.Signals(signum).name}: the workers save a checkpoint "
                     f"and stop (send it again to stop at once)\n".encode())
 
-    def check(self) -> None:
-        """On the main thread while training: the workers had their time to stop."""
-        if self.asked_at is not None and time.monotonic() - self.asked_at > STOP_GRACE_S:
+    def check(self, extra_s: float = 0.0) -> None:
+        """On the main thread while training: the workers had their time to stop,
+        STOP_GRACE_S and extra_s (the steps until their next meeting, where they see the
+        request: raypar.config.ParallelConfig.meet_every)."""
+        if self.asked_at is not None and \
+                time.monotonic() - self.asked_at > STOP_GRACE_S + extra_s:
             self._stop_now(self.signum)
 
 

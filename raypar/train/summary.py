@@ -173,8 +173,19 @@ class Follower:
             self.poll()
             if not alive:
                 return
-            guard.check()
+            guard.check(self.until_meeting_s())
             thread.join(timeout=0.5)
+
+    def until_meeting_s(self) -> float:
+        """Twice the time the workers may train before they next meet (and see a stop):
+        meet_every - 1 steps of the slowest of the recent ones (0 when they meet at every
+        step or no two steps have arrived yet)."""
+        every = self.spec.parallel.meet_every
+        recent = self.rows[-64:]
+        if every == 1 or len(recent) < 2:
+            return 0.0
+        slowest = max(b.time - a.time for a, b in zip(recent, recent[1:]))
+        return 2 * (every - 1) * max(slowest, 0.0)
 
     def poll(self) -> None:
         if not self.started_up:

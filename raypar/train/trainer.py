@@ -104,8 +104,10 @@ class RankTrainer:
         self.ps_config = ps
         torch.set_num_threads(spec.train.threads)
         # Before anything is built: freed layers and activations go back to the system
-        # instead of staying in glibc's heap (raypar/train/memory.py).
-        return_large_frees()
+        # instead of staying in glibc's heap (raypar/train/memory.py). CPU ranks only: on
+        # a GPU they live in CUDA's allocator, and the host's copies would only fault more.
+        if not torch.cuda.is_available():
+            return_large_frees()
         t = spec.train
         self.groups = groups or Groups.build(spec)
         self.pm: ParallelMesh = self.groups.mesh
@@ -247,13 +249,7 @@ class RankTrainer:
         others train on, until the next meeting (within the window, a replica waits only
         for the versions its staleness allows). The last step is always a meeting; the loop
         adds the steps that save (deterministic by step, the same on every rank)."""
-        p, step = self.spec.parallel, self.step
-        if self.local_sgd is not None:
-            every = p.sync_every
-        elif self.ps is not None:
-            every = p.ps.staleness + 1
-        else:
-            every = 1
+        step, every = self.step, self.spec.parallel.meet_every
         return step % every == 0 or step == self.spec.train.steps
 
     def agree(self, rows: list[StepRow]) -> None:
