@@ -279,10 +279,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raypar.export import export
-
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"RUN_DIR: no such directory: {args.run_dir}")
+    from raypar.export import export
     out = export(args.run_dir, args.checkpoint, args.out, format=args.format,
                  log_model=not args.no_mlflow)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
@@ -291,7 +290,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from raypar.bench import run_bench
     out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime(
         "bench-%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
@@ -300,6 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {out} already holds a bench report; choose another "
                           f"directory")
     only = [name.strip() for name in args.only.split(",")] if args.only else None
+    from raypar.bench import run_bench  # (seconds of torch and ray: after the checks above)
     report = run_bench(out, quick=args.quick, address=args.address, only=only)
     print((out / "bench.md").read_text(), end="")
     missed = [r["name"] for r in report["rows"] if r["met"] is False]

@@ -20,6 +20,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The local Rays that `raypar train` subprocesses start go without the dashboard (8 more
 # processes, about 0.7 GB each time); the test of the dashboard turns it back on.
 os.environ.setdefault("RAYPAR_DASHBOARD", "0")
+# Ray Train starts a PreemptionWatcher actor (a Python process of its own, about 1.4 s of
+# CPU to start) with every worker group; only test_elastic.py drains a node with notice,
+# and it turns the watcher back on (its RAY_ENV). A run without one never gets a notice
+# (ray.train.get_preemption_info() stays None); everything else is the same.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,11 @@ from conftest import (ROOT, force_reservation_refresh, free_port, layouts, start
 pytestmark = pytest.mark.ray  # every test here trains through Ray
 
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-STEPS = 100
+# The run must still be at dp=1 when the autoscaler's nodes come and Ray Train resizes
+# the group: 60 steps of at least 0.3 s give that 18 s or more (measured on a loaded
+# machine: the resize came 6 steps after the nodes were allowed); every step after the
+# resize (at dp=3, to the end) is only the run finishing.
+STEPS = 60
 
 
 def fake_cluster_config(gcs: str, max_workers: int) -> dict:

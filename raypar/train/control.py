@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import ray
-import ray.train
 import torch
 import torch.distributed as dist
 
@@ -130,6 +128,7 @@ def report(metrics: dict[str, Any], **kwargs: Any) -> Optional[Any]:
     every worker, so every rank, sitting out or not, calls the two together). Returns the
     preemption notice: a node of this group is being drained (a spot reclaim, an autoscaler
     scale-down), with the deadline Ray Core was given."""
+    import ray.train  # here: see watch_sigterm
     notice = ray.train.get_preemption_info()
     ray.train.report(metrics, **kwargs)
     return notice
@@ -194,6 +193,10 @@ def exit_after_sigterm() -> None:
 
 def watch_sigterm() -> None:
     """Install the SIGTERM handler on this worker's main thread (see above)."""
+    # ray is imported in the two functions that run in a Ray Train worker only: the bench's
+    # baseline processes (a bare loop, torchrun) and the tests' one-process reference build
+    # the same RankTrainer, which imports this module, and skip a second of ray's imports.
+    import ray
     SIGTERM.clear()
     try:
         actor = ray.get_runtime_context().current_actor
