@@ -56,6 +56,14 @@ def reference(ray_local, small_corpus, cache_dir, tmp_path_factory):
                                tmp_path_factory.mktemp("ref"))
 
 
+def assert_matches(rows, reference):
+    """A synchronous run's rows against one process: loss, grad_norm, val_loss at 1e-5."""
+    for key in ("loss", "grad_norm", "val_loss"):
+        got = [r[key] for r in rows if key in r]
+        want = [r[key] for r in reference if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key
+
+
 @pytest.fixture(scope="module")
 def stale_run(ray_local, small_corpus, cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stale") / "run"
@@ -73,10 +81,7 @@ def test_sync_ps_with_pp_reproduces_single_process(reference, small_corpus, cach
     run(spec, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")[0]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm", "val_loss"):
-        got = [r[key] for r in rows if key in r]
-        want = [r[key] for r in reference if key in r]
-        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key
+    assert_matches(rows, reference)
     assert all(r["staleness"] == 0 for r in rows)
     # Replica 0's two ranks push every gradient and pull every parameter once a step: the
     # whole model in fp32, twice, the tied table once more (both pipeline ends hold it).
@@ -101,10 +106,7 @@ def test_sync_ps_with_tp_reproduces_single_process(reference, small_corpus, cach
     run(spec, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")[0]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm", "val_loss"):
-        got = [r[key] for r in rows if key in r]
-        want = [r[key] for r in reference if key in r]
-        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key
+    assert_matches(rows, reference)
     # Replica 0's two tp ranks push their shards' gradients (a replicated parameter's from
     # tp rank 0 alone) and pull their shards, a replicated parameter each.
     shapes = _model_shapes(spec)
